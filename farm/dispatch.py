@@ -1,0 +1,240 @@
+"""Manifest -> SQL rows -> Celery canvas.
+
+Submitting writes the whole batch (batch, items, candidates) in one transaction and sends one small
+``farm.dispatch_batch`` message to the control queue, then returns the batch id: a 10,000-item manifest does
+not keep the caller waiting while its chords are built. The control worker builds, for each item, one chord
+whose header is one chain per slice (generate -> moderate -> validate -> score) and whose body ranks the item.
+
+Placement: a slice's first task goes to the shared ``slices`` queue that every device worker consumes, so
+whichever device is free takes the next slice (a faster device takes more of them). The generate task then
+pins the rest of its chain to its own device queue, where the slice's images are.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import chain, chord
+from celery.canvas import Signature
+from sqlalchemy import select, update
+
+from farm.celery_app import app
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
+from farm.db import Batch, Candidate, Item, session_scope
+from farm.manifest import ItemPlan, Manifest, expand, parse_manifest, summary
+
+STAGE_TASKS = ("farm.generate", "farm.moderate", "farm.validate", "farm.score")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    batch_id: str
+    items: int
+    candidates: int
+
+
+def item_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index:05d}"
+
+
+def candidate_id(item: str, index: int) -> str:
+    return f"{item}-{index:03d}"
+
+
+def celery_priority(manifest_priority: int) -> int:
+    """Manifest priority 9 is the most urgent; Redis serves Celery priority 0 first."""
+    return 9 - manifest_priority
+
+
+def plan(text: str | bytes, *, settings: Settings, base_dir: Path | None = None) -> tuple[Manifest, list[ItemPlan]]:
+    """Parse, validate and expand a manifest without writing or sending anything (also the dry run)."""
+    from farm.ml.presets import check_model_ref
+
+    manifest = parse_manifest(
+        text,
+        max_bytes=settings.max_upload_bytes,
+        base_dir=base_dir,
+        check_model=lambda ref: check_model_ref(ref, kind="generator"),
+    )
+    return manifest, expand(manifest)
+
+
+def dry_run(text: str | bytes, *, settings: Settings, base_dir: Path | None = None) -> dict:
+    manifest, _ = plan(text, settings=settings, base_dir=base_dir)
+    return summary(manifest, slice_size=settings.slice_size)
+
+
+def create_batch(
+    manifest: Manifest, items: list[ItemPlan], text: str | bytes, *, settings: Settings
+) -> Submitted:
+    """Write the batch, its items and every candidate row in one transaction."""
+    batch_id = uuid.uuid4().hex
+    yaml_text = text.decode("utf-8") if isinstance(text, bytes) else text
+    total = sum(it.candidates for it in items)
+    with session_scope(settings.database_url) as s:
+        s.add(
+            Batch(
+                id=batch_id,
+                name=manifest.name,
+                status="queued",
+                model=manifest.model,
+                priority=manifest.priority,
+                tags=list(manifest.tags) if not isinstance(manifest.tags, dict) else manifest.tags,
+                manifest_yaml=yaml_text,
+                settings=manifest.model_dump(mode="json"),
+                items_total=len(items),
+                items_done=0,
+                candidates_total=total,
+            )
+        )
+        s.flush()
+        item_rows, cand_rows = [], []
+        for it in items:
+            iid = item_id(batch_id, it.index)
+            item_rows.append(
+                {
+                    "id": iid,
+                    "batch_id": batch_id,
+                    "index": it.index,
+                    "prompt": it.prompt,
+                    "negative_prompt": it.negative_prompt,
+                    "source": it.source,
+                    "params": {
+                        "steps": it.steps,
+                        "guidance": it.guidance,
+                        "width": it.width,
+                        "height": it.height,
+                        "scheduler": it.scheduler,
+                        "required_attributes": list(it.required_attributes),
+                    },
+                    "status": "pending",
+                    "candidates_total": it.candidates,
+                    "rounds": 0,
+                    "winners": [],
+                }
+            )
+            for k, seed in enumerate(it.seeds):
+                cand_rows.append(_candidate_row(batch_id, iid, k, seed, round_=0))
+        s.execute(Item.__table__.insert(), item_rows)
+        s.execute(Candidate.__table__.insert(), cand_rows)
+    return Submitted(batch_id, len(items), total)
+
+
+def _candidate_row(batch_id: str, iid: str, index: int, seed: int, *, round_: int) -> dict:
+    return {
+        "id": candidate_id(iid, index),
+        "batch_id": batch_id,
+        "item_id": iid,
+        "index": index,
+        "round": round_,
+        "seed": seed,
+        "status": "pending",
+        "attempts": 0,
+        "stage_attempts": {},
+        "reasons": [],
+        "moderation": [],
+        "attributes": {},
+        "timings": {},
+        "recipe": {},
+        "is_winner": False,
+    }
+
+
+def submit(text: str | bytes, *, settings: Settings, base_dir: Path | None = None) -> Submitted:
+    """Validate fully, write the batch, hand it to the control queue; returns at once with the batch id.
+
+    If the broker refuses the message, the rows are removed again: nothing is left half-written.
+    """
+    manifest, items = plan(text, settings=settings, base_dir=base_dir)
+    submitted = create_batch(manifest, items, text, settings=settings)
+    try:
+        app.signature("farm.dispatch_batch", args=(submitted.batch_id,), queue=CONTROL_QUEUE).apply_async(
+            priority=celery_priority(manifest.priority), retry=True, retry_policy={"max_retries": 3}
+        )
+    except Exception:
+        delete_batch(submitted.batch_id, settings=settings)
+        raise
+    return submitted
+
+
+def delete_batch(batch_id: str, *, settings: Settings) -> None:
+    with session_scope(settings.database_url) as s:
+        s.execute(Candidate.__table__.delete().where(Candidate.batch_id == batch_id))
+        s.execute(Item.__table__.delete().where(Item.batch_id == batch_id))
+        s.execute(Batch.__table__.delete().where(Batch.id == batch_id))
+
+
+def slices(candidate_ids: list[str], size: int) -> list[list[str]]:
+    return [candidate_ids[i : i + size] for i in range(0, len(candidate_ids), size)]
+
+
+def slice_chain(batch_id: str, iid: str, ids: list[str], *, priority: int) -> Signature:
+    """generate -> moderate -> validate -> score for one slice; generate pins the rest to its device."""
+    payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
+    first, *rest = STAGE_TASKS
+    sigs = [app.signature(first, args=(payload,), queue=SLICES_QUEUE, priority=priority)]
+    sigs += [app.signature(name, queue=SLICES_QUEUE, priority=priority) for name in rest]
+    return chain(*sigs)
+
+
+def item_chord(batch_id: str, iid: str, candidate_ids: list[str], *, slice_size: int, priority: int) -> Signature:
+    header = [slice_chain(batch_id, iid, ids, priority=priority) for ids in slices(candidate_ids, slice_size)]
+    body = app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority, immutable=True)
+    return chord(header, body)
+
+
+def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
+    """Send one chord per item that has not been sent yet; returns how many were sent.
+
+    Each item flips pending -> running in its own committed update before its chord is sent, so a
+    redelivered dispatch skips items already sent.
+    """
+    with session_scope(settings.database_url) as s:
+        batch = s.get(Batch, batch_id)
+        if batch is None or batch.status not in ("queued", "running"):
+            return 0
+        priority = celery_priority(batch.priority)
+        pending = s.execute(
+            select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending").order_by(Item.index)
+        ).scalars().all()
+    sent = 0
+    for iid in pending:
+        with session_scope(settings.database_url) as s:
+            flipped = s.execute(
+                update(Item).where(Item.id == iid, Item.status == "pending").values(status="running")
+            ).rowcount
+            ids = s.execute(
+                select(Candidate.id).where(Candidate.item_id == iid, Candidate.status == "pending")
+                .order_by(Candidate.index)
+            ).scalars().all()
+        if not flipped:
+            continue
+        send_item(batch_id, iid, list(ids), slice_size=settings.slice_size, priority=priority)
+        sent += 1
+    return sent
+
+
+def send_item(batch_id: str, iid: str, candidate_ids: list[str], *, slice_size: int, priority: int) -> None:
+    if candidate_ids:
+        item_chord(batch_id, iid, candidate_ids, slice_size=slice_size, priority=priority).apply_async()
+    else:
+        app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority).apply_async()
+
+
+def cancel(batch_id: str, *, settings: Settings) -> bool:
+    """Mark the batch cancelled: pending work is skipped by every stage, running slices stop at the next one."""
+    with session_scope(settings.database_url) as s:
+        changed = s.execute(
+            update(Batch).where(Batch.id == batch_id, Batch.status.in_(("queued", "running")))
+            .values(status="cancelled")
+        ).rowcount
+        if changed:
+            items_unsent = s.execute(
+                select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending")
+            ).scalars().all()
+    if changed:
+        for iid in items_unsent:
+            app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE).apply_async()
+    return bool(changed)

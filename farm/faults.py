@@ -1,0 +1,38 @@
+"""Fault injection for reliability tests and drills, off unless FARM_FAULTS=1 is set in the worker.
+
+A prompt carries the fault: ``[[fault:STAGE:ACTION:INDEX]]`` makes STAGE (generate, moderate, validate, score)
+``raise`` an error, ``kill`` its own process with SIGKILL, or ``sleep`` 30 s, when it works on candidate INDEX
+of that item (``*`` for every candidate). The fault fires inside the real stage, so what follows (isolation of
+the failing candidate, requeue after a lost worker, the attempt cap) is the production code path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+_MARK = re.compile(r"\[\[fault:(generate|moderate|validate|score):(raise|kill|sleep):(\d+|\*)\]\]")
+
+
+class InjectedFault(RuntimeError):
+    """The error a ``raise`` fault throws."""
+
+
+def enabled() -> bool:
+    return os.environ.get("FARM_FAULTS") == "1"
+
+
+def trigger(stage: str, prompt: str, indexes: list[int]) -> None:
+    if not enabled() or "[[fault:" not in prompt:
+        return
+    for m_stage, action, which in _MARK.findall(prompt):
+        if m_stage != stage or not (which == "*" or int(which) in indexes):
+            continue
+        if action == "raise":
+            raise InjectedFault(f"injected fault in {stage} for candidate {which}")
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "sleep":
+            time.sleep(30)

@@ -1,0 +1,1 @@
+"""Everything about devices: discovery, queue names, pinning a worker process to one device."""

@@ -1,0 +1,198 @@
+"""Generator: a thin adapter over a diffusers pipeline that turns (prompt, seeds) into images.
+
+Why an adapter: the generate stage must not care whether the pipeline is the tiny preset, SD-Turbo, SDXL or
+FLUX; it asks for one batched forward pass over a slice of seeds and a recipe for provenance. Each seed gets
+its own ``torch.Generator`` so a candidate's image depends on its seed, not on the slice it landed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+from PIL import Image
+
+from farm.ml.presets import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+#: Scheduler short name -> diffusers class name, swapped in with ``from_config`` of the pipeline's own one.
+SCHEDULER_CLASSES: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2s_a": "DPMSolverSinglestepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "deis": "DEISMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+#: Scheduler names a manifest may use.
+SCHEDULERS: list[str] = list(SCHEDULER_CLASSES)
+
+#: Schedulers that solve a flow-matching ODE (FLUX, SD3); they and the noise-prediction ones do not mix.
+FLOW_SCHEDULERS = frozenset({"flow_euler"})
+
+#: Config overrides applied when swapping in a scheduler. PNDM's Runge-Kutta warm-up breaks with few steps;
+#: Stable Diffusion checkpoints ship it with the warm-up skipped, so do the same.
+_SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
+
+
+def compatible_schedulers(scheduler_class: str) -> list[str]:
+    """Scheduler names that can replace a pipeline's own ``scheduler_class`` (by family: flow vs noise)."""
+    is_flow = scheduler_class.startswith("FlowMatch")
+    return [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == is_flow]
+
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the pixels, for provenance."""
+    versions: dict[str, str] = {}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+@dataclass
+class Generator:
+    """A loaded diffusers pipeline plus what is needed to describe how it made its images."""
+
+    pipe: Any
+    resolved: ResolvedModel
+    device: str
+    dtype: str
+    scheduler_name: str | None = None
+    options: dict[str, bool] = field(default_factory=dict)
+    _original_scheduler: Any = field(default=None, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        resolved: ResolvedModel,
+        *,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        attention_slicing: bool = False,
+        cpu_offload: bool = False,
+    ) -> Generator:
+        """Load the pipeline once (a worker keeps it) through ``DiffusionPipeline.from_pretrained``.
+
+        ``cpu_offload`` only means something on a CUDA device; on a CPU device it is ignored (and logged)
+        so the same manifest runs on a CPU-mapped test farm.
+        """
+        from diffusers import DiffusionPipeline
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        pipe = DiffusionPipeline.from_pretrained(resolved.path_or_id, dtype=DTYPES[dtype])
+        pipe.set_progress_bar_config(disable=True)
+        if attention_slicing and hasattr(pipe, "enable_attention_slicing"):
+            pipe.enable_attention_slicing()
+        offloaded = False
+        if cpu_offload and device.startswith("cuda"):
+            pipe.enable_model_cpu_offload(device=device)
+            offloaded = True
+        else:
+            if cpu_offload:
+                log.warning("cpu_offload ignored on device %s", device)
+            pipe.to(device)
+        options = {"attention_slicing": attention_slicing, "cpu_offload": offloaded}
+        return cls(pipe=pipe, resolved=resolved, device=device, dtype=dtype, options=options)
+
+    def set_scheduler(self, name: str | None) -> None:
+        """Swap the pipeline's scheduler by short name; None keeps the current one. No-op if unchanged.
+
+        Raises ValueError naming the valid choices for an unknown name, or for a scheduler this pipeline's
+        scheduler is not compatible with (e.g. DDIM on a flow-matching FLUX pipeline).
+        """
+        if name is None or name == self.scheduler_name:
+            return
+        if name not in SCHEDULER_CLASSES:
+            raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+        import diffusers
+        from diffusers.utils import is_scipy_available
+
+        if self._original_scheduler is None:
+            self._original_scheduler = self.pipe.scheduler
+        original = self._original_scheduler
+        valid = compatible_schedulers(type(original).__name__)
+        if name not in valid:
+            raise ValueError(
+                f"scheduler {name!r} does not fit {type(self.pipe).__name__} "
+                f"(its own scheduler is {type(original).__name__}); valid here: {', '.join(valid)}"
+            )
+        if name == "lms" and not is_scipy_available():
+            raise ValueError("scheduler 'lms' needs the scipy package, which is not installed")
+        target = getattr(diffusers, SCHEDULER_CLASSES[name])
+        overrides = _SCHEDULER_OVERRIDES.get(name, {})
+        if type(original) is target and not overrides:
+            self.pipe.scheduler = original
+        else:
+            self.pipe.scheduler = target.from_config(original.config, **overrides)
+        self.scheduler_name = name
+
+    def generate(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str,
+        seeds: list[int],
+        steps: int,
+        guidance: float,
+        width: int,
+        height: int,
+        scheduler: str | None,
+    ) -> list[Image.Image]:
+        """One image per seed in ONE batched forward pass; image i depends on seeds[i], not on the slice."""
+        if not seeds:
+            return []
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.set_scheduler(scheduler)
+        # CPU generators on every device: the initial noise for a seed is then the same on a CPU test farm and
+        # on any GPU, which keeps seeds meaningful in provenance (diffusers moves the latents to the device).
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        kwargs: dict[str, Any] = {
+            "prompt": [prompt] * len(seeds),
+            "generator": generators,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "width": width,
+            "height": height,
+            "output_type": "pil",
+        }
+        if negative_prompt and guidance > 1.0:
+            kwargs["negative_prompt"] = [negative_prompt] * len(seeds)
+        with torch.inference_mode():
+            result = self.pipe(**kwargs)
+        return list(result.images)
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything needed to say how an image was made: model, fingerprint, classes, options, versions."""
+        return {
+            "model_ref": self.resolved.ref,
+            "model_source": self.resolved.source,
+            "model_path_or_id": self.resolved.path_or_id,
+            "fingerprint": self.resolved.fingerprint,
+            "pipeline_class": type(self.pipe).__name__,
+            "scheduler_class": type(self.pipe.scheduler).__name__,
+            "scheduler": self.scheduler_name,
+            "device": self.device,
+            "dtype": self.dtype,
+            **self.options,
+            "versions": package_versions(),
+        }

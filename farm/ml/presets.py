@@ -1,0 +1,169 @@
+"""Model references: what a manifest may name as generator, validator or scorer, and where it comes from.
+
+A reference is one of: a preset name (tiny ones are built locally on first use, named real ones map to hub
+ids), a local folder holding a saved model, or a hub id ``owner/name`` loaded at run time through
+``from_pretrained``. ``check_model_ref`` validates cheaply (no build, no import of torch models) so a bad
+manifest fails before dispatch; ``resolve_model`` is what a worker calls to get something loadable plus a
+fingerprint for provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+KINDS = ("generator", "validator", "scorer")
+
+#: Tiny presets built by farm.ml.tiny, per kind.
+TINY_PRESETS: dict[str, tuple[str, ...]] = {
+    "generator": ("tiny", "tiny-xl"),
+    "validator": ("tiny-clip",),
+    "scorer": ("tiny-aesthetic",),
+}
+
+#: Named real checkpoints, per kind: preset -> hub id.
+HUB_PRESETS: dict[str, dict[str, str]] = {
+    "generator": {
+        "sd-turbo": "stabilityai/sd-turbo",
+        "sdxl-turbo": "stabilityai/sdxl-turbo",
+        "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
+        "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    },
+    "validator": {
+        "clip-vit-b32": "openai/clip-vit-base-patch32",
+        "siglip-base": "google/siglip-base-patch16-224",
+    },
+    "scorer": {},
+}
+
+#: The file a local folder must contain to count as a model of each kind.
+FOLDER_MARKERS: dict[str, str] = {
+    "generator": "model_index.json",
+    "validator": "config.json",
+    "scorer": "config.json",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+class ModelRefError(ValueError):
+    """A model reference that names no preset, no usable folder and no hub id."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference made concrete: where to load it from and a fingerprint for provenance."""
+
+    ref: str
+    kind: Literal["generator", "validator", "scorer"]
+    source: Literal["preset", "folder", "hub"]
+    path_or_id: str
+    fingerprint: str
+    preset: str | None = None
+
+
+def known_presets(kind: str) -> list[str]:
+    """All preset names valid for ``kind``, tiny ones first."""
+    _check_kind(kind)
+    return [*TINY_PRESETS[kind], *HUB_PRESETS[kind]]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _unknown(ref: str, kind: str) -> str:
+    return (
+        f"unknown {kind} model {ref!r}: not a preset ({', '.join(known_presets(kind))}), "
+        f"not a local folder, and not a hub id of the form owner/name"
+    )
+
+
+def _folder_error(path: Path, kind: str) -> str | None:
+    marker = FOLDER_MARKERS[kind]
+    if not (path / marker).is_file():
+        what = "a diffusers pipeline" if kind == "generator" else f"a saved {kind} model"
+        return f"folder {str(path)!r} is not {what}: it has no {marker}"
+    return None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
+
+
+def check_model_ref(ref: str, kind: str) -> str | None:
+    """Return an error message if ``ref`` cannot be a ``kind`` model, else None. Builds and loads nothing.
+
+    Why: manifest validation runs in the web process before dispatch and must be cheap; a hub id is accepted
+    on shape alone because whether it downloads is only known on the worker.
+    """
+    _check_kind(kind)
+    if not isinstance(ref, str) or not ref.strip():
+        return f"{kind} model reference is empty"
+    if ref in TINY_PRESETS[kind] or ref in HUB_PRESETS[kind]:
+        return None
+    for other in KINDS:
+        if other != kind and (ref in TINY_PRESETS[other] or ref in HUB_PRESETS[other]):
+            return (
+                f"{ref!r} is a {other} preset, not a {kind}; {kind} presets: {', '.join(known_presets(kind))}"
+            )
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return _folder_error(path, kind)
+    if _looks_like_path(ref):
+        return f"{kind} model folder {ref!r} does not exist"
+    if _HUB_ID.match(ref):
+        return None
+    return _unknown(ref, kind)
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Short sha256 over a model folder: full content of its small json/txt files, name+size of the rest.
+
+    Why not hash the weights: they are large; their sizes together with the configs identify a checkpoint well
+    enough for provenance, and this stays fast on multi-gigabyte folders.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        digest.update(rel.encode())
+        size = file.stat().st_size
+        if file.suffix in (".json", ".txt") and size <= 1_000_000:
+            digest.update(file.read_bytes())
+        else:
+            digest.update(str(size).encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
+    """Turn a reference into a ``ResolvedModel``, building a tiny preset under ``models_dir`` if needed.
+
+    Raises ``ModelRefError`` with the reason (and the known presets) when the reference is unusable.
+    """
+    error = check_model_ref(ref, kind)
+    if error is not None:
+        raise ModelRefError(error)
+    if ref in TINY_PRESETS[kind]:
+        from farm.ml.tiny import ENSURERS
+
+        folder = ENSURERS[ref](Path(models_dir))
+        return ResolvedModel(ref, kind, "preset", str(folder), folder_fingerprint(folder), ref)  # type: ignore[arg-type]
+    if ref in HUB_PRESETS[kind]:
+        hub_id = HUB_PRESETS[kind][ref]
+        return ResolvedModel(ref, kind, "hub", hub_id, hub_id, ref)  # type: ignore[arg-type]
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        folder = path.resolve()
+        return ResolvedModel(ref, kind, "folder", str(folder), folder_fingerprint(folder), None)  # type: ignore[arg-type]
+    return ResolvedModel(ref, kind, "hub", ref, ref, None)  # type: ignore[arg-type]
+
+
+def describe(resolved: ResolvedModel) -> dict[str, str | None]:
+    """A JSON-ready view of a resolved model for recipes and sidecars."""
+    return asdict(resolved)

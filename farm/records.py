@@ -1,0 +1,249 @@
+"""SQL operations on batches, items and candidates that the stages, the CLI and the web share.
+
+Every write here is idempotent: stage results are applied only to candidates still at the status the stage
+expects, item completion is guarded by the item's own status, and the batch counter moves only when an item
+changes to done, so redelivered tasks never double-count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+
+# The status a candidate must have for each stage to work on it.
+STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "moderated", "score": "validated"}
+STAGE_OUTPUT = {"generate": "generated", "moderate": "moderated", "validate": "validated", "score": "scored"}
+
+
+@dataclass
+class StageStart:
+    """What a stage delivery should work on: the candidates at its input status, in slice order."""
+
+    batch: Batch
+    item: Item
+    todo: list[Candidate] = field(default_factory=list)
+    cancelled: bool = False
+
+
+def begin_stage(url: str, candidate_ids: list[str], stage: str, *, max_attempts: int) -> StageStart:
+    """Count this delivery against each candidate and pick the ones the stage still has to do.
+
+    A candidate delivered more than ``max_attempts`` times to the same stage (it keeps killing its worker)
+    is failed here with the reason, so poison input cannot loop for ever.
+    """
+    with session_scope(url) as s:
+        cands = _ordered(s, candidate_ids)
+        item = s.get(Item, cands[0].item_id)
+        batch = s.get(Batch, cands[0].batch_id)
+        start = StageStart(batch=batch, item=item)
+        if batch.status == "cancelled":
+            _cancel(cands)
+            start.cancelled = True
+            return start
+        if batch.started_at is None:
+            batch.started_at = utcnow()
+            if batch.status == "queued":
+                batch.status = "running"
+        for c in cands:
+            if c.status != STAGE_INPUT[stage]:
+                continue
+            counts = dict(c.stage_attempts or {})
+            counts[stage] = counts.get(stage, 0) + 1
+            c.stage_attempts = counts
+            c.attempts += 1
+            if counts[stage] > max_attempts:
+                c.status, c.stage = "failed", stage
+                c.error = (
+                    f"{stage} was started {counts[stage] - 1} times without finishing (its worker died each "
+                    f"time); gave up after FARM_MAX_ATTEMPTS={max_attempts}"
+                )
+                continue
+            start.todo.append(c)
+        return start
+
+
+def _ordered(s: Session, ids: list[str]) -> list[Candidate]:
+    rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise LookupError(f"candidates not in the database: {missing[:5]}")
+    return [rows[i] for i in ids]
+
+
+def _cancel(cands: Iterable[Candidate]) -> None:
+    for c in cands:
+        if c.status not in CANDIDATE_FINAL:
+            c.status = "cancelled"
+
+
+def apply_stage(url: str, stage: str, updates: dict[str, dict[str, Any]], timing: dict[str, Any]) -> None:
+    """Write one slice's stage results in one transaction (batched, not one commit per row).
+
+    Only candidates still at the stage's input status are touched, so a redelivered stage that finishes
+    after another delivery already advanced them changes nothing.
+    """
+    if not updates:
+        return
+    with session_scope(url) as s:
+        for c in _ordered(s, list(updates)):
+            if c.status != STAGE_INPUT[stage]:
+                continue
+            values = dict(updates[c.id])
+            values.setdefault("status", STAGE_OUTPUT[stage])
+            values.setdefault("stage", stage)
+            for key, value in values.items():
+                setattr(c, key, value)
+            c.timings = {**(c.timings or {}), stage: timing}
+
+
+def batch_hashes(url: str, batch_id: str) -> dict[str, str]:
+    """PDQ hashes of the batch's candidates moderated so far (for near-duplicate flags)."""
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(Candidate.id, Candidate.pdq_hash).where(
+                Candidate.batch_id == batch_id, Candidate.pdq_hash.is_not(None)
+            )
+        ).all()
+    return {cid: h for cid, h in rows}
+
+
+def failure(stage: str, error: BaseException | str) -> dict[str, Any]:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"status": "failed", "stage": stage, "error": f"{stage}: {text}"[:4000]}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    item_id: str
+    winners: list[str]
+    ranked: list[str]
+    batch_closed: bool
+
+
+def finish_item(url: str, item_id: str, *, ranking: list[str], winners: list[str], scores: dict[str, float]) -> Ranked:
+    """Write ranks and winners, mark the item done, and close the batch if this was its last item.
+
+    The item flips to done only once (guarded update), and only that flip moves the batch counter, all in one
+    transaction: a rank delivered twice cannot close a batch early or count an item twice.
+    """
+    with session_scope(url) as s:
+        item = s.get(Item, item_id)
+        batch = s.get(Batch, item.batch_id)
+        cands = list(s.scalars(select(Candidate).where(Candidate.item_id == item_id)))
+        position = {cid: n for n, cid in enumerate(ranking, start=1)}
+        for c in cands:
+            if c.status == "scored":
+                c.status = "passed"
+            if c.status not in CANDIDATE_FINAL:
+                c.status = "cancelled" if batch.status == "cancelled" else "failed"
+                c.error = c.error or "the item was ranked before this candidate finished"
+            c.rank = position.get(c.id)
+            c.score = scores.get(c.id, c.score)
+            c.is_winner = c.id in winners
+        final = "cancelled" if batch.status == "cancelled" else "done"
+        flipped = s.execute(
+            update(Item)
+            .where(Item.id == item_id, Item.status.not_in(("done", "cancelled")))
+            .values(status=final, winners=winners, finished_at=utcnow())
+        ).rowcount
+        closed = False
+        if flipped:
+            s.execute(update(Batch).where(Batch.id == batch.id).values(items_done=Batch.items_done + 1))
+            s.refresh(batch)
+            if batch.items_done >= batch.items_total:
+                batch.status = "cancelled" if batch.status == "cancelled" else "done"
+                batch.finished_at = utcnow()
+                closed = True
+        return Ranked(item_id, winners, ranking, closed)
+
+
+def progress(s: Session, batch_id: str) -> dict[str, int]:
+    """Candidates of a batch counted by status, plus ``done`` (final) and ``total``."""
+    rows = s.execute(
+        select(Candidate.status, func.count()).where(Candidate.batch_id == batch_id).group_by(Candidate.status)
+    ).all()
+    counts = Counter({status: n for status, n in rows})
+    out = dict(counts)
+    out["done"] = sum(counts[s_] for s_ in CANDIDATE_FINAL)
+    out["total"] = sum(counts.values())
+    return out
+
+
+def candidate_dict(c: Candidate) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "index": c.index,
+        "round": c.round,
+        "seed": c.seed,
+        "device": c.device,
+        "worker": c.worker,
+        "status": c.status,
+        "stage": c.stage,
+        "attempts": c.attempts,
+        "image_path": c.image_path,
+        "pdq_hash": c.pdq_hash,
+        "verdict": c.verdict,
+        "reasons": c.reasons,
+        "moderation": c.moderation,
+        "alignment": c.alignment,
+        "attributes": c.attributes,
+        "preference": c.preference,
+        "score": c.score,
+        "rank": c.rank,
+        "is_winner": c.is_winner,
+        "timings": c.timings,
+        "error": c.error,
+    }
+
+
+def batch_dict(s: Session, batch: Batch, *, with_items: bool = True) -> dict[str, Any]:
+    """The batch as JSON: what `farm status --json` prints and the API returns."""
+    out: dict[str, Any] = {
+        "id": batch.id,
+        "name": batch.name,
+        "status": batch.status,
+        "model": batch.model,
+        "priority": batch.priority,
+        "tags": batch.tags,
+        "items_total": batch.items_total,
+        "items_done": batch.items_done,
+        "candidates_total": batch.candidates_total,
+        "progress": progress(s, batch.id),
+        "error": batch.error,
+        "created_at": _iso(batch.created_at),
+        "started_at": _iso(batch.started_at),
+        "finished_at": _iso(batch.finished_at),
+    }
+    if with_items:
+        items = s.scalars(select(Item).where(Item.batch_id == batch.id).order_by(Item.index)).all()
+        cands = s.scalars(
+            select(Candidate).where(Candidate.batch_id == batch.id).order_by(Candidate.item_id, Candidate.index)
+        ).all()
+        by_item: dict[str, list[dict[str, Any]]] = {}
+        for c in cands:
+            by_item.setdefault(c.item_id, []).append(candidate_dict(c))
+        out["items"] = [
+            {
+                "id": it.id,
+                "index": it.index,
+                "prompt": it.prompt,
+                "source": it.source,
+                "status": it.status,
+                "params": it.params,
+                "winners": it.winners,
+                "candidates": by_item.get(it.id, []),
+            }
+            for it in items
+        ]
+    return out
+
+
+def _iso(dt: Any) -> str | None:
+    return dt.isoformat() + "Z" if dt else None

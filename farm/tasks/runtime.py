@@ -1,0 +1,166 @@
+"""What a worker process holds for its whole life: its pinning, its settings and its loaded models.
+
+Models are loaded once per process, in ``worker_process_init`` (the child, after the fork: no CUDA context
+is ever created in the prefork parent), and kept in a registry that counts loads. The registry and what the
+worker is doing are written to the ``workers`` table, which is what `farm workers` and the dashboard read.
+farm.ml is imported lazily so the control worker, which ranks from SQL, never loads torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery.signals import task_postrun, task_prerun, worker_process_init
+from sqlalchemy.dialects import postgresql, sqlite
+
+from farm.config import Settings, load_settings
+from farm.db import Worker, get_engine, utcnow
+from farm.gpu_pinning.pinning import limit_torch_threads, pinned
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRELOAD = {"validator": "tiny-clip", "scorer": "tiny-aesthetic"}
+
+
+class Runtime:
+    """Per-process models and identity of a device worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        from farm.ml.registry import ModelRegistry
+
+        self.settings = settings
+        self.queue, self.device = pinned()
+        self.name = f"{self.queue or 'local'}@{socket.gethostname()}"
+        self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
+        self.tasks_done = 0
+        self._lock = threading.Lock()
+
+    def _resolve(self, ref: str, kind: str) -> Any:
+        from farm.ml.presets import resolve_model
+
+        return resolve_model(ref, kind=kind, models_dir=self.settings.models_dir)
+
+    def generator(self, ref: str, *, dtype: str = "fp32", memory: dict | None = None) -> Any:
+        from farm.ml.generator import Generator
+
+        memory = memory or {}
+        key = f"generator:{ref}:{dtype}:{int(bool(memory.get('attention_slicing')))}{int(bool(memory.get('cpu_offload')))}"
+        return self.registry.get(
+            key,
+            lambda: Generator.load(
+                self._resolve(ref, "generator"),
+                device=self.device,
+                dtype=dtype,
+                attention_slicing=bool(memory.get("attention_slicing")),
+                cpu_offload=bool(memory.get("cpu_offload")),
+            ),
+            evictable=True,
+        )
+
+    def validator(self, ref: str) -> Any:
+        from farm.ml.validation import ClipAlignment
+
+        return self.registry.get(f"validator:{ref}", lambda: ClipAlignment.load(self._resolve(ref, "validator"),
+                                                                             device=self.device))
+
+    def scorer(self, ref: str) -> Any:
+        from farm.ml.scoring import load_scorer
+
+        return self.registry.get(f"scorer:{ref}", lambda: load_scorer(self._resolve(ref, "scorer"), device=self.device))
+
+    def nudenet(self) -> Any:
+        from farm.ml.moderation import NudeNetLayer
+
+        return self.registry.get("moderation:nudenet", NudeNetLayer)
+
+    def opennsfw(self) -> Any:
+        from farm.ml.moderation import OpenNsfwLayer
+
+        return self.registry.get("moderation:opennsfw", OpenNsfwLayer)
+
+    def blocklist(self, path: str) -> list[str]:
+        from farm.ml.moderation import load_blocklist
+
+        return self.registry.get(f"blocklist:{path}", lambda: load_blocklist(Path(path)))
+
+    def preload(self) -> None:
+        """Load what every slice needs before the first task arrives."""
+        self.generator(self.settings.preload_generator)
+        self.validator(DEFAULT_PRELOAD["validator"])
+        self.scorer(DEFAULT_PRELOAD["scorer"])
+        self.nudenet()
+        self.opennsfw()
+
+    def heartbeat(self, current: str | None = None) -> None:
+        """Upsert this worker's row: loaded models with load counts, what it runs now."""
+        values = {
+            "name": self.name,
+            "queue": self.queue,
+            "device": self.device,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "models": self.registry.loads(),
+            "current": current,
+            "tasks_done": self.tasks_done,
+            "started_at": utcnow(),
+            "heartbeat_at": utcnow(),
+        }
+        engine = get_engine(self.settings.database_url)
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(Worker).values(**values)
+        keep = {k: stmt.excluded[k] for k in values if k not in ("name", "started_at")}
+        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
+        with engine.begin() as conn:
+            conn.execute(stmt)
+
+
+def _budget_bytes(device: str) -> int | None:
+    """Generator memory budget: FARM_MODEL_BUDGET_MB, else 90% of the device's free memory on CUDA."""
+    settings = load_settings()
+    if settings.model_budget_mb:
+        return settings.model_budget_mb * 2**20
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free * 0.9)
+    return None
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(load_settings())
+    return _runtime
+
+
+@worker_process_init.connect
+def _on_process_init(**_kwargs: Any) -> None:
+    if not os.environ.get("FARM_PINNED_QUEUE"):
+        return
+    limit_torch_threads()
+    rt = runtime()
+    rt.preload()
+    rt.heartbeat()
+    log.info("worker %s on %s loaded %s", rt.name, rt.device, rt.registry.loads())
+
+
+@task_prerun.connect
+def _on_prerun(task: Any = None, **_kwargs: Any) -> None:
+    if _runtime is not None:
+        _runtime.heartbeat(current=task.name if task else None)
+
+
+@task_postrun.connect
+def _on_postrun(**_kwargs: Any) -> None:
+    if _runtime is not None:
+        _runtime.tasks_done += 1
+        _runtime.heartbeat(current=None)

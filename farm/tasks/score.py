@@ -1,0 +1,28 @@
+"""farm.score: the preference score of each surviving candidate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from farm.celery_app import app
+from farm.db import Candidate
+from farm.records import StageStart
+from farm.tasks.moderate import load_images
+from farm.tasks.stage import run_stage
+
+
+def score_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+    from farm.tasks.runtime import runtime
+
+    rt = runtime()
+    scorer = rt.scorer(start.batch.settings["scoring"]["model"])
+    scores = scorer.score(load_images(rt.settings.artifacts_dir, cands), start.item.prompt)
+    return {c.id: {"preference": float(s)} for c, s in zip(cands, scores, strict=True)}
+
+
+@app.task(name="farm.score", bind=True)
+def score(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """Idempotent: the scorer is deterministic and writes only onto 'validated' candidates."""
+    return run_stage(self, payload, "score", score_slice)

@@ -1,0 +1,69 @@
+"""The one way every device stage runs a slice: count the delivery, work, record, pass the slice on.
+
+A stage never raises for a candidate's failure: the batched call is retried one candidate at a time so a
+single bad candidate is failed with its error and the rest of the slice goes on, and the chord always fires.
+The task returns its input payload unchanged, so a redelivered header task adds the same result to the chord.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from celery import Task
+
+from farm import faults, records
+from farm.config import load_settings
+from farm.db import Candidate
+from farm.records import StageStart
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[StageStart, list[Candidate]], dict[str, dict[str, Any]]]
+
+
+def isolate(stage: str, work: Callable[[list[Candidate]], dict[str, dict[str, Any]]],
+            cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+    """Run ``work`` on the whole slice; if it raises, once per candidate, failing only those that raise."""
+    try:
+        out = work(cands)
+    except Exception as exc:
+        if len(cands) == 1:
+            log.exception("%s failed for %s", stage, cands[0].id)
+            return {cands[0].id: records.failure(stage, exc)}
+        log.warning("%s failed for a slice of %d (%s); retrying one by one", stage, len(cands), exc)
+        out = {}
+        for c in cands:
+            out.update(isolate(stage, work, [c]))
+        return out
+    for c in cands:
+        out.setdefault(c.id, records.failure(stage, "the stage returned no result for this candidate"))
+    return out
+
+
+def run_stage(task: Task, payload: dict[str, Any], stage: str, work: Work) -> dict[str, Any]:
+    from farm.tasks.runtime import runtime
+
+    settings = load_settings()
+    start = records.begin_stage(settings.database_url, payload["candidates"], stage,
+                                max_attempts=settings.max_attempts)
+    if start.todo:
+        t0 = perf_counter()
+        def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+            faults.trigger(stage, start.item.prompt, [c.index for c in cands])
+            return work(start, cands)
+
+        updates = isolate(stage, guarded, start.todo)
+        timing = {"s": round((perf_counter() - t0) / len(start.todo), 5), "queue": runtime().queue}
+        records.apply_stage(settings.database_url, stage, updates, timing)
+    if stage == "generate":
+        pin_rest_of_chain(task, runtime().queue)
+    return payload
+
+
+def pin_rest_of_chain(task: Task, queue: str) -> None:
+    """Send the remaining stages of this slice to this worker's own device queue (its images are here)."""
+    for sig in task.request.chain or ():
+        sig.setdefault("options", {})["queue"] = queue

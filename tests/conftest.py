@@ -1,0 +1,93 @@
+"""Shared fixtures: a session FARM_HOME, the embedded Redis, real worker subprocesses, a temporary database.
+
+The environment is set before anything imports farm.celery_app, because the Celery app reads its broker from
+the environment when it is created. Two CPU-backed device queues (cuda0=cpu,cuda1=cpu) run the same code a
+two-GPU host runs. Nothing here mocks Redis, Celery or SQL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="farm-test-"))
+os.environ.update(
+    {
+        "FARM_HOME": str(SESSION_HOME),
+        "FARM_DEVICES": "cuda0=cpu,cuda1=cpu",
+        "FARM_FAULTS": "1",
+        "FARM_SLICE_SIZE": "2",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+for var in ("FARM_BROKER_URL", "FARM_DATABASE_URL", "FARM_WEB_TOKEN"):
+    os.environ.pop(var, None)
+
+from farm.config import Settings, load_settings  # noqa: E402
+from farm.db import Batch, migrate, session_scope  # noqa: E402
+
+BATCH_TIMEOUT = float(os.environ.get("FARM_TEST_BATCH_TIMEOUT", "600"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not os.environ.get("FARM_TEST_KEEP_HOME"):
+        shutil.rmtree(SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Iterator[object]:
+    """The embedded Redis plus one real `farm worker` per device and the control worker, for the session."""
+    from farm.stack import Stack
+
+    with Stack(settings) as st:
+        st.start_workers()
+        yield st
+
+
+@pytest.fixture
+def temp_db(tmp_path: Path) -> str:
+    """A fresh, migrated SQLite database of its own."""
+    url = f"sqlite:///{tmp_path / 'farm.db'}"
+    migrate(url)
+    return url
+
+
+def wait_for_batch(settings: Settings, batch_id: str, stack: object, timeout: float = BATCH_TIMEOUT) -> str:
+    """Poll SQL until the batch is closed; fail with the workers' logs if a worker died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        with session_scope(settings.database_url) as s:
+            status = s.get(Batch, batch_id).status
+        if status in ("done", "cancelled", "failed"):
+            return status
+        time.sleep(0.3)
+    logs = "\n".join(f"--- {p.name}\n{p.log.read_text(errors='replace')[-3000:]}" for p in stack.procs)
+    raise AssertionError(f"batch {batch_id} still {status} after {timeout}s\n{logs}")
+
+
+@pytest.fixture
+def run_batch(settings: Settings, stack: object):
+    """Submit a manifest to the real workers and wait for the batch to close; returns the batch id."""
+    from farm import dispatch
+
+    def _run(text: str) -> str:
+        done = dispatch.submit(text, settings=settings)
+        assert wait_for_batch(settings, done.batch_id, stack) == "done"
+        return done.batch_id
+
+    return _run

@@ -1,0 +1,128 @@
+"""Whole batches through the embedded Redis and real `farm worker` subprocesses on two CPU-backed devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from farm.artifacts import read_recipe
+from farm.db import Batch, Candidate, Item, Worker, session_scope
+
+pytestmark = pytest.mark.slow
+
+BASIC = """
+name: e2e
+model: tiny
+defaults: {candidates: 4, steps: 2, size: 64x64, seed: 11}
+items:
+  - a red fox in the snow
+  - a lighthouse at dusk
+  - template: "a {animal} in watercolor"
+    vars: {animal: [cat, owl]}
+"""
+
+
+def _rows(settings, batch_id):
+    with session_scope(settings.database_url) as s:
+        batch = s.get(Batch, batch_id)
+        items = s.scalars(select(Item).where(Item.batch_id == batch_id).order_by(Item.index)).all()
+        cands = s.scalars(select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)).all()
+    return batch, items, cands
+
+
+def test_batch_runs_to_done_with_every_candidate_recorded_once(settings, run_batch):
+    batch_id = run_batch(BASIC)
+    batch, items, cands = _rows(settings, batch_id)
+    assert batch.status == "done" and batch.items_done == 4 and batch.finished_at is not None
+    assert len(cands) == 16 and len({c.id for c in cands}) == 16
+    assert {c.status for c in cands} <= {"passed", "rejected", "failed"}
+    for c in cands:
+        if c.status == "failed":
+            continue
+        png = settings.artifacts_dir / c.image_path
+        assert png.exists() and png.with_suffix(".json").exists()
+        assert read_recipe(png)["seed"] == c.seed
+        assert c.device in ("cuda0", "cuda1") and c.pdq_hash and len(c.moderation) >= 2
+        assert set(c.timings) >= {"generate", "moderate"}
+    passed = [c for c in cands if c.status == "passed"]
+    assert passed, "the tiny models pass at least some candidates with the default thresholds"
+    for c in passed:
+        assert c.alignment is not None and c.preference is not None and c.score is not None and c.rank >= 1
+    for it in items:
+        assert it.status == "done"
+        mine = sorted((c for c in passed if c.item_id == it.id), key=lambda c: c.rank)
+        if mine:
+            assert it.winners == [mine[0].id] and mine[0].is_winner
+            assert [c.rank for c in mine] == list(range(1, len(mine) + 1))
+            assert mine[0].score == max(c.score for c in mine)
+    assert not list(settings.artifacts_dir.joinpath(batch_id).glob(".*.tmp"))
+
+
+def test_every_stage_of_a_slice_runs_on_the_device_that_generated_it(settings, run_batch):
+    batch_id = run_batch(BASIC.replace("name: e2e", "name: pinning"))
+    _batch, _items, cands = _rows(settings, batch_id)
+    for c in cands:
+        queues = {t["queue"] for t in c.timings.values()}
+        assert queues == {c.device}, (c.id, c.timings)
+
+
+def test_same_manifest_gives_the_same_pixels(settings, run_batch):
+    first = run_batch(BASIC.replace("name: e2e", "name: det-a"))
+    second = run_batch(BASIC.replace("name: e2e", "name: det-b"))
+    _, _, a = _rows(settings, first)
+    _, _, b = _rows(settings, second)
+    for ca, cb in zip(a, b, strict=True):
+        assert ca.seed == cb.seed
+        pa = np.asarray(Image.open(settings.artifacts_dir / ca.image_path))
+        pb = np.asarray(Image.open(settings.artifacts_dir / cb.image_path))
+        assert np.array_equal(pa, pb), (ca.id, cb.id)
+        assert ca.score == cb.score and ca.status == cb.status
+
+
+def test_a_stage_failing_for_one_candidate_fails_only_it_and_the_item_still_ranks(settings, run_batch):
+    manifest = """
+name: one-fails
+model: tiny
+defaults: {candidates: 4, steps: 1, size: 64x64}
+items:
+  - "a quiet harbour [[fault:moderate:raise:1]]"
+"""
+    batch_id = run_batch(manifest)
+    batch, items, cands = _rows(settings, batch_id)
+    assert batch.status == "done" and items[0].status == "done"
+    by_index = {c.index: c for c in cands}
+    assert by_index[1].status == "failed" and "injected fault in moderate" in by_index[1].error
+    assert by_index[1].stage == "moderate"
+    others = [by_index[i] for i in (0, 2, 3)]
+    assert all(c.status in ("passed", "rejected") for c in others)
+    assert items[0].winners and items[0].winners[0] != by_index[1].id
+
+
+def test_a_blocked_prompt_never_reaches_generation(settings, run_batch):
+    manifest = """
+name: blocked
+model: tiny
+defaults: {candidates: 3, steps: 1, size: 64x64}
+moderation: {blocked_terms: [gore]}
+items:
+  - a bowl of fruit
+  - some gore on the floor
+"""
+    batch_id = run_batch(manifest)
+    _batch, items, cands = _rows(settings, batch_id)
+    blocked = [c for c in cands if c.item_id == items[1].id]
+    assert all(c.status == "rejected" and c.image_path is None for c in blocked)
+    assert all("prompt_terms" in c.reasons[0] for c in blocked)
+    assert items[1].status == "done" and items[1].winners == []
+
+
+def test_each_worker_loads_each_model_once_across_batches(settings, run_batch):
+    run_batch(BASIC.replace("name: e2e", "name: loads"))
+    with session_scope(settings.database_url) as s:
+        workers = s.scalars(select(Worker)).all()
+    serving = [w for w in workers if w.tasks_done]
+    assert serving
+    for w in serving:
+        assert w.models and set(w.models.values()) == {1}, (w.name, w.models)

@@ -1,0 +1,90 @@
+"""The canvas a batch becomes, and the rows it writes, checked without running workers."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from farm import dispatch
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
+from farm.db import Batch, Candidate, Item, session_scope
+from farm.manifest import ManifestError
+
+MANIFEST = """
+name: shape
+model: tiny
+defaults: {candidates: 5, steps: 1, size: 64x64, seed: 7}
+items:
+  - a red fox
+  - prompt: a lighthouse
+    candidates: 2
+"""
+
+
+def test_item_chord_has_one_chain_per_slice_of_four_stages_and_ranks_on_control():
+    sig = dispatch.item_chord("b", "b-00000", [f"c{i}" for i in range(5)], slice_size=2, priority=4)
+    header = list(sig.tasks)
+    assert len(header) == 3
+    for ch, ids in zip(header, (["c0", "c1"], ["c2", "c3"], ["c4"]), strict=True):
+        assert [t.task for t in ch.tasks] == list(dispatch.STAGE_TASKS)
+        assert ch.tasks[0].args[0]["candidates"] == ids
+        assert all(t.options["queue"] == SLICES_QUEUE for t in ch.tasks)
+        assert all(t.options["priority"] == 4 for t in ch.tasks)
+    assert sig.body.task == "farm.rank"
+    assert sig.body.options["queue"] == CONTROL_QUEUE
+    assert sig.body.immutable and sig.body.args == ("b-00000",)
+
+
+def test_slices_cover_every_candidate_once_in_order():
+    ids = [str(i) for i in range(11)]
+    parts = dispatch.slices(ids, 4)
+    assert parts == [ids[0:4], ids[4:8], ids[8:11]]
+
+
+def test_manifest_priority_nine_is_served_first_by_redis():
+    assert dispatch.celery_priority(9) == 0
+    assert dispatch.celery_priority(0) == 9
+
+
+def test_create_batch_writes_batch_items_and_candidates_in_one_go(monkeypatch, tmp_path):
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    settings = load_settings()
+    from farm.db import migrate
+
+    migrate(settings.database_url)
+    manifest, items = dispatch.plan(MANIFEST, settings=settings)
+    done = dispatch.create_batch(manifest, items, MANIFEST, settings=settings)
+    assert (done.items, done.candidates) == (2, 7)
+    with session_scope(settings.database_url) as s:
+        batch = s.get(Batch, done.batch_id)
+        assert batch.status == "queued" and batch.candidates_total == 7 and batch.items_total == 2
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.batch_id == done.batch_id)) == 2
+        cands = s.scalars(select(Candidate).where(Candidate.batch_id == done.batch_id)).all()
+        assert len(cands) == 7
+        assert all(c.status == "pending" for c in cands)
+        assert len({c.seed for c in cands}) == 7
+        assert {c.id for c in cands} == {f"{done.batch_id}-00000-{k:03d}" for k in range(5)} | {
+            f"{done.batch_id}-00001-{k:03d}" for k in range(2)
+        }
+
+
+def test_invalid_manifest_writes_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    settings = load_settings()
+    from farm.db import migrate
+
+    migrate(settings.database_url)
+    with pytest.raises(ManifestError) as err:
+        dispatch.submit(MANIFEST.replace("size: 64x64", "size: 65x64"), settings=settings)
+    assert "size" in str(err.value)
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Batch)) == 0
+        assert s.scalar(select(func.count()).select_from(Candidate)) == 0
+
+
+def test_unknown_model_is_refused_before_anything_is_written(monkeypatch, tmp_path):
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    settings = load_settings()
+    with pytest.raises(ManifestError) as err:
+        dispatch.plan(MANIFEST.replace("model: tiny", "model: not-a-model"), settings=settings)
+    assert "model" in str(err.value)

@@ -180,6 +180,32 @@ def cancel(batch_id: str) -> None:
 
 
 @cli.command()
+@click.argument("device")
+def drain(device: str) -> None:
+    """Stop DEVICE (a queue name such as cuda0) taking new slices; its in-flight slices still finish."""
+    from farm.celery_app import app
+    from farm.worker import drain as drain_device
+
+    names = drain_device(app, device)
+    if not names:
+        raise click.ClickException(f"no live worker serves {device}")
+    click.echo(f"drained {', '.join(names)}: no new slices; `farm undrain {device}` to resume")
+
+
+@cli.command()
+@click.argument("device")
+def undrain(device: str) -> None:
+    """Let a drained DEVICE take new slices again."""
+    from farm.celery_app import app
+    from farm.worker import undrain as undrain_device
+
+    names = undrain_device(app, device)
+    if not names:
+        raise click.ClickException(f"no live worker serves {device}")
+    click.echo(f"{', '.join(names)} takes new slices again")
+
+
+@cli.command()
 def schema() -> None:
     """Print the JSON Schema of the batch manifest."""
     from farm.manifest import json_schema

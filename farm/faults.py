@@ -2,7 +2,8 @@
 
 A prompt carries the fault: ``[[fault:STAGE:ACTION:INDEX]]`` makes STAGE (generate, moderate, validate, score)
 ``raise`` an error, ``kill`` its own process with SIGKILL, or ``sleep`` 30 s, when it works on candidate INDEX
-of that item (``*`` for every candidate). The fault fires inside the real stage, so what follows (isolation of
+of that item (``*`` for every candidate). FARM_FAULT_SLOW_GENERATE=SECONDS makes this worker's generate slower,
+to stand in for a slower device. The fault fires inside the real stage, so what follows (isolation of
 the failing candidate, requeue after a lost worker, the attempt cap) is the production code path.
 """
 
@@ -25,7 +26,12 @@ def enabled() -> bool:
 
 
 def trigger(stage: str, prompt: str, indexes: list[int]) -> None:
-    if not enabled() or "[[fault:" not in prompt:
+    if not enabled():
+        return
+    slow = os.environ.get("FARM_FAULT_SLOW_GENERATE")
+    if slow and stage == "generate":
+        time.sleep(float(slow))
+    if "[[fault:" not in prompt:
         return
     for m_stage, action, which in _MARK.findall(prompt):
         if m_stage != stage or not (which == "*" or int(which) in indexes):

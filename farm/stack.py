@@ -56,8 +56,25 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, queue: str) -> Proc:
-        return self.spawn(f"worker-{queue}", [sys.executable, "-m", "farm", "worker", "--device", queue])
+    def start_worker(self, queue: str, extra_env: dict[str, str] | None = None) -> Proc:
+        return self.spawn(f"worker-{queue}", [sys.executable, "-m", "farm", "worker", "--device", queue],
+                          extra_env)
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def restart_worker(self, queue: str, extra_env: dict[str, str] | None = None, timeout: float = 120) -> Proc:
+        """Stop the device's worker (SIGTERM, then SIGKILL) if it still runs, and start a fresh one."""
+        old = self.proc(f"worker-{queue}")
+        if old.popen.poll() is None:
+            old.popen.send_signal(signal.SIGTERM)
+            try:
+                old.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(old.popen.pid, signal.SIGKILL)
+                old.popen.wait()
+        self.procs.remove(old)
+        return self.start_worker(queue, extra_env)
 
     def start_control(self) -> Proc:
         return self.spawn("control", [sys.executable, "-m", "farm", "worker", "--control"])

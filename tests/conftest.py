@@ -81,6 +81,12 @@ def wait_for_batch(settings: Settings, batch_id: str, stack: object, timeout: fl
 
 
 @pytest.fixture
+def wait_batch(settings: Settings, stack: object):
+    """Wait for a batch submitted by the test to close; returns its final status."""
+    return lambda batch_id, timeout=BATCH_TIMEOUT: wait_for_batch(settings, batch_id, stack, timeout)
+
+
+@pytest.fixture
 def run_batch(settings: Settings, stack: object):
     """Submit a manifest to the real workers and wait for the batch to close; returns the batch id."""
     from farm import dispatch

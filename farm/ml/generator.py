@@ -77,7 +77,7 @@ class Generator:
     dtype: str
     scheduler_name: str | None = None
     options: dict[str, bool] = field(default_factory=dict)
-    _original_scheduler: Any = field(default=None, repr=False)
+    _original_scheduler: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(

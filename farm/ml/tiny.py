@@ -323,7 +323,7 @@ def _ensure(models_dir: Path, name: str, builder: Callable[[Path], Path], marker
             # Another process won the race (target exists and is not empty): keep theirs, drop ours.
             if not (target / marker).is_file():
                 raise RuntimeError(
-                    f"{target} exists but is not a complete {name!r} model (no {marker}); remove it to rebuild"
+                    f"{target} is not a complete {name!r} model (no {marker}); remove it to rebuild"
                 ) from None
     finally:
         if tmp.exists():

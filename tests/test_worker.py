@@ -1,0 +1,105 @@
+"""Device workers under real conditions: two CPU-backed devices, placement, drain, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter, defaultdict
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from farm import dispatch
+from farm.celery_app import app
+from farm.cli import cli
+from farm.db import Batch, Candidate, session_scope
+from farm.worker import device_workers, in_flight, queue_length
+
+pytestmark = pytest.mark.slow
+
+
+def manifest(name: str, items: int, candidates: int = 4) -> str:
+    prompts = "\n".join(f"  - prompt number {i}" for i in range(items))
+    return f"name: {name}\nmodel: tiny\ndefaults: {{candidates: {candidates}, steps: 2, size: 64x64}}\nitems:\n{prompts}\n"
+
+
+def candidates(settings, batch_id):
+    with session_scope(settings.database_url) as s:
+        return s.scalars(select(Candidate).where(Candidate.batch_id == batch_id)).all()
+
+
+def wait_ready(queues=("cuda0", "cuda1"), timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(device_workers(app, q) for q in queues):
+            return
+        time.sleep(1)
+    raise AssertionError("device workers did not answer ping")
+
+
+def test_two_equal_devices_share_a_batch_and_finish_within_ten_percent_of_busy_time(settings, stack, run_batch):
+    wait_ready()
+    batch_id = run_batch(manifest("balance", items=20))
+    busy, end, slices = defaultdict(float), {}, Counter()
+    for c in candidates(settings, batch_id):
+        busy[c.device] += sum(t["s"] for t in c.timings.values())
+        end[c.device] = max(end.get(c.device, c.updated_at), c.updated_at)
+        slices[c.device] += 1
+    assert set(busy) == {"cuda0", "cuda1"}, slices
+    gap = abs((end["cuda0"] - end["cuda1"]).total_seconds())
+    assert gap <= 0.10 * min(busy.values()), (gap, dict(busy))
+
+
+def test_a_faster_device_takes_more_of_the_work(settings, stack, run_batch):
+    stack.restart_worker("cuda1", {"FARM_FAULT_SLOW_GENERATE": "0.6"})
+    try:
+        wait_ready()
+        batch_id = run_batch(manifest("fast-slow", items=12))
+        per_device = Counter(c.device for c in candidates(settings, batch_id))
+        assert per_device["cuda0"] > 1.5 * per_device["cuda1"], per_device
+    finally:
+        stack.restart_worker("cuda1")
+
+
+def test_a_drained_device_takes_no_new_slices_until_undrained(settings, stack, run_batch):
+    wait_ready()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["drain", "cuda1"])
+    assert result.exit_code == 0, result.output
+    try:
+        batch_id = run_batch(manifest("drained", items=6))
+        assert {c.device for c in candidates(settings, batch_id)} == {"cuda0"}
+    finally:
+        assert runner.invoke(cli, ["undrain", "cuda1"]).exit_code == 0
+    batch_id = run_batch(manifest("undrained", items=8))
+    assert {c.device for c in candidates(settings, batch_id)} == {"cuda0", "cuda1"}
+
+
+def test_drain_of_an_unknown_device_says_so():
+    result = CliRunner().invoke(cli, ["drain", "cuda9"])
+    assert result.exit_code != 0 and "no live worker serves cuda9" in result.output
+
+
+def test_sigterm_finishes_the_slices_in_flight_then_exits_and_nothing_is_lost(settings, stack, wait_batch):
+    wait_ready()
+    done = dispatch.submit(manifest("sigterm", items=10), settings=settings)
+    deadline = time.monotonic() + 300
+    while not any(c.device == "cuda1" for c in candidates(settings, done.batch_id)):
+        assert time.monotonic() < deadline, "cuda1 never started a slice"
+        time.sleep(0.05)
+    worker = stack.proc("worker-cuda1").popen
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(180) == 0
+    assert in_flight(settings.database_url, "cuda1") == 0
+    assert queue_length(app, "cuda1") == 0
+    stack.procs.remove(stack.proc("worker-cuda1"))
+    try:
+        assert wait_batch(done.batch_id) == "done"
+        rows = candidates(settings, done.batch_id)
+        assert len(rows) == 40 and len({c.id for c in rows}) == 40
+        assert all(c.status in ("passed", "rejected", "failed") for c in rows)
+        with session_scope(settings.database_url) as s:
+            assert s.get(Batch, done.batch_id).items_done == 10
+    finally:
+        stack.start_worker("cuda1")

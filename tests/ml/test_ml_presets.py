@@ -1,0 +1,89 @@
+"""Model references: presets, folders, hub ids, and clear errors for everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from farm.ml.presets import ModelRefError, check_model_ref, known_presets, resolve_model
+
+
+def test_tiny_preset_resolves_to_built_folder(models_dir: Path) -> None:
+    r = resolve_model("tiny", kind="generator", models_dir=models_dir)
+    assert (r.source, r.preset, r.kind) == ("preset", "tiny", "generator")
+    assert (Path(r.path_or_id) / "model_index.json").is_file()
+    assert len(r.fingerprint) == 16
+    assert resolve_model("tiny", kind="generator", models_dir=models_dir).fingerprint == r.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("ref", "kind", "hub_id"),
+    [
+        ("sd-turbo", "generator", "stabilityai/sd-turbo"),
+        ("sdxl-turbo", "generator", "stabilityai/sdxl-turbo"),
+        ("sdxl-base", "generator", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("flux-schnell", "generator", "black-forest-labs/FLUX.1-schnell"),
+        ("clip-vit-b32", "validator", "openai/clip-vit-base-patch32"),
+        ("siglip-base", "validator", "google/siglip-base-patch16-224"),
+    ],
+)
+def test_named_presets_resolve_to_hub_ids(ref: str, kind: str, hub_id: str, tmp_path: Path) -> None:
+    r = resolve_model(ref, kind=kind, models_dir=tmp_path)
+    assert (r.source, r.path_or_id, r.fingerprint, r.preset) == ("hub", hub_id, hub_id, ref)
+    assert list(tmp_path.iterdir()) == []  # nothing built or downloaded
+
+
+def test_hub_id_is_accepted_as_is(tmp_path: Path) -> None:
+    r = resolve_model("someone/my-model_v2.1", kind="generator", models_dir=tmp_path)
+    assert (r.source, r.path_or_id, r.preset) == ("hub", "someone/my-model_v2.1", None)
+
+
+def test_local_folder_is_accepted(models_dir: Path, tmp_path: Path) -> None:
+    preset = resolve_model("tiny-clip", kind="validator", models_dir=models_dir)
+    r = resolve_model(preset.path_or_id, kind="validator", models_dir=tmp_path)
+    assert r.source == "folder" and r.fingerprint == preset.fingerprint
+
+
+def test_folder_that_is_not_a_pipeline_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    msg = check_model_ref(str(tmp_path), "generator")
+    assert msg is not None and "model_index.json" in msg and "not a diffusers pipeline" in msg
+    with pytest.raises(ModelRefError, match="model_index.json"):
+        resolve_model(str(tmp_path), kind="generator", models_dir=tmp_path)
+
+
+def test_missing_folder_is_rejected(tmp_path: Path) -> None:
+    msg = check_model_ref(str(tmp_path / "nope"), "scorer")
+    assert msg is not None and "does not exist" in msg
+
+
+def test_unknown_ref_names_the_presets(tmp_path: Path) -> None:
+    with pytest.raises(ModelRefError) as info:
+        resolve_model("stable-diffusion-9", kind="generator", models_dir=tmp_path)
+    for name in known_presets("generator"):
+        assert name in str(info.value)
+
+
+def test_preset_of_another_kind_is_rejected() -> None:
+    msg = check_model_ref("tiny-clip", "generator")
+    assert msg is not None and "validator preset" in msg
+
+
+def test_check_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for kind, ref in [
+        ("generator", "tiny"),
+        ("generator", "tiny-xl"),
+        ("validator", "tiny-clip"),
+        ("scorer", "tiny-aesthetic"),
+        ("generator", "a/b"),
+    ]:
+        assert check_model_ref(ref, kind) is None
+    assert check_model_ref("", "generator") is not None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_kind_raises() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        check_model_ref("tiny", "upscaler")

@@ -64,6 +64,7 @@ __all__ = [
     "MAX_CANDIDATES_PER_ITEM",
     "MAX_ITEMS",
     "MODEL_PRESETS",
+    "PIPELINE_SCHEDULER",
     "SCHEDULERS",
     "FieldError",
     "ItemPlan",
@@ -125,6 +126,10 @@ SCHEDULERS: tuple[str, ...] = (
     "lcm",
     "flow_euler",
 )
+
+#: Scheduler value that asks for the pipeline's own scheduler even where ``defaults.scheduler`` names another.
+#: (An item's ``scheduler: null`` inherits, like every other override, so a dumped manifest reloads the same.)
+PIPELINE_SCHEDULER = "default"
 
 DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
 
@@ -238,12 +243,12 @@ def _check_optional_text(text: str) -> str:
 
 
 def _check_scheduler(name: str) -> str:
-    if name not in SCHEDULERS:
+    if name != PIPELINE_SCHEDULER and name not in SCHEDULERS:
         close = difflib.get_close_matches(name, SCHEDULERS, n=1)
         guess = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
             f"unknown scheduler {_describe(name)}; {guess}use one of {', '.join(SCHEDULERS)}, "
-            "or null for the pipeline's own"
+            f"or {PIPELINE_SCHEDULER!r} for the pipeline's own"
         )
     return name
 
@@ -312,7 +317,9 @@ Size = Annotated[
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_check_text)]
 NegativeText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_check_optional_text)]
 SchedulerName = Annotated[
-    str, AfterValidator(_check_scheduler), WithJsonSchema({"type": "string", "enum": list(SCHEDULERS)})
+    str,
+    AfterValidator(_check_scheduler),
+    WithJsonSchema({"type": "string", "enum": [PIPELINE_SCHEDULER, *SCHEDULERS]}),
 ]
 Attribute = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_check_text)]
 VarName = Annotated[str, AfterValidator(_check_var_name)]
@@ -378,7 +385,11 @@ class GenerationDefaults(_Strict):
         ),
     )
     scheduler: SchedulerName | None = Field(
-        None, description=f"Sampler: null keeps the pipeline's own, else one of {', '.join(SCHEDULERS)}."
+        None,
+        description=(
+            f"Sampler: null (or {PIPELINE_SCHEDULER!r}) keeps the pipeline's own, "
+            f"else one of {', '.join(SCHEDULERS)}."
+        ),
     )
 
 
@@ -403,7 +414,7 @@ class _ItemOverrides(_Strict):
     )
     scheduler: SchedulerName | None = Field(
         None,
-        description="Overrides defaults.scheduler; an explicit null here means the pipeline's own scheduler.",
+        description=f"Overrides defaults.scheduler; {PIPELINE_SCHEDULER!r} means the pipeline's own.",
     )
     required_attributes: list[Attribute] = Field(
         default_factory=list,
@@ -845,7 +856,9 @@ _Guards.yaml_implicit_resolvers = {  # type: ignore[attr-defined]
 class _GuardedLoader(_Guards, yaml.SafeLoader):
     """The guards over PyYAML's pure-Python parser: always available."""
 
-    def __init__(self, stream: str, *, max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_YAML_DEPTH) -> None:
+    def __init__(
+        self, stream: str, *, max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_YAML_DEPTH
+    ) -> None:
         yaml.SafeLoader.__init__(self, stream)
         self._init_guards(max_nodes, max_depth)
 
@@ -1013,15 +1026,11 @@ def _num(value: Any) -> str:
 
 def _range_message(loc: tuple[Any, ...], ctx: dict[str, Any], got: str) -> str:
     bounds = {**_bounds(loc), **ctx}
-    low = f"at least {_num(bounds['ge'])}" if "ge" in bounds else (
-        f"more than {_num(bounds['gt'])}" if "gt" in bounds else None
-    )
-    high = f"at most {_num(bounds['le'])}" if "le" in bounds else (
-        f"less than {_num(bounds['lt'])}" if "lt" in bounds else None
-    )
     if "ge" in bounds and "le" in bounds:
         return f"must be between {_num(bounds['ge'])} and {_num(bounds['le'])}, got {got}"
-    return f"must be {' and '.join(x for x in (low, high) if x)}, got {got}"
+    words = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+    limits = [f"{words[key]} {_num(bounds[key])}" for key in words if key in bounds]
+    return f"must be {' and '.join(limits) or 'in range'}, got {got}"
 
 
 _SECTIONS = ("defaults", "memory", "moderation", "validation", "scoring", "selection")
@@ -1127,7 +1136,7 @@ def _errors_from_validation(exc: ValidationError) -> list[FieldError]:
             # A bad mapping key: report it at the key itself.
             loc = loc[:-1]
         elif error["type"] == "invalid_key":
-            # A non-text key of a model: pydantic names it by str(key), which reads like a field; use the parent.
+            # A non-text key of a model: pydantic names it str(key), which reads like a field; use the parent.
             loc = loc[:-1]
         out.append(FieldError(_path(loc), _message(error)))
     return out
@@ -1319,13 +1328,13 @@ def _settled(manifest: Manifest, entry: Any) -> dict[str, Any]:
         "required_attributes": (),
     }
     if isinstance(entry, _ItemOverrides):
-        for key in ("candidates", "steps", "guidance", "size", "negative_prompt", "seed"):
+        for key in ("candidates", "steps", "guidance", "size", "negative_prompt", "seed", "scheduler"):
             value = getattr(entry, key)
             if value is not None:
                 params[key] = value
-        if "scheduler" in entry.model_fields_set:
-            params["scheduler"] = entry.scheduler
         params["required_attributes"] = tuple(entry.required_attributes)
+    if params["scheduler"] == PIPELINE_SCHEDULER:
+        params["scheduler"] = None
     return params
 
 

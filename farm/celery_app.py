@@ -24,6 +24,10 @@ def celery_config(settings: Settings) -> dict:
         "queue_order_strategy": "priority",
         "priority_steps": [0, 3, 6, 9],
         "sep": ":",
+        # Messages of a worker killed outright come back once their visibility timeout passes, found by a
+        # sweep every interval x throttle seconds (kombu's default is about 100 s).
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": settings.broker_url,
@@ -40,12 +44,17 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_time_limit": settings.task_time_limit,
-        "task_soft_time_limit": max(5, settings.task_time_limit - 30),
+        # The soft limit raises inside the stage, which fails the slice's candidates and passes the slice on.
+        "task_soft_time_limit": int(settings.task_time_limit * 0.9),
         # Model loads happen in worker_process_init; give them time before the child is declared dead.
         "worker_proc_alive_timeout": 600.0,
         "result_expires": 7 * 24 * 3600,
         "task_default_queue": CONTROL_QUEUE,
-        "task_routes": {"farm.rank": {"queue": CONTROL_QUEUE}, "farm.dispatch_batch": {"queue": CONTROL_QUEUE}},
+        "task_routes": {name: {"queue": CONTROL_QUEUE} for name in ("farm.rank", "farm.dispatch_batch", "farm.reap")},
+        "beat_schedule": {
+            "reap-stalled-work": {"task": "farm.reap", "schedule": float(settings.reaper_interval),
+                                  "options": {"queue": CONTROL_QUEUE, "expires": settings.reaper_interval}},
+        },
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,

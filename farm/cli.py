@@ -68,8 +68,9 @@ def up(no_web: bool, no_flower: bool) -> None:
             click.echo(f"flower     http://{settings.web_host}:{settings.flower_port} (basic auth from FARM_FLOWER_AUTH)")
         click.echo(f"logs       {stack.log_dir}\nPress Ctrl-C to stop.")
         while not stopping:
-            stack.check_alive()
-            time.sleep(0.5)
+            for name in stack.supervise():
+                click.echo(f"{name} exited; restarted it (see {stack.log_dir / (name + '.log')})", err=True)
+            time.sleep(1.0)
     finally:
         click.echo("stopping...")
         stack.stop()
@@ -87,7 +88,9 @@ def worker(queue: str | None, control: bool, loglevel: str) -> None:
     if control == bool(queue):
         raise click.UsageError("give exactly one of --device NAME or --control")
     if control:
-        argv = ["worker", "-Q", CONTROL_QUEUE, "-n", f"{CONTROL_QUEUE}@%h", "-c", "2"]
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        argv = ["worker", "-Q", CONTROL_QUEUE, "-n", f"{CONTROL_QUEUE}@%h", "-c", "2",
+                "-B", "-s", str(settings.run_dir / "beat-schedule")]
     else:
         try:
             pin = plan_pinning(queue, settings.devices, settings.worker_threads)

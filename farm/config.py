@@ -42,6 +42,9 @@ class Settings:
     worker_threads: int | None
     model_budget_mb: int | None
     preload_generator: str
+    stall_seconds: int
+    reaper_interval: int
+    max_resends: int
 
     @property
     def embedded_broker(self) -> bool:
@@ -161,6 +164,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         worker_threads=_int(env, "FARM_WORKER_THREADS", 0, minimum=0) or None,
         model_budget_mb=_int(env, "FARM_MODEL_BUDGET_MB", 0, minimum=0) or None,
         preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",
+        stall_seconds=_int(env, "FARM_STALL_SECONDS", task_time_limit + 120, minimum=1),
+        reaper_interval=_int(env, "FARM_REAPER_INTERVAL", 60, minimum=1),
+        max_resends=_int(env, "FARM_MAX_RESENDS", 3, minimum=0),
     )
 
 

@@ -30,12 +30,17 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 # Candidate life: pending -> generated -> moderated -> validated -> scored -> passed (after rank).
 # Final statuses: passed, rejected, failed, cancelled.
 CANDIDATE_FINAL = ("passed", "rejected", "failed", "cancelled")
 CANDIDATE_STAGES = ("generate", "moderate", "validate", "score")
+
+# Errors after which the same transaction may well succeed: a dropped connection, a restarted server, a lock
+# wait that ran out. Tasks retry on these (with backoff) instead of failing the candidate.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 
 
 def utcnow() -> datetime:
@@ -79,6 +84,7 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     candidates_total: Mapped[int] = mapped_column(Integer)
     rounds: Mapped[int] = mapped_column(Integer, default=0)
+    resends: Mapped[int] = mapped_column(Integer, default=0)
     winners: Mapped[list] = mapped_column(JSON, default=list)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 

@@ -1,8 +1,10 @@
 """Fault injection for reliability tests and drills, off unless FARM_FAULTS=1 is set in the worker.
 
 A prompt carries the fault: ``[[fault:STAGE:ACTION:INDEX]]`` makes STAGE (generate, moderate, validate, score)
-``raise`` an error, ``kill`` its own process with SIGKILL, or ``sleep`` 30 s, when it works on candidate INDEX
-of that item (``*`` for every candidate). FARM_FAULT_SLOW_GENERATE=SECONDS makes this worker's generate slower,
+``raise`` an error, ``kill`` its own process with SIGKILL (every delivery: poison), or ``sleep`` 30 s (first
+delivery only, a window to kill it in; FARM_FAULT_SLEEP_S changes it), when it works on candidate INDEX of that item (``*``: any). The rank
+stage (STAGE ``rank``, INDEX ``*``) sleeps inside its database transaction. FARM_FAULT_SLOW_LOAD=SECONDS makes a
+worker's model preload that much slower. FARM_FAULT_SLOW_GENERATE=SECONDS makes this worker's generate slower,
 to stand in for a slower device. The fault fires inside the real stage, so what follows (isolation of
 the failing candidate, requeue after a lost worker, the attempt cap) is the production code path.
 """
@@ -14,7 +16,7 @@ import re
 import signal
 import time
 
-_MARK = re.compile(r"\[\[fault:(generate|moderate|validate|score):(raise|kill|sleep):(\d+|\*)\]\]")
+_MARK = re.compile(r"\[\[fault:(generate|moderate|validate|score|rank):(raise|kill|sleep):(\d+|\*)\]\]")
 
 
 class InjectedFault(RuntimeError):
@@ -25,7 +27,7 @@ def enabled() -> bool:
     return os.environ.get("FARM_FAULTS") == "1"
 
 
-def trigger(stage: str, prompt: str, indexes: list[int]) -> None:
+def trigger(stage: str, prompt: str, indexes: list[int], *, attempt: int = 1) -> None:
     if not enabled():
         return
     slow = os.environ.get("FARM_FAULT_SLOW_GENERATE")
@@ -40,5 +42,11 @@ def trigger(stage: str, prompt: str, indexes: list[int]) -> None:
             raise InjectedFault(f"injected fault in {stage} for candidate {which}")
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if action == "sleep":
-            time.sleep(30)
+        if action == "sleep" and attempt == 1:
+            time.sleep(float(os.environ.get("FARM_FAULT_SLEEP_S", "30")))
+
+
+def slow_load() -> None:
+    seconds = os.environ.get("FARM_FAULT_SLOW_LOAD")
+    if enabled() and seconds:
+        time.sleep(float(seconds))

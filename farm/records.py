@@ -8,7 +8,7 @@ changes to done, so redelivered tasks never double-count.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +127,15 @@ class Ranked:
     batch_closed: bool
 
 
-def finish_item(url: str, item_id: str, *, ranking: list[str], winners: list[str], scores: dict[str, float]) -> Ranked:
+def finish_item(
+    url: str,
+    item_id: str,
+    *,
+    ranking: list[str],
+    winners: list[str],
+    scores: dict[str, float],
+    during: Callable[[], None] | None = None,
+) -> Ranked:
     """Write ranks and winners, mark the item done, and close the batch if this was its last item.
 
     The item flips to done only once (guarded update), and only that flip moves the batch counter, all in one
@@ -147,6 +155,9 @@ def finish_item(url: str, item_id: str, *, ranking: list[str], winners: list[str
             c.rank = position.get(c.id)
             c.score = scores.get(c.id, c.score)
             c.is_winner = c.id in winners
+        s.flush()
+        if during is not None:
+            during()
         final = "cancelled" if batch.status == "cancelled" else "done"
         flipped = s.execute(
             update(Item)
@@ -162,6 +173,19 @@ def finish_item(url: str, item_id: str, *, ranking: list[str], winners: list[str
                 batch.finished_at = utcnow()
                 closed = True
         return Ranked(item_id, winners, ranking, closed)
+
+
+def unsettled(url: str, item_id: str) -> tuple[int, str]:
+    """(candidates of the item not yet final nor scored, the batch status)."""
+    with session_scope(url) as s:
+        item = s.get(Item, item_id)
+        batch_status = s.get(Batch, item.batch_id).status
+        n = s.scalar(
+            select(func.count()).select_from(Candidate).where(
+                Candidate.item_id == item_id, Candidate.status.not_in((*CANDIDATE_FINAL, "scored"))
+            )
+        )
+        return (0 if item.status in ("done", "cancelled") else n), batch_status
 
 
 def progress(s: Session, batch_id: str) -> dict[str, int]:

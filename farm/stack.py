@@ -25,6 +25,8 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    extra_env: dict[str, str] | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Stack:
         with open(log, "ab") as fh:
             popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, extra_env)
         self.procs.append(proc)
         return proc
 
@@ -100,6 +102,18 @@ class Stack:
             if code is not None:
                 tail = p.log.read_text(errors="replace")[-3000:] if p.log.exists() else ""
                 raise RuntimeError(f"{p.name} exited with code {code}; end of {p.log}:\n{tail}")
+
+    def supervise(self) -> list[str]:
+        """Restart any process that died (what systemd's Restart=always does on a fleet); returns their names."""
+        restarted = []
+        for p in list(self.procs):
+            if p.popen.poll() is None:
+                continue
+            self.procs.remove(p)
+            new = self.spawn(p.name, list(p.popen.args), p.extra_env)
+            new.restarts = p.restarts + 1
+            restarted.append(p.name)
+        return restarted
 
     def stop(self, timeout: float = 60.0) -> None:
         for p in self.procs:

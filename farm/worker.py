@@ -19,7 +19,7 @@ from typing import Any
 from celery.signals import worker_ready
 from sqlalchemy import func, select
 
-from farm.config import SLICES_QUEUE, load_settings
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
 from farm.db import Candidate, session_scope
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,13 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
 
 @worker_ready.connect
 def _install_graceful_term(sender: Any = None, **_kwargs: Any) -> None:
+    if sender is None:
+        return
     queue = os.environ.get("FARM_PINNED_QUEUE")
-    if not queue or sender is None:
+    if not queue:
+        if CONTROL_QUEUE in sender.app.amqp.queues.consume_from:
+            # Resume what a crash left half-done, rather than waiting for the first beat.
+            sender.app.signature("farm.reap", queue=CONTROL_QUEUE).apply_async()
         return
     from celery import platforms
 

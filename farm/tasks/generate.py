@@ -9,6 +9,7 @@ from celery import Task
 
 from farm import artifacts
 from farm.celery_app import app
+from farm.db import TRANSIENT_DB_ERRORS
 from farm.db import Candidate
 from farm.records import StageStart
 from farm.tasks.stage import run_stage
@@ -45,7 +46,7 @@ def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-@app.task(name="farm.generate", bind=True)
+@app.task(name="farm.generate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
 def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: candidate ids and seeds are fixed in SQL, the PNG is written to a temporary name and renamed,
     and only candidates still pending are generated, so a redelivery rewrites nothing that is done."""

@@ -11,6 +11,7 @@ from PIL import Image
 
 from farm import records
 from farm.celery_app import app
+from farm.db import TRANSIENT_DB_ERRORS
 from farm.db import Candidate
 from farm.records import StageStart
 from farm.tasks.stage import run_stage
@@ -66,7 +67,7 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-@app.task(name="farm.moderate", bind=True)
+@app.task(name="farm.moderate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
 def moderate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'."""
     return run_stage(self, payload, "moderate", moderate_slice)

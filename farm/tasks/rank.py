@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+from celery import Task
 from sqlalchemy import select
 
-from farm import records
+from farm import faults, records
 from farm.celery_app import app
 from farm.config import load_settings
-from farm.db import Batch, Candidate, Item, session_scope
+from farm.db import TRANSIENT_DB_ERRORS, Batch, Candidate, Item, session_scope
 from farm.ranking import Contender, rank
 
+SETTLE_POLL_S = 5
 
-@app.task(name="farm.rank")
-def rank_item(item_id: str) -> dict:
+
+@app.task(name="farm.rank", bind=True, max_retries=None, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True,
+          retry_backoff_max=30)
+def rank_item(self: Task, item_id: str) -> dict:
     """Idempotent: ranks are recomputed from SQL with a deterministic tie-break, and the item flips to done
-    (and the batch counter moves) only once, however often this runs."""
+    (and the batch counter moves) only once, however often this runs.
+
+    If candidates of the item are still in flight (the chord fired early, or the reaper re-sent part of the
+    item), it waits for them rather than ranking half an item; the reaper takes over if they never come.
+    """
     settings = load_settings()
+    waiting, batch_status = records.unsettled(settings.database_url, item_id)
+    if waiting and batch_status != "cancelled":
+        if self.request.retries * SETTLE_POLL_S < settings.stall_seconds:
+            raise self.retry(countdown=SETTLE_POLL_S, exc=None)
+        return {"item": item_id, "winners": [], "batch_closed": False, "waiting": waiting}
     with session_scope(settings.database_url) as s:
         item = s.get(Item, item_id)
         cfg = s.get(Batch, item.batch_id).settings
+        prompt = item.prompt
         rows = s.scalars(select(Candidate).where(Candidate.item_id == item_id, Candidate.status == "scored")).all()
         contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in rows]
     weights = cfg["scoring"]["weights"]
@@ -29,6 +43,19 @@ def rank_item(item_id: str) -> dict:
         winners=cfg["selection"]["winners"],
         near_duplicate_distance=cfg["moderation"]["near_duplicate_distance"],
     )
-    done = records.finish_item(settings.database_url, item_id, ranking=result.order, winners=result.winners,
-                               scores=result.scores)
+    done = records.finish_item(
+        settings.database_url, item_id, ranking=result.order, winners=result.winners, scores=result.scores,
+        during=lambda: faults.trigger("rank", prompt, [0], attempt=self.request.retries + 1),
+    )
     return {"item": item_id, "winners": done.winners, "batch_closed": done.batch_closed}
+
+
+@app.task(name="farm.reap")
+def reap() -> dict:
+    """Re-send or close stalled work (see farm.reaper). Idempotent: acts only on items idle past the stall
+    limit, and every action it takes is itself idempotent."""
+    from farm.reaper import reap as reap_stalled
+
+    report = reap_stalled(app, load_settings())
+    return {"reranked": report.reranked, "resent": report.resent, "closed": report.closed,
+            "redispatched": report.redispatched, "skipped_busy": report.skipped_busy}

@@ -90,6 +90,9 @@ class Runtime:
 
     def preload(self) -> None:
         """Load what every slice needs before the first task arrives."""
+        from farm import faults
+
+        faults.slow_load()
         self.generator(self.settings.preload_generator)
         self.validator(DEFAULT_PRELOAD["validator"])
         self.scorer(DEFAULT_PRELOAD["scorer"])

@@ -7,6 +7,7 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
+from farm.db import TRANSIENT_DB_ERRORS
 from farm.db import Candidate
 from farm.records import StageStart
 from farm.tasks.moderate import load_images
@@ -22,7 +23,7 @@ def score_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str
     return {c.id: {"preference": float(s)} for c, s in zip(cands, scores, strict=True)}
 
 
-@app.task(name="farm.score", bind=True)
+@app.task(name="farm.score", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
 def score(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: the scorer is deterministic and writes only onto 'validated' candidates."""
     return run_stage(self, payload, "score", score_slice)

@@ -16,7 +16,7 @@ from celery import Task
 
 from farm import faults, records
 from farm.config import load_settings
-from farm.db import Candidate
+from farm.db import TRANSIENT_DB_ERRORS, Candidate
 from farm.records import StageStart
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ def isolate(stage: str, work: Callable[[list[Candidate]], dict[str, dict[str, An
     """Run ``work`` on the whole slice; if it raises, once per candidate, failing only those that raise."""
     try:
         out = work(cands)
+    except TRANSIENT_DB_ERRORS:
+        raise
     except Exception as exc:
         if len(cands) == 1:
             log.exception("%s failed for %s", stage, cands[0].id)
@@ -49,14 +51,20 @@ def run_stage(task: Task, payload: dict[str, Any], stage: str, work: Work) -> di
     settings = load_settings()
     start = records.begin_stage(settings.database_url, payload["candidates"], stage,
                                 max_attempts=settings.max_attempts)
-    if start.todo:
-        t0 = perf_counter()
-        def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
-            faults.trigger(stage, start.item.prompt, [c.index for c in cands])
-            return work(start, cands)
 
-        updates = isolate(stage, guarded, start.todo)
-        timing = {"s": round((perf_counter() - t0) / len(start.todo), 5), "queue": runtime().queue}
+    def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+        faults.trigger(stage, start.item.prompt, [c.index for c in cands],
+                       attempt=max(c.stage_attempts.get(stage, 1) for c in cands))
+        return work(start, cands)
+
+    redelivered = any(c.stage_attempts.get(stage, 0) > 1 for c in start.todo)
+    # A slice seen before may hold input that kills its worker: go one candidate at a time, committing each,
+    # so the others finish and only the poison one runs into the attempt cap.
+    parts = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
+    for part in parts:
+        t0 = perf_counter()
+        updates = isolate(stage, guarded, part)
+        timing = {"s": round((perf_counter() - t0) / len(part), 5), "queue": runtime().queue}
         records.apply_stage(settings.database_url, stage, updates, timing)
     if stage == "generate":
         pin_rest_of_chain(task, runtime().queue)

@@ -7,6 +7,7 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
+from farm.db import TRANSIENT_DB_ERRORS
 from farm.db import Candidate
 from farm.records import StageStart
 from farm.tasks.moderate import load_images
@@ -40,7 +41,7 @@ def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-@app.task(name="farm.validate", bind=True)
+@app.task(name="farm.validate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
 def validate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: scores are recomputed from the stored image and written only onto 'moderated' candidates."""
     return run_stage(self, payload, "validate", validate_slice)

@@ -60,6 +60,7 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('candidates_total', sa.Integer(), nullable=False),
     sa.Column('rounds', sa.Integer(), nullable=False),
+    sa.Column('resends', sa.Integer(), nullable=False),
     sa.Column('winners', sa.JSON(), nullable=False),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['batch_id'], ['batches.id'], ondelete='CASCADE'),

@@ -1,0 +1,105 @@
+"""Finding work that was lost and finishing it, so no batch hangs for ever.
+
+A chord whose header task is lost never fires (CELERY-NOTES.md), and a batch whose dispatch message is lost
+never starts. SQL knows better: an item is *stalled* when none of its candidates changed for
+FARM_STALL_SECONDS while nothing waits in any farm queue (so it is not merely queued behind other work). Then:
+
+- every candidate settled (final, or scored and waiting for rank): the rank message was lost; send it again;
+- otherwise re-send a chord for the unsettled candidates (stages skip what is already done, so this repeats
+  nothing), at most FARM_MAX_RESENDS times; after that the unsettled candidates are failed with the reason and
+  the item is ranked from what survived.
+
+Runs on Celery beat in the control worker every FARM_REAPER_INTERVAL seconds, and once when it starts, which
+also resumes work left half-done by a crash of the whole farm.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
+from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, Worker, session_scope, utcnow
+
+log = logging.getLogger(__name__)
+
+SETTLED = (*CANDIDATE_FINAL, "scored")
+
+
+@dataclass
+class ReapReport:
+    reranked: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    skipped_busy: bool = False
+
+
+def queued_messages(app: object, settings: Settings) -> int:
+    """Messages waiting in the shared, device and control queues (0 means the farm has nothing queued)."""
+    from farm.worker import queue_length
+
+    with session_scope(settings.database_url) as s:
+        device_queues = set(s.scalars(select(Worker.queue)).all())
+    queues = {SLICES_QUEUE, CONTROL_QUEUE, *settings.devices, *device_queues}
+    return sum(queue_length(app, q) for q in queues if q)
+
+
+def reap(app: object, settings: Settings, *, now: datetime | None = None, ignore_queues: bool = False) -> ReapReport:
+    from farm import dispatch
+
+    now = now or utcnow()
+    report = ReapReport()
+    # The control worker's own reap message sits in the control queue while it runs; allow for that one.
+    if not ignore_queues and queued_messages(app, settings) > 0:
+        report.skipped_busy = True
+        return report
+    cutoff = now - timedelta(seconds=settings.stall_seconds)
+    with session_scope(settings.database_url) as s:
+        lost_dispatch = s.scalars(
+            select(Batch.id).where(Batch.status == "queued", Batch.created_at < cutoff)
+        ).all()
+        running = s.execute(
+            select(Item.id, Item.batch_id, Item.resends, Batch.status, Batch.priority)
+            .join(Batch, Batch.id == Item.batch_id)
+            .where(Item.status == "running")
+        ).all()
+    for batch_id in lost_dispatch:
+        app.signature("farm.dispatch_batch", args=(batch_id,), queue=CONTROL_QUEUE).apply_async()
+        report.redispatched.append(batch_id)
+    for item_id, batch_id, resends, batch_status, priority in running:
+        with session_scope(settings.database_url) as s:
+            last = s.scalar(select(func.max(Candidate.updated_at)).where(Candidate.item_id == item_id))
+            if last is not None and last >= cutoff:
+                continue
+            unsettled = s.scalars(
+                select(Candidate).where(Candidate.item_id == item_id, Candidate.status.not_in(SETTLED))
+                .order_by(Candidate.index)
+            ).all()
+            if unsettled and batch_status != "cancelled" and resends < settings.max_resends:
+                s.get(Item, item_id).resends = resends + 1
+                for c in unsettled:
+                    c.updated_at = now
+                ids = [c.id for c in unsettled]
+                action = "resend"
+            else:
+                for c in unsettled:
+                    c.status = "cancelled" if batch_status == "cancelled" else "failed"
+                    c.error = c.error or (
+                        f"lost: no progress for {settings.stall_seconds}s after {resends} re-sends "
+                        f"(FARM_MAX_RESENDS={settings.max_resends})"
+                    )
+                action = "close" if unsettled else "rerank"
+        if action == "resend":
+            log.warning("item %s stalled; re-sending %d candidates (resend %d)", item_id, len(ids), resends + 1)
+            dispatch.send_item(batch_id, item_id, ids, slice_size=settings.slice_size,
+                               priority=dispatch.celery_priority(priority))
+            report.resent.append(item_id)
+        else:
+            log.warning("item %s stalled with its work settled or given up (%s); ranking it", item_id, action)
+            app.signature("farm.rank", args=(item_id,), queue=CONTROL_QUEUE).apply_async()
+            (report.closed if action == "close" else report.reranked).append(item_id)
+    return report

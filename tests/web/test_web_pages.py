@@ -1,0 +1,321 @@
+"""The HTML dashboard over real SQLite, real PNGs in the artifact store and, to submit, a real Redis."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+from web_helpers import EXAMPLE_MANIFEST, csrf_from, queued_messages
+
+from farm.db import Batch, session_scope
+
+
+def _batches(settings) -> int:
+    with session_scope(settings.database_url) as s:
+        return s.scalar(select(func.count()).select_from(Batch))
+
+
+def _csrf(client) -> str:
+    return csrf_from(client.get("/upload").get_data(as_text=True))
+
+
+# -- batches list --------------------------------------------------------------------------------------------
+
+
+def test_batches_list_shows_status_progress_counts(client, make_batch):
+    done = make_batch("done", name="product-shots")
+    running = make_batch("running", name="game-assets")
+    html = client.get("/").get_data(as_text=True)
+    assert "product-shots" in html and "game-assets" in html
+    assert f'data-batch-id="{done.batch_id}"' in html and f'data-batch-id="{running.batch_id}"' in html
+    assert "8 / 8" in html and "4 / 8" in html
+    assert 'data-field="rejected">3<' in html and 'data-field="failed">2<' in html
+    assert "/min" in html  # throughput of 8 candidates in 100 s
+    assert "progress.js" in html and "/api/v1/batches" in html
+
+
+def test_empty_batches_list_points_to_upload(client):
+    html = client.get("/").get_data(as_text=True)
+    assert "No batches yet" in html and 'href="/upload"' in html
+
+
+def test_live_progress_script_is_served(client):
+    r = client.get("/static/progress.js")
+    assert r.status_code == 200 and b"fetch(" in r.data
+
+
+# -- one batch -----------------------------------------------------------------------------------------------
+
+
+def test_batch_page_rows_winners_and_badges(client, make_batch):
+    made = make_batch("done")
+    html = client.get(f"/batches/{made.batch_id}").get_data(as_text=True)
+    assert "a red fox in the snow" in html and "a lighthouse at dusk" in html
+    winner = f"{made.item_ids[0]}-000"
+    assert f'src="/artifacts/{made.batch_id}/{winner}.png"' in html
+    assert "rejected: nudenet" in html
+    assert "rejected: validation" in html
+    assert "failed in generate" in html
+    assert "winner" in html and "rank 1" in html
+    assert f"/batches/{made.batch_id}/contact-sheet.png" in html
+    assert f"/batches/{made.batch_id}/scores.png" in html
+    assert "Cancel batch" not in html  # a finished batch cannot be cancelled
+    assert "Retry" not in html and "Resume" not in html
+
+
+def test_batch_page_filters_candidates_by_status(client, make_batch):
+    made = make_batch("done")
+    html = client.get(f"/batches/{made.batch_id}?status=failed").get_data(as_text=True)
+    assert "failed in generate" in html
+    assert "rejected: nudenet" not in html and "passed · winner" not in html
+    html = client.get(f"/batches/{made.batch_id}?status=cancelled").get_data(as_text=True)
+    assert "No items with cancelled candidates" in html
+    running = make_batch("running")
+    html = client.get(f"/batches/{running.batch_id}?status=in_progress").get_data(as_text=True)
+    assert "a lighthouse at dusk" in html and "a red fox" not in html
+
+
+def test_batch_page_bad_filter_is_400(client, make_batch):
+    made = make_batch("done")
+    assert client.get(f"/batches/{made.batch_id}?status=bogus").status_code == 400
+
+
+def test_running_batch_page_offers_cancel_and_polls(client, make_batch):
+    made = make_batch("running")
+    html = client.get(f"/batches/{made.batch_id}").get_data(as_text=True)
+    assert "Cancel batch" in html
+    assert f"/api/v1/batches/{made.batch_id}?items=0" in html
+
+
+def test_unknown_batch_and_candidate_pages_are_404(client):
+    assert client.get("/batches/nope").status_code == 404
+    assert client.get("/candidates/nope").status_code == 404
+    assert client.get("/batches/nope/contact-sheet.png").status_code == 404
+    assert client.get("/batches/nope/scores.png").status_code == 404
+    assert client.get("/batches/nope/export.zip").status_code == 404
+
+
+def _png_of(response) -> Image.Image:
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    image = Image.open(io.BytesIO(response.data))
+    image.load()
+    return image
+
+
+def test_contact_sheet_is_a_png_of_the_winners(client, make_batch):
+    made = make_batch("done")
+    sheet = _png_of(client.get(f"/batches/{made.batch_id}/contact-sheet.png"))
+    assert sheet.width > 160 * 2 and sheet.height > 160
+    # the first winner's colour (60, 120, 200) appears in the sheet
+    colours = {c for _, c in sheet.convert("RGB").getcolors(1_000_000)}
+    assert (0, 120, 200) in colours and (60, 120, 200) in colours
+
+
+def test_contact_sheet_without_winners_still_renders(client, make_batch):
+    made = make_batch("queued")
+    assert _png_of(client.get(f"/batches/{made.batch_id}/contact-sheet.png")).width > 0
+
+
+def test_score_histogram_is_a_png_with_both_groups(client, make_batch):
+    made = make_batch("done")
+    plot = _png_of(client.get(f"/batches/{made.batch_id}/scores.png"))
+    colours = {c for _, c in plot.convert("RGB").getcolors(1_000_000)}
+    assert (46, 139, 87) in colours  # passed bars
+    assert (200, 60, 60) in colours  # rejected bars (validation reject has an alignment-only composite)
+    empty = make_batch("queued")
+    assert _png_of(client.get(f"/batches/{empty.batch_id}/scores.png")).size == (640, 320)
+
+
+def test_ui_export_zip(client, make_batch):
+    made = make_batch("done")
+    r = client.get(f"/batches/{made.batch_id}/export.zip")
+    assert r.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(r.data)).namelist()
+    assert sum(n.endswith(".png") for n in names) == 2 and sum(n.endswith(".json") for n in names) == 3
+
+
+def test_ui_cancel_with_csrf(client, settings, make_batch):
+    made = make_batch("running")
+    token = csrf_from(client.get(f"/batches/{made.batch_id}").get_data(as_text=True))
+    r = client.post(f"/batches/{made.batch_id}/cancel", data={"csrf_token": token})
+    assert r.status_code == 302 and r.headers["Location"].endswith(f"/batches/{made.batch_id}")
+    with session_scope(settings.database_url) as s:
+        assert s.get(Batch, made.batch_id).status == "cancelled"
+    html = client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Batch cancelled." in html
+
+
+def test_ui_cancel_finished_batch_says_why(client, make_batch):
+    made = make_batch("done")
+    r = client.post(f"/batches/{made.batch_id}/cancel", data={"csrf_token": _csrf(client)},
+                    follow_redirects=True)
+    assert "only a queued or running batch can be cancelled" in r.get_data(as_text=True)
+
+
+# -- candidate -----------------------------------------------------------------------------------------------
+
+
+def test_candidate_page_shows_layers_recipe_scores_timings(client, make_batch):
+    made = make_batch("done")
+    cid = f"{made.item_ids[0]}-002"
+    html = client.get(f"/candidates/{cid}").get_data(as_text=True)
+    assert f'src="/artifacts/{made.batch_id}/{cid}.png"' in html
+    assert "nudenet" in html and "layer-reject" in html and "exposed content (0.91)" in html
+    assert "opennsfw" in html and "layer-flag" in html
+    assert "Rejected by" in html
+    assert "&#34;seed&#34;: 1002" in html or '"seed": 1002' in html
+    assert "generate" in html and "0.250" in html and "cuda0" in html
+    failed = client.get(f"/candidates/{made.item_ids[0]}-003").get_data(as_text=True)
+    assert "CUDA out of memory" in failed and "no image" in failed
+    winner = client.get(f"/candidates/{made.item_ids[0]}-000").get_data(as_text=True)
+    assert "winner" in winner and "0.800" in winner and "1.100" in winner
+
+
+# -- workers -------------------------------------------------------------------------------------------------
+
+
+def test_workers_page_lists_models_and_links_flower(make_app, make_worker, monkeypatch):
+    monkeypatch.setenv("FARM_FLOWER_PORT", "5999")
+    client = make_app().test_client()
+    make_worker("w-cuda0", current="farm.generate")
+    make_worker("w-cuda1", queue="cuda1", age=500)
+    html = client.get("/workers").get_data(as_text=True)
+    assert "w-cuda0" in html and "w-cuda1" in html
+    assert "generator:tiny</code> × 1" in html and "scorer:tiny</code> × 2" in html
+    assert "farm.generate" in html and "idle" in html
+    assert 'href="http://127.0.0.1:5999"' in html
+    assert "8m" in html  # 500 s heartbeat age
+
+
+def test_workers_page_empty(client):
+    assert "No worker has reported yet" in client.get("/workers").get_data(as_text=True)
+
+
+# -- artifacts -----------------------------------------------------------------------------------------------
+
+
+def test_artifact_is_served_from_the_store(client, make_batch):
+    made = make_batch("done")
+    r = client.get(f"/artifacts/{made.batch_id}/{made.item_ids[0]}-000.png")
+    assert r.status_code == 200 and r.data.startswith(b"\x89PNG")
+    sidecar = client.get(f"/artifacts/{made.batch_id}/{made.item_ids[0]}-000.json")
+    assert sidecar.status_code == 200 and sidecar.json["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/artifacts/../farm.db",
+        "/artifacts/%2e%2e/farm.db",
+        "/artifacts/..%2ffarm.db",
+        "/artifacts//etc/passwd",
+        "/artifacts/%2fetc%2fpasswd",
+        "/artifacts/x/../../farm.db",
+        "/artifacts/outside-link/farm.db",
+        "/artifacts/missing.png",
+        "/artifacts/",
+    ],
+)
+def test_artifact_traversal_and_missing_are_404(client, settings, make_batch, url):
+    make_batch("done")
+    (settings.artifacts_dir / "outside-link").symlink_to(settings.home)
+    assert (settings.home / "farm.db").exists()
+    r = client.get(url, follow_redirects=True)  # werkzeug first merges "//" with a redirect
+    assert r.status_code == 404, url
+    assert b"SQLite" not in r.data and b"root:" not in r.data
+
+
+def test_artifact_directory_is_404(client, make_batch):
+    made = make_batch("done")
+    assert client.get(f"/artifacts/{made.batch_id}").status_code == 404
+
+
+# -- upload --------------------------------------------------------------------------------------------------
+
+
+def test_upload_page_has_file_text_preview_submit(client):
+    html = client.get("/upload").get_data(as_text=True)
+    assert 'type="file"' in html and "<textarea" in html
+    assert 'value="preview"' in html and 'value="submit"' in html
+    assert 'name="csrf_token"' in html
+
+
+def test_preview_shows_counts_and_queues_nothing(client, settings):
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": EXAMPLE_MANIFEST,
+                                     "action": "preview"})
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert 'id="preview"' in html
+    assert 'data-field="items">4<' in html and 'data-field="candidates">12<' in html
+    assert "64x96" in html
+    assert "web-test" in html  # the text stays in the textarea for the submit that follows
+    assert _batches(settings) == 0
+
+
+def test_upload_errors_are_shown_at_their_field_path(client, settings):
+    bad = "name: x\nitems:\n  - prompt: a\n    size: 3x3\n"
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": bad, "action": "submit"})
+    assert r.status_code == 400
+    html = r.get_data(as_text=True)
+    assert 'data-path="items[0].size"' in html and "<code>items[0].size</code>" in html
+    assert "nothing was queued" in html and 'aria-invalid="true"' in html
+    assert _batches(settings) == 0
+
+
+def test_upload_bad_yaml_file(client, settings):
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "preview",
+                                     "manifest_file": (io.BytesIO(b"name: [oops"), "bad.yaml")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400
+    html = r.get_data(as_text=True)
+    assert 'data-path="(root)"' in html and "invalid YAML" in html
+
+
+def test_upload_nothing_is_400(client):
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": "  ", "action": "submit"})
+    assert r.status_code == 400 and "Choose a manifest file" in r.get_data(as_text=True)
+
+
+def test_upload_oversize_is_413(make_app, monkeypatch, settings):
+    monkeypatch.setenv("FARM_MAX_UPLOAD_BYTES", "2048")
+    client = make_app().test_client()
+    token = csrf_from(client.get("/upload").get_data(as_text=True))
+    big = EXAMPLE_MANIFEST + "#" * 3000
+    r = client.post("/upload", data={"csrf_token": token, "manifest_text": big, "action": "submit"})
+    assert r.status_code == 413
+    assert "limit is 2048 bytes" in r.get_data(as_text=True)
+    r = client.post("/upload", data={"csrf_token": token, "action": "submit",
+                                     "manifest_file": (io.BytesIO(b"#" * 400_000), "big.yaml")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 413 and "limit of 2048 bytes" in r.get_data(as_text=True)
+    assert _batches(settings) == 0
+
+
+def test_submit_file_through_the_form(client, settings, broker):
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "submit",
+                                     "manifest_file": (io.BytesIO(EXAMPLE_MANIFEST.encode()), "m.yaml")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 302
+    batch_id = r.headers["Location"].rsplit("/", 1)[-1]
+    with session_scope(settings.database_url) as s:
+        assert s.get(Batch, batch_id).candidates_total == 12
+    assert [m["headers"]["task"] for m in queued_messages(broker, "control")] == ["farm.dispatch_batch"]
+    page = client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Submitted 4 items, 12 candidates." in page and "queued" in page
+
+
+def test_artifacts_dir_is_inside_farm_home(settings):
+    assert os.fspath(settings.artifacts_dir).startswith(os.fspath(settings.home))
+
+
+def test_pasted_manifest_larger_than_werkzeugs_form_default_is_accepted(client, settings):
+    # Werkzeug keeps form fields under 500 kB by default; the manifest limit (1 MB here) must win.
+    big = EXAMPLE_MANIFEST + ("# padding line\n" * 40_000)
+    assert 500_000 < len(big) < settings.max_upload_bytes
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": big, "action": "preview"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200 and 'id="preview"' in r.get_data(as_text=True)

@@ -1,0 +1,78 @@
+"""The farm's dashboard (HTML) and JSON API, served by one Flask app built by :func:`create_app`.
+
+Everything here reads SQL through farm/ and renders it; nothing talks to the Celery result backend. The app
+holds no state at import time: settings are read when the app is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from farm.config import Settings, load_settings
+from farm.db import migrate
+
+# Room for the multipart envelope around a manifest of exactly FARM_MAX_UPLOAD_BYTES; the manifest itself is
+# checked against the exact limit in the views.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings from FARM_* variables, schema migrated, blueprints registered.
+
+    ``test_config`` overrides Flask config keys after the settings are read; it may carry ``FARM_SETTINGS``
+    (a :class:`farm.config.Settings`) to use instead of the environment.
+    """
+    app = Flask(__name__)
+    config = dict(test_config or {})
+    settings: Settings = config.pop("FARM_SETTINGS", None) or load_settings()
+    app.config.update(
+        FARM_SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        SECRET_KEY=_secret_key(settings),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
+    app.config.update(config)
+    app.json.sort_keys = False  # keep the hand-written order of the OpenAPI document
+    migrate(settings.database_url)
+
+    from web import api, filters, security, ui
+
+    security.init_app(app)
+    filters.init_app(app)
+    app.register_blueprint(ui.bp)
+    app.register_blueprint(api.bp, url_prefix="/api/v1")
+    app.register_error_handler(HTTPException, _http_error)
+    return app
+
+
+def _secret_key(settings: Settings) -> str:
+    """FARM_WEB_SECRET, else one derived from the token (stable across restarts), else random per process."""
+    explicit = os.environ.get("FARM_WEB_SECRET")
+    if explicit:
+        return explicit
+    if settings.web_token:
+        return hashlib.sha256(f"farm-web-session\0{settings.web_token}".encode()).hexdigest()
+    return secrets.token_hex(32)
+
+
+def _http_error(exc: HTTPException) -> tuple[Response | str, int]:
+    code = exc.code or 500
+    if isinstance(exc, RequestEntityTooLarge) and exc.description == RequestEntityTooLarge.description:
+        # Refused by werkzeug before any view ran: say which limit, not only that there is one.
+        limit = current_app.config["FARM_SETTINGS"].max_upload_bytes
+        exc = RequestEntityTooLarge(
+            description=f"The upload is larger than the limit of {limit} bytes for a manifest "
+            "(FARM_MAX_UPLOAD_BYTES). Split the batch or raise the limit."
+        )
+    if request.path.startswith("/api/"):
+        response = jsonify(errors=[{"path": None, "message": exc.description}])
+        return response, code
+    return render_template("error.html", code=code, name=exc.name, message=exc.description), code

@@ -1,0 +1,123 @@
+"""What the upload page and the API do through farm.dispatch: take a manifest from a request, preview it,
+submit it, cancel a batch; broker trouble is turned into one exception the views can show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from farm import dispatch
+from farm.config import Settings
+from farm.manifest import ManifestError
+
+YAML_TYPES = ("text/yaml", "application/x-yaml", "application/yaml", "text/x-yaml", "text/plain")
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not take a message (a new batch's rows are removed again by farm.dispatch.submit)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str | None
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "message": self.message}
+
+
+def too_large(settings: Settings, size: int) -> RequestEntityTooLarge:
+    return RequestEntityTooLarge(
+        description=f"The manifest is {size} bytes; the limit is {settings.max_upload_bytes} bytes "
+        "(FARM_MAX_UPLOAD_BYTES). Split the batch or raise the limit."
+    )
+
+
+def check_size(settings: Settings, data: bytes) -> bytes:
+    if len(data) > settings.max_upload_bytes:
+        raise too_large(settings, len(data))
+    return data
+
+
+def from_api_request(request: Request, settings: Settings) -> bytes | None:
+    """The manifest bytes of an API request: a YAML body, or the multipart field ``manifest``."""
+    mimetype = request.mimetype or ""
+    if mimetype.startswith("multipart/form-data") or mimetype == "application/x-www-form-urlencoded":
+        upload = request.files.get("manifest")
+        if upload is not None:
+            return check_size(settings, upload.read(settings.max_upload_bytes + 1))
+        text = request.form.get("manifest")
+        return None if text is None else check_size(settings, text.encode("utf-8"))
+    if mimetype in YAML_TYPES or not mimetype:
+        data = request.get_data(cache=False)
+        return check_size(settings, data) if data else None
+    return None
+
+
+def from_form(request: Request, settings: Settings) -> bytes | None:
+    """The manifest of the upload page: the file if one was chosen, else the pasted text."""
+    upload = request.files.get("manifest_file")
+    if upload is not None and upload.filename:
+        return check_size(settings, upload.read(settings.max_upload_bytes + 1))
+    text = request.form.get("manifest_text", "")
+    return check_size(settings, text.encode("utf-8")) if text.strip() else None
+
+
+def problems(exc: ManifestError) -> list[Problem]:
+    return [Problem(e.path, e.message) for e in exc.errors]
+
+
+def preview(data: bytes, settings: Settings) -> dict[str, Any]:
+    """The dry run: counts of what the manifest expands to. Raises ManifestError."""
+    return dispatch.dry_run(data, settings=settings)
+
+
+def submit(data: bytes, settings: Settings) -> dispatch.Submitted:
+    """Write the batch and hand it to the control queue. Raises ManifestError or BrokerUnavailable."""
+    try:
+        return dispatch.submit(data, settings=settings)
+    except ManifestError:
+        raise
+    except Exception as exc:  # kombu/redis connection errors come in many classes; all mean the same here
+        if _is_broker_error(exc):
+            raise BrokerUnavailable(
+                f"the broker did not accept the batch ({type(exc).__name__}: {exc}); nothing was kept, "
+                "try again when the broker is up"
+            ) from exc
+        raise
+
+
+def cancel(batch_id: str, settings: Settings) -> bool:
+    """Mark the batch cancelled; True if it was queued or running. Raises BrokerUnavailable."""
+    try:
+        return dispatch.cancel(batch_id, settings=settings)
+    except Exception as exc:
+        if _is_broker_error(exc):
+            raise BrokerUnavailable(
+                "the batch is marked cancelled and no new work will start, but the broker did not take the "
+                f"messages that close its unsent items ({type(exc).__name__}: {exc}), so it may not show as "
+                "finished"
+            ) from exc
+        raise
+
+
+def _is_broker_error(exc: BaseException) -> bool:
+    """True if ``exc`` or anything in its cause chain is a broker connection error.
+
+    Celery reports an unreachable Redis in several shapes (kombu OperationalError, redis ConnectionError, or a
+    RuntimeError from the result consumer raised *from* the redis error), so the whole chain is looked at.
+    """
+    from kombu.exceptions import KombuError
+    from redis.exceptions import RedisError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (KombuError, RedisError, ConnectionError, OSError)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -1,0 +1,222 @@
+"""The OpenAPI 3.1 description of /api/v1, written by hand so it says what the endpoints promise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERRORS_REF = {"$ref": "#/components/responses/Errors"}
+ERRORS_SCHEMA = {"$ref": "#/components/schemas/Errors"}
+NOT_FOUND_REF = {"$ref": "#/components/responses/NotFound"}
+UNAUTHORIZED_REF = {"$ref": "#/components/responses/Unauthorized"}
+BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "The batch id returned by POST /batches."}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    manifest_body = {"type": "string", "description": "The batch manifest in YAML (see GET /schema)."}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "farm API",
+            "version": "1",
+            "description": (
+                "Submit YAML batch manifests to the image-generation farm and follow them. Every figure "
+                "comes from the farm's SQL records. When FARM_WEB_TOKEN is set, every endpoint needs "
+                "`Authorization: Bearer <token>`."
+            ),
+        },
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/batches": {
+                "post": {
+                    "summary": "Submit a batch (or preview it with dry_run=1)",
+                    "operationId": "createBatch",
+                    "parameters": [{"name": "dry_run", "in": "query", "required": False,
+                                    "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+                                    "description": "Validate and count only; nothing is written or sent."}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "text/yaml": {"schema": manifest_body},
+                            "application/x-yaml": {"schema": manifest_body},
+                            "multipart/form-data": {
+                                "schema": {"type": "object", "required": ["manifest"],
+                                           "properties": {"manifest": {"type": "string",
+                                                                       "contentMediaType": "text/yaml"}}}
+                            },
+                        },
+                    },
+                    "responses": {
+                        "202": _json({"$ref": "#/components/schemas/Submitted"}, "Accepted: rows written, "
+                                     "batch handed to the control queue."),
+                        "200": _json({"$ref": "#/components/schemas/DryRun"}, "The dry run's counts."),
+                        "400": ERRORS_REF,
+                        "401": UNAUTHORIZED_REF,
+                        "413": ERRORS_REF,
+                        "503": ERRORS_REF,
+                    },
+                },
+                "get": {
+                    "summary": "List batches, newest first",
+                    "operationId": "listBatches",
+                    "parameters": [
+                        {"name": "status", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                    "maximum": 1000, "default": 100}},
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    ],
+                    "responses": {
+                        "200": _json({"type": "object", "properties": {
+                            "batches": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}},
+                            "total": {"type": "integer"}, "limit": {"type": "integer"},
+                            "offset": {"type": "integer"}}}, "Batches without their items."),
+                        "401": UNAUTHORIZED_REF,
+                    },
+                },
+            },
+            "/batches/{batch_id}": {
+                "get": {
+                    "summary": "One batch with its items and every candidate",
+                    "operationId": "getBatch",
+                    "parameters": [BATCH_ID, {"name": "items", "in": "query", "schema": {"type": "string",
+                                                                                        "enum": ["0", "1"]},
+                                              "description": "items=0 leaves the items out."}],
+                    "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "The batch."),
+                                  "401": UNAUTHORIZED_REF, "404": NOT_FOUND_REF},
+                }
+            },
+            "/batches/{batch_id}/cancel": {
+                "post": {
+                    "summary": "Cancel a queued or running batch",
+                    "operationId": "cancelBatch",
+                    "parameters": [BATCH_ID],
+                    "responses": {
+                        "202": _json({"type": "object", "properties": {"id": {"type": "string"},
+                                                                       "cancelled": {"type": "boolean"}}},
+                                     "Cancelled: no new work starts; running slices stop at the next stage."),
+                        "401": UNAUTHORIZED_REF, "404": NOT_FOUND_REF,
+                        "409": ERRORS_REF, "503": ERRORS_REF,
+                    },
+                }
+            },
+            "/batches/{batch_id}/export": {
+                "get": {
+                    "summary": "The winners as a zip: PNG images, a JSON sidecar beside each, batch.json, "
+                               "manifest.yaml",
+                    "operationId": "exportBatch",
+                    "parameters": [BATCH_ID],
+                    "responses": {
+                        "200": {"description": "The zip.", "content": {"application/zip": {
+                            "schema": {"type": "string", "contentMediaType": "application/zip"}}}},
+                        "401": UNAUTHORIZED_REF, "404": NOT_FOUND_REF,
+                    },
+                }
+            },
+            "/workers": {
+                "get": {
+                    "summary": "Workers from their heartbeat rows",
+                    "operationId": "listWorkers",
+                    "responses": {
+                        "200": _json({"type": "object", "properties": {"workers": {
+                            "type": "array", "items": {"$ref": "#/components/schemas/Worker"}}}}, "Workers."),
+                        "401": UNAUTHORIZED_REF,
+                    },
+                }
+            },
+            "/schema": {
+                "get": {
+                    "summary": "The manifest's JSON Schema (draft 2020-12)",
+                    "operationId": "manifestSchema",
+                    "responses": {"200": {"description": "JSON Schema.", "content": {
+                        "application/schema+json": {"schema": {"type": "object"}}}},
+                        "401": UNAUTHORIZED_REF},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1."), "401": UNAUTHORIZED_REF},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "The value of FARM_WEB_TOKEN."}},
+            "responses": {
+                "Errors": _json(ERRORS_SCHEMA, "What was wrong, one entry per problem."),
+                "NotFound": _json(ERRORS_SCHEMA, "No such batch or endpoint."),
+                "Unauthorized": _json(ERRORS_SCHEMA, "Missing or wrong bearer token."),
+            },
+            "schemas": {
+                "Errors": {
+                    "type": "object", "required": ["errors"],
+                    "properties": {"errors": {"type": "array", "items": {
+                        "type": "object", "required": ["path", "message"],
+                        "properties": {
+                            "path": {"type": ["string", "null"],
+                                     "description": "The manifest field, e.g. items[3].size; null when the "
+                                                    "problem is not about one field."},
+                            "message": {"type": "string"}}}}},
+                },
+                "Submitted": {"type": "object", "required": ["id"], "properties": {
+                    "id": {"type": "string"}, "items": {"type": "integer"},
+                    "candidates": {"type": "integer"}}},
+                "DryRun": {"type": "object", "properties": {
+                    "dry_run": {"const": True},
+                    "summary": {"type": "object", "properties": {
+                        "name": {"type": "string"}, "model": {"type": "string"}, "items": {"type": "integer"},
+                        "candidates": {"type": "integer"}, "slices": {"type": "integer"},
+                        "denoising_steps": {"type": "integer"}, "sizes": {"type": "object"}}}}},
+                "Progress": {"type": "object", "additionalProperties": {"type": "integer"},
+                             "description": "Candidates by status, plus done (final) and total."},
+                "Candidate": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "index": {"type": "integer"}, "seed": {"type": "integer"},
+                    "status": {"type": "string", "enum": ["pending", "generated", "moderated", "validated",
+                                                          "scored", "passed", "rejected", "failed",
+                                                          "cancelled"]},
+                    "stage": {"type": ["string", "null"]}, "image_path": {"type": ["string", "null"]},
+                    "verdict": {"type": ["string", "null"]}, "reasons": {"type": "array"},
+                    "moderation": {"type": "array", "items": {"type": "object", "properties": {
+                        "layer": {"type": "string"}, "verdict": {"type": "string"},
+                        "reason": {"type": "string"}, "details": {"type": "object"}}}},
+                    "alignment": {"type": ["number", "null"]}, "preference": {"type": ["number", "null"]},
+                    "score": {"type": ["number", "null"]}, "rank": {"type": ["integer", "null"]},
+                    "is_winner": {"type": "boolean"}, "timings": {"type": "object"},
+                    "error": {"type": ["string", "null"]}}},
+                "Item": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "index": {"type": "integer"}, "prompt": {"type": "string"},
+                    "source": {"type": "string"}, "status": {"type": "string"}, "params": {"type": "object"},
+                    "winners": {"type": "array", "items": {"type": "string"}},
+                    "candidates": {"type": "array", "items": {"$ref": "#/components/schemas/Candidate"}}}},
+                "Batch": {"type": "object", "required": ["id", "status"], "properties": {
+                    "id": {"type": "string"}, "name": {"type": "string"},
+                    "status": {"type": "string",
+                               "enum": ["queued", "running", "done", "cancelled", "failed"]},
+                    "model": {"type": "string"}, "priority": {"type": "integer"}, "tags": {},
+                    "items_total": {"type": "integer"}, "items_done": {"type": "integer"},
+                    "candidates_total": {"type": "integer"},
+                    "progress": {"$ref": "#/components/schemas/Progress"},
+                    "throughput": {"type": ["number", "null"], "description": "Final candidates per second."},
+                    "eta_seconds": {"type": ["number", "null"]},
+                    "error": {"type": ["string", "null"]},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "started_at": {"type": ["string", "null"], "format": "date-time"},
+                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    "items": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}}}},
+                "Worker": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "queue": {"type": "string"}, "device": {"type": "string"},
+                    "pid": {"type": "integer"}, "hostname": {"type": "string"},
+                    "models": {"type": "object", "additionalProperties": {"type": "integer"},
+                               "description": "Model key -> times loaded in this process."},
+                    "current": {"type": ["string", "null"]}, "tasks_done": {"type": "integer"},
+                    "started_at": {"type": "string"}, "heartbeat_at": {"type": "string"},
+                    "heartbeat_age_seconds": {"type": "number"}}},
+            },
+        },
+    }

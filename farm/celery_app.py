@@ -50,10 +50,15 @@ def celery_config(settings: Settings) -> dict:
         "worker_proc_alive_timeout": 600.0,
         "result_expires": 7 * 24 * 3600,
         "task_default_queue": CONTROL_QUEUE,
-        "task_routes": {name: {"queue": CONTROL_QUEUE} for name in ("farm.rank", "farm.dispatch_batch", "farm.reap")},
+        "task_routes": {
+            name: {"queue": CONTROL_QUEUE} for name in ("farm.rank", "farm.dispatch_batch", "farm.reap")
+        },
         "beat_schedule": {
-            "reap-stalled-work": {"task": "farm.reap", "schedule": float(settings.reaper_interval),
-                                  "options": {"queue": CONTROL_QUEUE, "expires": settings.reaper_interval}},
+            "reap-stalled-work": {
+                "task": "farm.reap",
+                "schedule": float(settings.reaper_interval),
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.reaper_interval},
+            },
         },
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -66,6 +71,19 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("farm", include=TASK_MODULES)
     app.conf.update(celery_config(settings))
     return app
+
+
+_apps: dict[str, Celery] = {}
+
+
+def app_for(settings: Settings) -> Celery:
+    """The app to send with for these settings: the process-wide one, or one per other broker (`farm bench`,
+    tests and tools that drive a second farm from one process)."""
+    if settings.broker_url == app.conf.broker_url:
+        return app
+    if settings.broker_url not in _apps:
+        _apps[settings.broker_url] = make_app(settings)
+    return _apps[settings.broker_url]
 
 
 app = make_app()

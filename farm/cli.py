@@ -65,7 +65,9 @@ def up(no_web: bool, no_flower: bool) -> None:
         if not no_web:
             click.echo(f"dashboard  {settings.web_url}")
         if not no_flower:
-            click.echo(f"flower     http://{settings.web_host}:{settings.flower_port} (basic auth from FARM_FLOWER_AUTH)")
+            click.echo(
+                f"flower     http://{settings.web_host}:{settings.flower_port} (basic auth from FARM_FLOWER_AUTH)"
+            )
         click.echo(f"logs       {stack.log_dir}\nPress Ctrl-C to stop.")
         while not stopping:
             for name in stack.supervise():
@@ -89,8 +91,18 @@ def worker(queue: str | None, control: bool, loglevel: str) -> None:
         raise click.UsageError("give exactly one of --device NAME or --control")
     if control:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
-        argv = ["worker", "-Q", CONTROL_QUEUE, "-n", f"{CONTROL_QUEUE}@%h", "-c", "2",
-                "-B", "-s", str(settings.run_dir / "beat-schedule")]
+        argv = [
+            "worker",
+            "-Q",
+            CONTROL_QUEUE,
+            "-n",
+            f"{CONTROL_QUEUE}@%h",
+            "-c",
+            "2",
+            "-B",
+            "-s",
+            str(settings.run_dir / "beat-schedule"),
+        ]
     else:
         try:
             pin = plan_pinning(queue, settings.devices, settings.worker_threads)
@@ -102,7 +114,9 @@ def worker(queue: str | None, control: bool, loglevel: str) -> None:
     from farm.db import migrate
 
     migrate(settings.database_url)
-    app.worker_main([*argv, "-P", "prefork", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [*argv, "-P", "prefork", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
+    )
 
 
 @cli.command()
@@ -130,7 +144,9 @@ def submit(manifest: Path, dry_run: bool, wait: bool) -> None:
     text = manifest.read_bytes()
     try:
         if dry_run:
-            click.echo(json.dumps(dispatch.dry_run(text, settings=settings, base_dir=manifest.parent), indent=2))
+            click.echo(
+                json.dumps(dispatch.dry_run(text, settings=settings, base_dir=manifest.parent), indent=2)
+            )
             return
         from farm.db import migrate
 
@@ -209,6 +225,16 @@ def undrain(device: str) -> None:
 
 
 @cli.command()
+def doctor() -> None:
+    """Check broker, database, artifact store, devices and models, and say what to fix."""
+    from farm.doctor import main_report
+
+    text, ok = main_report()
+    click.echo(text)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
 def schema() -> None:
     """Print the JSON Schema of the batch manifest."""
     from farm.manifest import json_schema
@@ -262,8 +288,16 @@ def workers(as_json: bool) -> None:
     migrate(settings.database_url)
     with session_scope(settings.database_url) as s:
         rows = [
-            {"name": w.name, "queue": w.queue, "device": w.device, "pid": w.pid, "models": w.models,
-             "current": w.current, "tasks_done": w.tasks_done, "heartbeat_at": w.heartbeat_at.isoformat() + "Z"}
+            {
+                "name": w.name,
+                "queue": w.queue,
+                "device": w.device,
+                "pid": w.pid,
+                "models": w.models,
+                "current": w.current,
+                "tasks_done": w.tasks_done,
+                "heartbeat_at": w.heartbeat_at.isoformat() + "Z",
+            }
             for w in s.scalars(select(Worker).order_by(Worker.name))
         ]
     if as_json:
@@ -282,17 +316,25 @@ def print_ranked(settings: Settings, batch_id: str) -> None:
     with session_scope(settings.database_url) as s:
         data = records.batch_dict(s, s.get(Batch, batch_id))
     p = data["progress"]
-    click.echo(f"\nbatch {data['name']} ({data['id']}): {data['status']}, {p['done']}/{p['total']} candidates "
-               f"({p.get('passed', 0)} passed, {p.get('rejected', 0)} rejected, {p.get('failed', 0)} failed)")
-    header = f"{'#':>3}  {'prompt':<42} {'winner':<10} {'score':>8} {'pref':>8} {'align':>7}  rejected / failed"
+    click.echo(
+        f"\nbatch {data['name']} ({data['id']}): {data['status']}, {p['done']}/{p['total']} candidates "
+        f"({p.get('passed', 0)} passed, {p.get('rejected', 0)} rejected, {p.get('failed', 0)} failed)"
+    )
+    header = (
+        f"{'#':>3}  {'prompt':<42} {'winner':<10} {'score':>8} {'pref':>8} {'align':>7}  rejected / failed"
+    )
     click.echo(header)
     click.echo("-" * len(header))
     winners = []
     for it in data["items"]:
         by_id = {c["id"]: c for c in it["candidates"]}
         win = by_id.get(it["winners"][0]) if it["winners"] else None
-        why = Counter(r.split(":", 1)[0] for c in it["candidates"] if c["status"] == "rejected"
-                      for r in c["reasons"][:1])
+        why = Counter(
+            r.split(":", 1)[0]
+            for c in it["candidates"]
+            if c["status"] == "rejected"
+            for r in c["reasons"][:1]
+        )
         failed = sum(1 for c in it["candidates"] if c["status"] == "failed")
         fell = ", ".join(f"{n} {layer}" for layer, n in why.items()) or "-"
         if failed:
@@ -300,8 +342,10 @@ def print_ranked(settings: Settings, batch_id: str) -> None:
         prompt = it["prompt"] if len(it["prompt"]) <= 42 else it["prompt"][:41] + "…"
         if win:
             winners.extend(by_id[w] for w in it["winners"])
-            click.echo(f"{it['index']:>3}  {prompt:<42} #{win['index']:<9} {win['score']:>8.3f} "
-                       f"{win['preference']:>8.3f} {win['alignment']:>7.3f}  {fell}")
+            click.echo(
+                f"{it['index']:>3}  {prompt:<42} #{win['index']:<9} {win['score']:>8.3f} "
+                f"{win['preference']:>8.3f} {win['alignment']:>7.3f}  {fell}"
+            )
         else:
             click.echo(f"{it['index']:>3}  {prompt:<42} {'(none)':<10} {'':>8} {'':>8} {'':>7}  {fell}")
     if winners:
@@ -313,8 +357,12 @@ def print_ranked(settings: Settings, batch_id: str) -> None:
 
 
 @cli.command()
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=EXAMPLE,
-              show_default=True)
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=EXAMPLE,
+    show_default=True,
+)
 def demo(manifest: Path) -> None:
     """Start the embedded stack, run a real batch to the end, print the ranked result, stop everything."""
     from farm import dispatch
@@ -325,12 +373,60 @@ def demo(manifest: Path) -> None:
     with Stack(settings) as stack:
         stack.start_workers()
         done = dispatch.submit(manifest.read_bytes(), settings=settings, base_dir=manifest.parent)
-        click.echo(f"batch {done.batch_id}: {done.items} items, {done.candidates} candidates "
-                   f"(workers load their models first; the bar starts moving after that)")
+        click.echo(
+            f"batch {done.batch_id}: {done.items} items, {done.candidates} candidates "
+            f"(workers load their models first; the bar starts moving after that)"
+        )
         status = wait_for(settings, done.batch_id, check=stack.check_alive)
         print_ranked(settings, done.batch_id)
     if status != "done":
         raise click.ClickException(f"the batch ended {status}")
+
+
+@cli.command()
+@click.option("--items", default=12, show_default=True)
+@click.option("--candidates", default=4, show_default=True, help="Candidates per item.")
+@click.option("--size", default=64, show_default=True, help="Square image side in pixels.")
+@click.option("--steps", default=8, show_default=True)
+@click.option("--slice-size", default=4, show_default=True)
+@click.option("--model", default="tiny", show_default=True, help="Generator preset (random-sdxl on a GPU).")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option(
+    "--devices",
+    default="cuda0=cpu,cuda1=cpu",
+    show_default=True,
+    help="Device map of run C (two devices); run B uses its first. One device: no run C.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--inner-loop", hidden=True, help="Internal: run the bare loop A in this (pinned) process.")
+def bench(
+    items: int,
+    candidates: int,
+    size: int,
+    steps: int,
+    slice_size: int,
+    model: str,
+    dtype: str,
+    devices: str,
+    as_json: bool,
+    inner_loop: str | None,
+) -> None:
+    """Measure the farm against a bare loop of the same stages (A), with one device (B) and two (C)."""
+    from farm import bench as b
+
+    if inner_loop:
+        workload = b.Workload(**json.loads(inner_loop))
+        click.echo(json.dumps(b.bare_loop(workload, _settings().models_dir)))
+        return
+    workload = b.Workload(items=items, candidates=candidates, size=size, steps=steps, slice_size=slice_size,
+                          model=model, dtype=dtype)
+    click.echo(
+        f"farm bench: {workload.total} candidates per run: A bare loop, B farm on one device, "
+        f"C farm on two devices (if --devices names two)...",
+        err=True,
+    )
+    data = b.bench(workload, devices=devices)
+    click.echo(json.dumps(data, indent=2) if as_json else b.format_report(data))
 
 
 def main() -> None:

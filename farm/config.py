@@ -43,6 +43,7 @@ class Settings:
     model_budget_mb: int | None
     preload_generator: str
     stall_seconds: int
+    drain_timeout: int
     reaper_interval: int
     max_resends: int
 
@@ -165,6 +166,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         model_budget_mb=_int(env, "FARM_MODEL_BUDGET_MB", 0, minimum=0) or None,
         preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",
         stall_seconds=_int(env, "FARM_STALL_SECONDS", task_time_limit + 120, minimum=1),
+        drain_timeout=_int(env, "FARM_DRAIN_TIMEOUT", 600, minimum=1),
         reaper_interval=_int(env, "FARM_REAPER_INTERVAL", 60, minimum=1),
         max_resends=_int(env, "FARM_MAX_RESENDS", 3, minimum=0),
     )

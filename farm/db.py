@@ -207,7 +207,18 @@ def migrate(url: str, revision: str = "head") -> None:
     """Bring the schema up to ``revision`` with alembic; the farm runs this on start."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql":
+        command.upgrade(alembic_config(url), revision)
+        return
+    # Web, control and every worker migrate on start; on PostgreSQL they take turns.
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_advisory_lock(734105)")
+        try:
+            command.upgrade(alembic_config(url), revision)
+        finally:
+            conn.exec_driver_sql("SELECT pg_advisory_unlock(734105)")
+            conn.commit()
 
 
 def downgrade(url: str, revision: str) -> None:

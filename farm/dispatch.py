@@ -16,11 +16,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from celery import chain, chord
+from celery import Celery, chain, chord
 from celery.canvas import Signature
 from sqlalchemy import select, update
 
-from farm.celery_app import app
+from farm.celery_app import app_for
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ItemPlan, Manifest, expand, parse_manifest, summary
@@ -48,7 +48,9 @@ def celery_priority(manifest_priority: int) -> int:
     return 9 - manifest_priority
 
 
-def plan(text: str | bytes, *, settings: Settings, base_dir: Path | None = None) -> tuple[Manifest, list[ItemPlan]]:
+def plan(
+    text: str | bytes, *, settings: Settings, base_dir: Path | None = None
+) -> tuple[Manifest, list[ItemPlan]]:
     """Parse, validate and expand a manifest without writing or sending anything (also the dry run)."""
     from farm.ml.presets import check_model_ref
 
@@ -150,7 +152,9 @@ def submit(text: str | bytes, *, settings: Settings, base_dir: Path | None = Non
     manifest, items = plan(text, settings=settings, base_dir=base_dir)
     submitted = create_batch(manifest, items, text, settings=settings)
     try:
-        app.signature("farm.dispatch_batch", args=(submitted.batch_id,), queue=CONTROL_QUEUE).apply_async(
+        app_for(settings).signature(
+            "farm.dispatch_batch", args=(submitted.batch_id,), queue=CONTROL_QUEUE, ignore_result=True
+        ).apply_async(
             priority=celery_priority(manifest.priority), retry=True, retry_policy={"max_retries": 3}
         )
     except Exception:
@@ -170,7 +174,7 @@ def slices(candidate_ids: list[str], size: int) -> list[list[str]]:
     return [candidate_ids[i : i + size] for i in range(0, len(candidate_ids), size)]
 
 
-def slice_chain(batch_id: str, iid: str, ids: list[str], *, priority: int) -> Signature:
+def slice_chain(batch_id: str, iid: str, ids: list[str], *, priority: int, app: Celery) -> Signature:
     """generate -> moderate -> validate -> score for one slice; generate pins the rest to its device."""
     payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
     first, *rest = STAGE_TASKS
@@ -179,8 +183,13 @@ def slice_chain(batch_id: str, iid: str, ids: list[str], *, priority: int) -> Si
     return chain(*sigs)
 
 
-def item_chord(batch_id: str, iid: str, candidate_ids: list[str], *, slice_size: int, priority: int) -> Signature:
-    header = [slice_chain(batch_id, iid, ids, priority=priority) for ids in slices(candidate_ids, slice_size)]
+def item_chord(
+    batch_id: str, iid: str, candidate_ids: list[str], *, slice_size: int, priority: int, app: Celery
+) -> Signature:
+    header = [
+        slice_chain(batch_id, iid, ids, priority=priority, app=app)
+        for ids in slices(candidate_ids, slice_size)
+    ]
     body = app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority, immutable=True)
     return chord(header, body)
 
@@ -196,29 +205,46 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
         if batch is None or batch.status not in ("queued", "running"):
             return 0
         priority = celery_priority(batch.priority)
-        pending = s.execute(
-            select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending").order_by(Item.index)
-        ).scalars().all()
+        pending = (
+            s.execute(
+                select(Item.id)
+                .where(Item.batch_id == batch_id, Item.status == "pending")
+                .order_by(Item.index)
+            )
+            .scalars()
+            .all()
+        )
     sent = 0
     for iid in pending:
         with session_scope(settings.database_url) as s:
             flipped = s.execute(
                 update(Item).where(Item.id == iid, Item.status == "pending").values(status="running")
             ).rowcount
-            ids = s.execute(
-                select(Candidate.id).where(Candidate.item_id == iid, Candidate.status == "pending")
-                .order_by(Candidate.index)
-            ).scalars().all()
+            ids = (
+                s.execute(
+                    select(Candidate.id)
+                    .where(Candidate.item_id == iid, Candidate.status == "pending")
+                    .order_by(Candidate.index)
+                )
+                .scalars()
+                .all()
+            )
         if not flipped:
             continue
-        send_item(batch_id, iid, list(ids), slice_size=settings.slice_size, priority=priority)
+        send_item(batch_id, iid, list(ids), settings=settings, priority=priority)
         sent += 1
     return sent
 
 
-def send_item(batch_id: str, iid: str, candidate_ids: list[str], *, slice_size: int, priority: int) -> None:
+def send_item(
+    batch_id: str, iid: str, candidate_ids: list[str], *, settings: Settings, priority: int
+) -> None:
+    """One chord for these candidates of the item (or, with none left to do, just its rank)."""
+    app = app_for(settings)
     if candidate_ids:
-        item_chord(batch_id, iid, candidate_ids, slice_size=slice_size, priority=priority).apply_async()
+        item_chord(
+            batch_id, iid, candidate_ids, slice_size=settings.slice_size, priority=priority, app=app
+        ).apply_async()
     else:
         app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority).apply_async()
 
@@ -227,14 +253,17 @@ def cancel(batch_id: str, *, settings: Settings) -> bool:
     """Mark the batch cancelled: pending work is skipped by every stage, running slices stop at the next one."""
     with session_scope(settings.database_url) as s:
         changed = s.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.status.in_(("queued", "running")))
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status.in_(("queued", "running")))
             .values(status="cancelled")
         ).rowcount
         if changed:
-            items_unsent = s.execute(
-                select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending")
-            ).scalars().all()
+            items_unsent = (
+                s.execute(select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending"))
+                .scalars()
+                .all()
+            )
     if changed:
         for iid in items_unsent:
-            app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE).apply_async()
+            app_for(settings).signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE).apply_async()
     return bool(changed)

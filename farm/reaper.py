@@ -48,7 +48,9 @@ def queued_messages(app: object, settings: Settings) -> int:
     return sum(queue_length(app, q) for q in queues if q)
 
 
-def reap(app: object, settings: Settings, *, now: datetime | None = None, ignore_queues: bool = False) -> ReapReport:
+def reap(
+    app: object, settings: Settings, *, now: datetime | None = None, ignore_queues: bool = False
+) -> ReapReport:
     from farm import dispatch
 
     now = now or utcnow()
@@ -76,7 +78,8 @@ def reap(app: object, settings: Settings, *, now: datetime | None = None, ignore
             if last is not None and last >= cutoff:
                 continue
             unsettled = s.scalars(
-                select(Candidate).where(Candidate.item_id == item_id, Candidate.status.not_in(SETTLED))
+                select(Candidate)
+                .where(Candidate.item_id == item_id, Candidate.status.not_in(SETTLED))
                 .order_by(Candidate.index)
             ).all()
             if unsettled and batch_status != "cancelled" and resends < settings.max_resends:
@@ -94,9 +97,12 @@ def reap(app: object, settings: Settings, *, now: datetime | None = None, ignore
                     )
                 action = "close" if unsettled else "rerank"
         if action == "resend":
-            log.warning("item %s stalled; re-sending %d candidates (resend %d)", item_id, len(ids), resends + 1)
-            dispatch.send_item(batch_id, item_id, ids, slice_size=settings.slice_size,
-                               priority=dispatch.celery_priority(priority))
+            log.warning(
+                "item %s stalled; re-sending %d candidates (resend %d)", item_id, len(ids), resends + 1
+            )
+            dispatch.send_item(
+                batch_id, item_id, ids, settings=settings, priority=dispatch.celery_priority(priority)
+            )
             report.resent.append(item_id)
         else:
             log.warning("item %s stalled with its work settled or given up (%s); ranking it", item_id, action)

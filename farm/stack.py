@@ -52,20 +52,29 @@ class Stack:
         log = self.log_dir / f"{name}.log"
         env = {**self.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as fh:
-            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+            popen = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         proc = Proc(name, popen, log, extra_env)
         self.procs.append(proc)
         return proc
 
     def start_worker(self, queue: str, extra_env: dict[str, str] | None = None) -> Proc:
-        return self.spawn(f"worker-{queue}", [sys.executable, "-m", "farm", "worker", "--device", queue],
-                          extra_env)
+        return self.spawn(
+            f"worker-{queue}", [sys.executable, "-m", "farm", "worker", "--device", queue], extra_env
+        )
 
     def proc(self, name: str) -> Proc:
         return next(p for p in self.procs if p.name == name)
 
-    def restart_worker(self, queue: str, extra_env: dict[str, str] | None = None, timeout: float = 120) -> Proc:
+    def restart_worker(
+        self, queue: str, extra_env: dict[str, str] | None = None, timeout: float = 120
+    ) -> Proc:
         """Stop the device's worker (SIGTERM, then SIGKILL) if it still runs, and start a fresh one."""
         old = self.proc(f"worker-{queue}")
         if old.popen.poll() is None:
@@ -86,10 +95,20 @@ class Stack:
 
     def start_flower(self) -> Proc:
         s = self.settings
-        return self.spawn("flower", [
-            sys.executable, "-m", "celery", "-A", "farm.celery_app", "flower",
-            f"--address={s.web_host}", f"--port={s.flower_port}", f"--basic-auth={s.flower_auth}",
-        ])
+        return self.spawn(
+            "flower",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "farm.celery_app",
+                "flower",
+                f"--address={s.web_host}",
+                f"--port={s.flower_port}",
+                f"--basic-auth={s.flower_auth}",
+            ],
+        )
 
     def start_workers(self) -> None:
         for queue in self.settings.devices:

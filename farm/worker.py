@@ -42,14 +42,17 @@ def in_flight(database_url: str, queue: str) -> int:
     """Candidates generated on this device whose later stages have not finished."""
     with session_scope(database_url) as s:
         return s.scalar(
-            select(func.count()).select_from(Candidate).where(Candidate.device == queue,
-                                                              Candidate.status.in_(IN_FLIGHT))
+            select(func.count())
+            .select_from(Candidate)
+            .where(Candidate.device == queue, Candidate.status.in_(IN_FLIGHT))
         )
 
 
 def device_workers(app: Any, queue: str, timeout: float = 2.0) -> list[str]:
     """Names of the live workers serving device ``queue`` (they are named ``<queue>@<host>``)."""
-    replies = app.control.ping(timeout=timeout) or []
+    # A fresh connection each time: a pooled one may be stale after a broker restart.
+    with app.connection_for_write() as conn:
+        replies = app.control.ping(timeout=timeout, connection=conn) or []
     names = [name for reply in replies for name in reply]
     return sorted(n for n in names if n.split("@", 1)[0] == queue)
 
@@ -58,14 +61,16 @@ def drain(app: Any, queue: str) -> list[str]:
     """Stop the device's workers taking new slices; their in-flight slices still finish."""
     names = device_workers(app, queue)
     if names:
-        app.control.cancel_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5)
+        with app.connection_for_write() as conn:
+            app.control.cancel_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn)
     return names
 
 
 def undrain(app: Any, queue: str) -> list[str]:
     names = device_workers(app, queue)
     if names:
-        app.control.add_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5)
+        with app.connection_for_write() as conn:
+            app.control.add_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn)
     return names
 
 
@@ -104,7 +109,7 @@ def _install_graceful_term(sender: Any = None, **_kwargs: Any) -> None:
     from celery import platforms
 
     app, hostname = sender.app, sender.hostname
-    timeout = float(os.environ.get("FARM_DRAIN_TIMEOUT", "600"))
+    timeout = float(load_settings().drain_timeout)
     celery_handler = platforms.signals["SIGTERM"]
     started = threading.Event()
 
@@ -114,7 +119,12 @@ def _install_graceful_term(sender: Any = None, **_kwargs: Any) -> None:
             return
         started.set()
         log.info("SIGTERM: %s stops taking slices and finishes the ones in flight", hostname)
-        threading.Thread(target=drain_then_stop, args=(app, hostname, queue), kwargs={"timeout": timeout},
-                         daemon=True, name="farm-drain").start()
+        threading.Thread(
+            target=drain_then_stop,
+            args=(app, hostname, queue),
+            kwargs={"timeout": timeout},
+            daemon=True,
+            name="farm-drain",
+        ).start()
 
     signal.signal(signal.SIGTERM, _on_term)

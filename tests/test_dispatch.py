@@ -22,7 +22,9 @@ items:
 
 
 def test_item_chord_has_one_chain_per_slice_of_four_stages_and_ranks_on_control():
-    sig = dispatch.item_chord("b", "b-00000", [f"c{i}" for i in range(5)], slice_size=2, priority=4)
+    from farm.celery_app import app
+
+    sig = dispatch.item_chord("b", "b-00000", [f"c{i}" for i in range(5)], slice_size=2, priority=4, app=app)
     header = list(sig.tasks)
     assert len(header) == 3
     for ch, ids in zip(header, (["c0", "c1"], ["c2", "c3"], ["c4"]), strict=True):

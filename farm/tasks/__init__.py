@@ -1,3 +1,8 @@
-"""Celery tasks, one module per stage. Each is a thin wrapper: decode ids, call farm.ml, record in SQL."""
+"""Celery tasks, one module per stage. Each is a thin wrapper: decode ids, call farm.ml, record in SQL.
 
-from farm import worker as _lifecycle  # noqa: E402,F401  (connects the graceful SIGTERM of device workers)
+Importing the package connects the worker signal handlers: model preload in each pool child
+(farm.tasks.runtime) and the graceful SIGTERM of device workers (farm.worker).
+"""
+
+from farm import worker as _lifecycle  # noqa: F401
+from farm.tasks import runtime as _runtime  # noqa: F401

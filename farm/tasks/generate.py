@@ -9,8 +9,7 @@ from celery import Task
 
 from farm import artifacts
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS
-from farm.db import Candidate
+from farm.db import TRANSIENT_DB_ERRORS, Candidate
 from farm.records import StageStart
 from farm.tasks.stage import run_stage
 
@@ -22,31 +21,54 @@ def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     rt = runtime()
     batch, item = start.batch, start.item
     cfg = batch.settings
-    terms = check_prompt_terms(item.prompt, terms=cfg["moderation"]["blocked_terms"],
-                               patterns=cfg["moderation"]["blocked_patterns"])
+    terms = check_prompt_terms(
+        item.prompt, terms=cfg["moderation"]["blocked_terms"], patterns=cfg["moderation"]["blocked_patterns"]
+    )
     if terms.verdict == "reject":
-        record = {"status": "rejected", "verdict": "rejected", "reasons": [f"{terms.layer}: {terms.reason}"],
-                  "moderation": [asdict(terms)]}
+        record = {
+            "status": "rejected",
+            "verdict": "rejected",
+            "reasons": [f"{terms.layer}: {terms.reason}"],
+            "moderation": [asdict(terms)],
+        }
         return {c.id: dict(record) for c in cands}
     p = item.params
     gen = rt.generator(batch.model, dtype=cfg["dtype"], memory=cfg["memory"])
-    images = gen.generate(prompt=item.prompt, negative_prompt=item.negative_prompt, seeds=[c.seed for c in cands],
-                          steps=p["steps"], guidance=p["guidance"], width=p["width"], height=p["height"],
-                          scheduler=p["scheduler"])
+    images = gen.generate(
+        prompt=item.prompt,
+        negative_prompt=item.negative_prompt,
+        seeds=[c.seed for c in cands],
+        steps=p["steps"],
+        guidance=p["guidance"],
+        width=p["width"],
+        height=p["height"],
+        scheduler=p["scheduler"],
+    )
     base = gen.recipe()
     out = {}
     for c, image in zip(cands, images, strict=True):
         rel = f"{batch.id}/{c.id}.png"
-        recipe = {**base, "batch": batch.id, "candidate": c.id, "prompt": item.prompt,
-                  "negative_prompt": item.negative_prompt, "seed": c.seed, "steps": p["steps"],
-                  "guidance": p["guidance"], "width": p["width"], "height": p["height"],
-                  "scheduler": p["scheduler"] or base.get("scheduler")}
+        recipe = {
+            **base,
+            "batch": batch.id,
+            "candidate": c.id,
+            "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt,
+            "seed": c.seed,
+            "steps": p["steps"],
+            "guidance": p["guidance"],
+            "width": p["width"],
+            "height": p["height"],
+            "scheduler": p["scheduler"] or base.get("scheduler"),
+        }
         artifacts.save_png(image, rt.settings.artifacts_dir / rel, recipe)
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
     return out
 
 
-@app.task(name="farm.generate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
+@app.task(
+    name="farm.generate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
+)
 def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: candidate ids and seeds are fixed in SQL, the PNG is written to a temporary name and renamed,
     and only candidates still pending are generated, so a redelivery rewrites nothing that is done."""

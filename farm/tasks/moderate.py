@@ -11,8 +11,7 @@ from PIL import Image
 
 from farm import records
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS
-from farm.db import Candidate
+from farm.db import TRANSIENT_DB_ERRORS, Candidate
 from farm.records import StageStart
 from farm.tasks.stage import run_stage
 
@@ -46,15 +45,23 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
         found = rt.opennsfw().check(images, threshold=cfg["nsfw_classifier"]["threshold"])
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
-    pool = {**records.batch_hashes(rt.settings.database_url, start.batch.id),
-            **{c.id: h for c, (h, _q) in zip(cands, hashes, strict=True)}}
+    pool = {
+        **records.batch_hashes(rt.settings.database_url, start.batch.id),
+        **{c.id: h for c, (h, _q) in zip(cands, hashes, strict=True)},
+    }
     limit = cfg["near_duplicate_distance"]
     out = {}
     for c, verdicts, (h, quality) in zip(cands, layers, hashes, strict=True):
         twins = sorted(o for o, other in pool.items() if o != c.id and mod.hamming(h, other) <= limit)
         if twins:
-            verdicts.append(mod.LayerVerdict("near_duplicate", "flag", f"near-duplicate of {', '.join(twins[:5])}",
-                                             {"of": twins, "max_distance": cfg["near_duplicate_distance"]}))
+            verdicts.append(
+                mod.LayerVerdict(
+                    "near_duplicate",
+                    "flag",
+                    f"near-duplicate of {', '.join(twins[:5])}",
+                    {"of": twins, "max_distance": cfg["near_duplicate_distance"]},
+                )
+            )
         final, reasons = mod.combine(verdicts)
         out[c.id] = {
             "status": "moderated" if final == "passed" else "rejected",
@@ -67,7 +74,9 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-@app.task(name="farm.moderate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
+@app.task(
+    name="farm.moderate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
+)
 def moderate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'."""
     return run_stage(self, payload, "moderate", moderate_slice)

@@ -14,8 +14,14 @@ from farm.ranking import Contender, rank
 SETTLE_POLL_S = 5
 
 
-@app.task(name="farm.rank", bind=True, max_retries=None, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True,
-          retry_backoff_max=30)
+@app.task(
+    name="farm.rank",
+    bind=True,
+    max_retries=None,
+    autoretry_for=TRANSIENT_DB_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=30,
+)
 def rank_item(self: Task, item_id: str) -> dict:
     """Idempotent: ranks are recomputed from SQL with a deterministic tie-break, and the item flips to done
     (and the batch counter moves) only once, however often this runs.
@@ -33,7 +39,9 @@ def rank_item(self: Task, item_id: str) -> dict:
         item = s.get(Item, item_id)
         cfg = s.get(Batch, item.batch_id).settings
         prompt = item.prompt
-        rows = s.scalars(select(Candidate).where(Candidate.item_id == item_id, Candidate.status == "scored")).all()
+        rows = s.scalars(
+            select(Candidate).where(Candidate.item_id == item_id, Candidate.status == "scored")
+        ).all()
         contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in rows]
     weights = cfg["scoring"]["weights"]
     result = rank(
@@ -44,7 +52,11 @@ def rank_item(self: Task, item_id: str) -> dict:
         near_duplicate_distance=cfg["moderation"]["near_duplicate_distance"],
     )
     done = records.finish_item(
-        settings.database_url, item_id, ranking=result.order, winners=result.winners, scores=result.scores,
+        settings.database_url,
+        item_id,
+        ranking=result.order,
+        winners=result.winners,
+        scores=result.scores,
         during=lambda: faults.trigger("rank", prompt, [0], attempt=self.request.retries + 1),
     )
     return {"item": item_id, "winners": done.winners, "batch_closed": done.batch_closed}
@@ -57,5 +69,10 @@ def reap() -> dict:
     from farm.reaper import reap as reap_stalled
 
     report = reap_stalled(app, load_settings())
-    return {"reranked": report.reranked, "resent": report.resent, "closed": report.closed,
-            "redispatched": report.redispatched, "skipped_busy": report.skipped_busy}
+    return {
+        "reranked": report.reranked,
+        "resent": report.resent,
+        "closed": report.closed,
+        "redispatched": report.redispatched,
+        "skipped_busy": report.skipped_busy,
+    }

@@ -65,13 +65,17 @@ class Runtime:
     def validator(self, ref: str) -> Any:
         from farm.ml.validation import ClipAlignment
 
-        return self.registry.get(f"validator:{ref}", lambda: ClipAlignment.load(self._resolve(ref, "validator"),
-                                                                             device=self.device))
+        return self.registry.get(
+            f"validator:{ref}",
+            lambda: ClipAlignment.load(self._resolve(ref, "validator"), device=self.device),
+        )
 
     def scorer(self, ref: str) -> Any:
         from farm.ml.scoring import load_scorer
 
-        return self.registry.get(f"scorer:{ref}", lambda: load_scorer(self._resolve(ref, "scorer"), device=self.device))
+        return self.registry.get(
+            f"scorer:{ref}", lambda: load_scorer(self._resolve(ref, "scorer"), device=self.device)
+        )
 
     def nudenet(self) -> Any:
         from farm.ml.moderation import NudeNetLayer
@@ -157,9 +161,16 @@ def _on_process_init(**_kwargs: Any) -> None:
 
 
 @task_prerun.connect
-def _on_prerun(task: Any = None, **_kwargs: Any) -> None:
+def _on_prerun(task: Any = None, args: Any = None, **_kwargs: Any) -> None:
     if _runtime is not None:
-        _runtime.heartbeat(current=task.name if task else None)
+        _runtime.heartbeat(current=describe_task(task.name if task else "?", args))
+
+
+def describe_task(name: str, args: Any) -> str:
+    """``farm.generate <first candidate id> (+N)``: what a worker is busy with, for `farm workers` and tests."""
+    payload = args[0] if args and isinstance(args[0], dict) else {}
+    ids = payload.get("candidates") or []
+    return f"{name} {ids[0]} (+{len(ids) - 1})" if ids else name
 
 
 @task_postrun.connect

@@ -7,8 +7,7 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS
-from farm.db import Candidate
+from farm.db import TRANSIENT_DB_ERRORS, Candidate
 from farm.records import StageStart
 from farm.tasks.moderate import load_images
 from farm.tasks.stage import run_stage

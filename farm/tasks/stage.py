@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 Work = Callable[[StageStart, list[Candidate]], dict[str, dict[str, Any]]]
 
 
-def isolate(stage: str, work: Callable[[list[Candidate]], dict[str, dict[str, Any]]],
-            cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+def isolate(
+    stage: str, work: Callable[[list[Candidate]], dict[str, dict[str, Any]]], cands: list[Candidate]
+) -> dict[str, dict[str, Any]]:
     """Run ``work`` on the whole slice; if it raises, once per candidate, failing only those that raise."""
     try:
         out = work(cands)
@@ -49,12 +50,17 @@ def run_stage(task: Task, payload: dict[str, Any], stage: str, work: Work) -> di
     from farm.tasks.runtime import runtime
 
     settings = load_settings()
-    start = records.begin_stage(settings.database_url, payload["candidates"], stage,
-                                max_attempts=settings.max_attempts)
+    start = records.begin_stage(
+        settings.database_url, payload["candidates"], stage, max_attempts=settings.max_attempts
+    )
 
     def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
-        faults.trigger(stage, start.item.prompt, [c.index for c in cands],
-                       attempt=max(c.stage_attempts.get(stage, 1) for c in cands))
+        faults.trigger(
+            stage,
+            start.item.prompt,
+            [c.index for c in cands],
+            attempt=max(c.stage_attempts.get(stage, 1) for c in cands),
+        )
         return work(start, cands)
 
     redelivered = any(c.stage_attempts.get(stage, 0) > 1 for c in start.todo)

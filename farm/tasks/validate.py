@@ -7,8 +7,7 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS
-from farm.db import Candidate
+from farm.db import TRANSIENT_DB_ERRORS, Candidate
 from farm.records import StageStart
 from farm.tasks.moderate import load_images
 from farm.tasks.stage import run_stage
@@ -31,17 +30,22 @@ def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
         problems = []
         if floor is not None and score < floor:
             problems.append(f"validation: alignment {score:.3f} < min_alignment {floor:.3f}")
-        problems += [f"validation: attribute '{p}' margin {m:.3f} < {need:.3f}"
-                     for p, m in margin.items() if m < need]
-        record: dict[str, Any] = {"alignment": float(score),
-                                  "attributes": {**(c.attributes or {}), "required": margin}}
+        problems += [
+            f"validation: attribute '{p}' margin {m:.3f} < {need:.3f}" for p, m in margin.items() if m < need
+        ]
+        record: dict[str, Any] = {
+            "alignment": float(score),
+            "attributes": {**(c.attributes or {}), "required": margin},
+        }
         if problems:
             record.update(status="rejected", verdict="rejected", reasons=[*(c.reasons or []), *problems])
         out[c.id] = record
     return out
 
 
-@app.task(name="farm.validate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
+@app.task(
+    name="farm.validate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
+)
 def validate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: scores are recomputed from the stored image and written only onto 'moderated' candidates."""
     return run_stage(self, payload, "validate", validate_slice)

@@ -22,7 +22,7 @@ from farm.celery_app import make_app
 from farm.config import SLICES_QUEUE, Settings, load_settings
 from farm.db import Batch, Candidate, Item, Worker, session_scope
 from farm.stack import Stack
-from farm.worker import device_workers, queue_keys
+from farm.worker import device_workers, drain, queue_keys, undrain
 
 FAULT_ENV = {
     "FARM_DEVICES": "cuda0=cpu,cuda1=cpu",
@@ -63,8 +63,13 @@ class FaultFarm:
     def submit(self, text: str) -> str:
         path = self.settings.home / f"m{time.monotonic_ns()}.yaml"
         path.write_text(text)
-        run = subprocess.run([sys.executable, "-m", "farm", "submit", str(path)], env=self.env,
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-m", "farm", "submit", str(path)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         return run.stdout.split()[1].rstrip(":")
 
@@ -78,7 +83,9 @@ class FaultFarm:
             if status in ("done", "cancelled", "failed"):
                 return status
             time.sleep(0.5)
-        logs = "\n".join(f"--- {p.name}\n{p.log.read_text(errors='replace')[-4000:]}" for p in self.stack.procs)
+        logs = "\n".join(
+            f"--- {p.name}\n{p.log.read_text(errors='replace')[-4000:]}" for p in self.stack.procs
+        )
         raise AssertionError(f"batch {batch_id} still {status} after {timeout}s\n{logs}")
 
     def wait_until(self, predicate, timeout: float = 240, what: str = "condition") -> None:
@@ -96,7 +103,9 @@ class FaultFarm:
 
     def candidates(self, batch_id: str) -> list[Candidate]:
         with session_scope(self.settings.database_url) as s:
-            return s.scalars(select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)).all()
+            return s.scalars(
+                select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)
+            ).all()
 
     def items(self, batch_id: str) -> list[Item]:
         with session_scope(self.settings.database_url) as s:
@@ -114,18 +123,21 @@ class FaultFarm:
         return sum(client.llen(k) for k in queue_keys(SLICES_QUEUE))
 
     def drain_all(self) -> None:
-        names = [n for q in self.settings.devices for n in device_workers(self.app, q)]
-        self.app.control.cancel_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5)
+        for queue in self.settings.devices:
+            assert drain(self.app, queue)
 
     def undrain_all(self) -> None:
-        names = [n for q in self.settings.devices for n in device_workers(self.app, q)]
-        self.app.control.add_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5)
+        for queue in self.settings.devices:
+            assert undrain(self.app, queue)
 
     # -- the promises every fault test checks
     def assert_accounted_for(self, batch_id: str, expected: int) -> list[Candidate]:
         """Every candidate exactly once with a final status, the batch closed, files on disk match the rows."""
         batch = self.batch(batch_id)
-        assert batch.status == "done" and batch.items_done == batch.items_total, (batch.status, batch.items_done)
+        assert batch.status == "done" and batch.items_done == batch.items_total, (
+            batch.status,
+            batch.items_done,
+        )
         rows = self.candidates(batch_id)
         assert len(rows) == expected and len({c.id for c in rows}) == expected
         assert {c.status for c in rows} <= {"passed", "rejected", "failed"}, {c.status for c in rows}

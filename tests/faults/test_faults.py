@@ -21,13 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 def _generating(farm: FaultFarm, batch_id: str, index: int) -> bool:
-    return any(c.index == index and c.stage_attempts.get("generate") == 1 and c.status == "pending"
-               for c in farm.candidates(batch_id))
+    return any(
+        c.index == index and c.stage_attempts.get("generate") == 1 and c.status == "pending"
+        for c in farm.candidates(batch_id)
+    )
 
 
-def _child_running(farm: FaultFarm, task: str) -> int | None:
+def _child_running(farm: FaultFarm, task: str, candidate_suffix: str = "") -> int | None:
+    """The pid of the pool child whose heartbeat says it runs ``task`` on a slice starting with that candidate."""
     for w in farm.workers():
-        if w.current == task:
+        if w.current and w.current.startswith(task) and candidate_suffix in w.current:
             return w.pid
     return None
 
@@ -35,21 +38,29 @@ def _child_running(farm: FaultFarm, task: str) -> int | None:
 def test_sigkill_of_a_worker_child_during_generate_requeues_the_slice(farm: FaultFarm):
     batch_id = farm.submit(manifest("kill-child", ["a slow harbour [[fault:generate:sleep:0]]"]))
     farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
-    farm.wait_until(lambda: _child_running(farm, "farm.generate") is not None, what="a busy child")
-    pid = _child_running(farm, "farm.generate")
+    farm.wait_until(lambda: _child_running(farm, "farm.generate", "-000 ") is not None, what="a busy child")
+    pid = _child_running(farm, "farm.generate", "-000 ")
     os.kill(pid, signal.SIGKILL)
     assert farm.wait(batch_id) == "done"
     rows = farm.assert_accounted_for(batch_id, 4)
     first_slice = [c for c in rows if c.index in (0, 1)]
-    assert all(c.stage_attempts["generate"] == 2 for c in first_slice), [c.stage_attempts for c in first_slice]
+    assert all(c.stage_attempts["generate"] == 2 for c in first_slice), [
+        c.stage_attempts for c in first_slice
+    ]
     assert all(c.status != "failed" for c in first_slice)
 
 
 def test_sigkill_of_a_whole_worker_loses_nothing(farm: FaultFarm):
-    batch_id = farm.submit(manifest("kill-worker", ["a slow lighthouse [[fault:generate:sleep:0]]", "a quiet bay"]))
+    batch_id = farm.submit(
+        manifest("kill-worker", ["a slow lighthouse [[fault:generate:sleep:0]]", "a quiet bay"])
+    )
     farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
     owner = next(c.worker for c in farm.candidates(batch_id) if c.index == 0) or ""
-    busy = [w for w in farm.workers() if w.current == "farm.generate"]
+    busy = [
+        w
+        for w in farm.workers()
+        if w.current and w.current.startswith("farm.generate") and "-000 " in w.current
+    ]
     queue = busy[0].queue if busy else owner.split("@")[0]
     proc = farm.stack.proc(f"worker-{queue}")
     os.killpg(proc.popen.pid, signal.SIGKILL)
@@ -104,7 +115,8 @@ def _slices_key(client) -> bytes:
 
 def test_a_lost_header_message_is_re_sent_by_the_reaper(farm: FaultFarm):
     batch_id = _hold_slices_then(
-        farm, manifest("lost-header", ["a red kite", "a blue kite"]),
+        farm,
+        manifest("lost-header", ["a red kite", "a blue kite"]),
         lambda r: r.rpop(_slices_key(r)),
     )
     assert farm.wait(batch_id, timeout=300) == "done"

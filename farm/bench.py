@@ -1,0 +1,343 @@
+"""`farm bench`: what the farm costs over a bare loop, and what a second device buys, measured in one run.
+
+Three runs of the same manifest on the same models on the same machine:
+
+- A: a bare in-process loop over the same stages (generate, moderate, validate, score) with no Celery, no SQL
+  and no files, in a subprocess pinned exactly like one device worker (same torch threads);
+- B: the farm end to end (embedded Redis, real workers, SQL, PNGs) with one device;
+- C: the farm with two devices (on CPU each worker gets its share of the cores).
+
+A's and B's compute budget is one device: with FARM_DEVICES=cuda0=cpu,cuda1=cpu each worker gets half the cores,
+so A and B run with that same thread count. Ratios compare throughputs from the same run, never wall-clock
+thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("generate", "moderate", "validate", "score")
+
+
+@dataclass(frozen=True)
+class Workload:
+    items: int = 12
+    candidates: int = 4
+    size: int = 64
+    steps: int = 8
+    slice_size: int = 4
+    model: str = "tiny"
+    dtype: str = "fp32"
+
+    @property
+    def total(self) -> int:
+        return self.items * self.candidates
+
+    def manifest(self, name: str = "bench") -> str:
+        prompts = "\n".join(f'  - "benchmark prompt {i}: a lighthouse on a cliff"' for i in range(self.items))
+        return (
+            f"name: {name}\nmodel: {self.model}\ndtype: {self.dtype}\n"
+            f"defaults: {{candidates: {self.candidates}, steps: {self.steps}, "
+            f"size: {self.size}x{self.size}, seed: 99}}\nitems:\n{prompts}\n"
+        )
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    candidates: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    devices: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def per_second(self) -> float:
+        return self.candidates / self.seconds
+
+
+# ----------------------------------------------------------------------------------------------- A: bare loop
+
+
+def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
+    """Run the stages in-process on the models a worker would load; called inside a pinned subprocess."""
+    from farm.config import load_settings
+    from farm.gpu_pinning.pinning import limit_torch_threads
+    from farm.manifest import expand, parse_manifest
+    from farm.ml import moderation as mod
+    from farm.tasks.runtime import Runtime
+
+    limit_torch_threads()
+    rt = Runtime(load_settings())
+    rt.preload()
+    manifest = parse_manifest(workload.manifest())
+    plans = expand(manifest)
+    cfg = manifest.model_dump(mode="json")
+    gen = rt.generator(manifest.model, dtype=cfg["dtype"], memory=cfg["memory"])
+    validator, scorer = rt.validator(cfg["validation"]["model"]), rt.scorer(cfg["scoring"]["model"])
+    stage = dict.fromkeys(STAGES, 0.0)
+    hashes: dict[str, str] = {}
+    t_all = time.perf_counter()
+    for plan in plans:
+        for start in range(0, plan.candidates, workload.slice_size):
+            seeds = list(plan.seeds[start : start + workload.slice_size])
+            t = time.perf_counter()
+            mod.check_prompt_terms(plan.prompt, terms=[], patterns=[])
+            images = gen.generate(
+                prompt=plan.prompt,
+                negative_prompt=plan.negative_prompt,
+                seeds=seeds,
+                steps=plan.steps,
+                guidance=plan.guidance,
+                width=plan.width,
+                height=plan.height,
+                scheduler=plan.scheduler,
+            )
+            t1 = time.perf_counter()
+            for k, im in zip(seeds, images, strict=True):
+                h, _q = mod.pdq_hash(im.convert("RGB"))
+                _near = [o for o, other in hashes.items() if mod.hamming(h, other) <= 20]
+                hashes[f"{plan.index}-{k}"] = h
+            verdicts = [rt.nudenet().check(images), rt.opennsfw().check(images)]
+            [mod.combine([v[i] for v in verdicts]) for i in range(len(images))]
+            t2 = time.perf_counter()
+            validator.alignment(images, plan.prompt)
+            t3 = time.perf_counter()
+            scorer.score(images, plan.prompt)
+            t4 = time.perf_counter()
+            for name, dt in zip(STAGES, (t1 - t, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                stage[name] += dt
+    return {
+        "seconds": time.perf_counter() - t_all,
+        "candidates": workload.total,
+        "stage_seconds": stage,
+        "peak_rss_mb": {"loop": _peak_rss_mb(os.getpid())},
+    }
+
+
+def run_bare(workload: Workload, env: dict[str, str], queue: str, devices: dict[str, str]) -> RunResult:
+    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning
+
+    child_env = dict(env)
+    saved = dict(os.environ)
+    try:
+        apply_pinning(plan_pinning(queue, devices, _threads(env)))
+        child_env.update(
+            {
+                k: os.environ[k]
+                for k in os.environ
+                if k.startswith(("FARM_PINNED", "CUDA_", "OMP_", "MKL_", "OPENBLAS_"))
+            }
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out = subprocess.run(
+        [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(workload))],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    data = json.loads(out.strip().splitlines()[-1])
+    return RunResult(
+        "A bare loop", data["seconds"], data["candidates"], data["stage_seconds"], data["peak_rss_mb"]
+    )
+
+
+def _threads(env: dict[str, str]) -> int | None:
+    raw = env.get("FARM_WORKER_THREADS")
+    return int(raw) if raw else None
+
+
+# ----------------------------------------------------------------------------------------------- B, C: the farm
+
+
+def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
+    """Start a farm of its own (embedded Redis, workers, control, web), wait for its models, time one batch."""
+    from sqlalchemy import select
+
+    from farm import dispatch
+    from farm.config import load_settings
+    from farm.db import Batch, Candidate, Worker, session_scope
+    from farm.stack import Stack
+
+    settings = load_settings(env)
+    stack = Stack(settings, env=env)
+    with stack:
+        stack.start_workers()
+        stack.start_web()
+        _wait_for_models(settings, len(settings.devices), stack)
+        t0 = time.perf_counter()
+        done = dispatch.submit(workload.manifest(name.split()[0]), settings=settings)
+        while True:
+            with session_scope(settings.database_url) as s:
+                status = s.get(Batch, done.batch_id).status
+            if status in ("done", "cancelled", "failed"):
+                break
+            stack.check_alive()
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        stage = dict.fromkeys(STAGES, 0.0)
+        devices: dict[str, int] = {}
+        with session_scope(settings.database_url) as s:
+            for c in s.scalars(select(Candidate).where(Candidate.batch_id == done.batch_id)):
+                for st, t in c.timings.items():
+                    stage[st] += t["s"]
+                devices[c.device] = devices.get(c.device, 0) + 1
+            worker_pids = [w.pid for w in s.scalars(select(Worker))]
+        peaks = {p.name: _tree_peak_rss_mb(p.popen.pid) for p in stack.procs}
+        peaks.update({f"child-{pid}": _peak_rss_mb(pid) for pid in worker_pids})
+    return RunResult(name, seconds, workload.total, stage, peaks, devices)
+
+
+def _wait_for_models(settings: Any, workers: int, stack: Any, timeout: float = 300) -> None:
+    from sqlalchemy import func, select
+
+    from farm.db import Worker, session_scope
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        with session_scope(settings.database_url) as s:
+            if s.scalar(select(func.count()).select_from(Worker)) >= workers:
+                return
+        time.sleep(0.2)
+    raise RuntimeError("workers did not load their models in time")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _tree_peak_rss_mb(pid: int) -> float:
+    return _peak_rss_mb(pid)
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu") -> dict[str, Any]:
+    from farm.config import parse_devices
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    base.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "FARM_SLICE_SIZE": str(workload.slice_size),
+        }
+    )
+    base["FARM_PRELOAD_GENERATOR"] = workload.model
+    two = parse_devices(devices)
+    one = dict(list(two.items())[:1])
+    from farm.gpu_pinning.pinning import cpu_share
+
+    per_device_threads = cpu_share(two) if "cpu" in two.values() else None
+    with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
+        models = Path(tmp) / "shared-models"
+        common = {**base}
+        if per_device_threads:
+            common["FARM_WORKER_THREADS"] = str(per_device_threads)
+
+        def env_for(label: str, devices: dict[str, str]) -> dict[str, str]:
+            home = Path(tmp) / label
+            (home / "models").parent.mkdir(parents=True, exist_ok=True)
+            if not (home / "models").exists():
+                (home).mkdir(parents=True, exist_ok=True)
+                (home / "models").symlink_to(models, target_is_directory=True)
+            models.mkdir(exist_ok=True)
+            return {
+                **common,
+                "FARM_HOME": str(home),
+                "FARM_DEVICES": ",".join(f"{q}={d}" for q, d in devices.items()),
+            }
+
+        env_a = env_for("a", one)
+        a = run_bare(workload, env_a, next(iter(one)), one)
+        b = run_farm("B farm, 1 device", workload, env_for("b", one))
+        c = run_farm("C farm, 2 devices", workload, env_for("c", two))
+    return report(workload, a, b, c, threads=per_device_threads)
+
+
+def report(
+    workload: Workload, a: RunResult, b: RunResult, c: RunResult, *, threads: int | None
+) -> dict[str, Any]:
+    overhead_ms = (b.seconds - a.seconds) / workload.total * 1000
+    runs = [("A", a), ("B", b)] + ([("C", c)] if c else [])
+    generate_only = workload.total / a.stage_seconds["generate"]
+    out = {
+        "workload": {
+            **asdict(workload),
+            "candidates_total": workload.total,
+            "model": "tiny",
+            "torch_threads_per_device": threads,
+        },
+        "runs": {
+            key: {
+                "name": r.name,
+                "seconds": round(r.seconds, 3),
+                "candidates_per_s": round(r.per_second, 3),
+                "stage_share": {
+                    k: round(v / max(sum(r.stage_seconds.values()), 1e-9), 3)
+                    for k, v in r.stage_seconds.items()
+                },
+                "model_seconds_per_candidate": round(sum(r.stage_seconds.values()) / r.candidates, 4),
+                "peak_rss_mb": r.peak_rss_mb,
+                "devices": r.devices,
+            }
+            for key, r in (("A", a), ("B", b), ("C", c))
+        },
+        "ratios": {
+            "B/A": round(b.per_second / a.per_second, 3),
+            "C/A": round(c.per_second / a.per_second, 3),
+        },
+        "overhead_ms_per_candidate": round(overhead_ms, 2),
+    }
+    return out
+
+
+def format_report(data: dict[str, Any]) -> str:
+    w = data["workload"]
+    lines = [
+        f"workload: {w['items']} items x {w['candidates']} candidates = {w['candidates_total']} on '{w['model']}' "
+        f"({w['dtype']}), {w['size']}x{w['size']}, {w['steps']} steps, slices of {w['slice_size']}, "
+        f"torch threads per device: {w['torch_threads_per_device'] or 'default'}",
+        "",
+        f"{'run':<20} {'seconds':>8} {'cand/s':>8} {'model s/cand':>13}  stage share (gen/mod/val/score)",
+    ]
+    for r in data["runs"].values():
+        share = "/".join(f"{r['stage_share'].get(s, 0):.2f}" for s in STAGES)
+        lines.append(
+            f"{r['name']:<20} {r['seconds']:>8.2f} {r['candidates_per_s']:>8.2f} "
+            f"{r['model_seconds_per_candidate']:>13.3f}  {share}"
+        )
+    lines += [
+        "",
+        f"B/A = {data['ratios']['B/A']:.3f}   (target >= 0.90)",
+        *([f"C/A = {data['ratios']['C/A']:.3f}   (target >= 1.6)"] if "C/A" in data["ratios"] else []),
+        f"B against a loop that only generates = {data['ratios']['B/A_generate_only']:.3f}   "
+        f"({data['generate_only_candidates_per_s']:.2f} cand/s generating alone)",
+        f"orchestration overhead per candidate (B - A): {data['overhead_ms_per_candidate']:.1f} ms   (target <= 5)",
+        "",
+        "peak memory (MB):",
+    ]
+    for r in data["runs"].values():
+        mem = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mb"].items() if v)
+        lines.append(f"  {r['name']:<20} {mem}")
+    return "\n".join(lines)

@@ -107,7 +107,7 @@ MAX_ERROR_LINES = 50
 
 #: Generator presets a manifest may name in ``model``. ``tiny`` and ``tiny-xl`` are random-weight models the
 #: farm builds locally (tests, demo); the others map to real hub checkpoints in ``farm.ml.presets``.
-MODEL_PRESETS: tuple[str, ...] = ("tiny", "tiny-xl", "sd-turbo", "sdxl-turbo", "sdxl-base", "flux-schnell")
+MODEL_PRESETS: tuple[str, ...] = ("tiny", "tiny-xl", "random-sdxl", "sd-turbo", "sdxl-turbo", "sdxl-base", "flux-schnell")
 
 #: Scheduler short names a manifest may use (``null`` keeps the pipeline's own). The generator maps each to a
 #: diffusers class; ``flow_euler`` is for flow-matching pipelines (FLUX), the rest for noise-prediction ones.

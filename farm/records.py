@@ -181,9 +181,9 @@ def unsettled(url: str, item_id: str) -> tuple[int, str]:
         item = s.get(Item, item_id)
         batch_status = s.get(Batch, item.batch_id).status
         n = s.scalar(
-            select(func.count()).select_from(Candidate).where(
-                Candidate.item_id == item_id, Candidate.status.not_in((*CANDIDATE_FINAL, "scored"))
-            )
+            select(func.count())
+            .select_from(Candidate)
+            .where(Candidate.item_id == item_id, Candidate.status.not_in((*CANDIDATE_FINAL, "scored")))
         )
         return (0 if item.status in ("done", "cancelled") else n), batch_status
 
@@ -191,7 +191,9 @@ def unsettled(url: str, item_id: str) -> tuple[int, str]:
 def progress(s: Session, batch_id: str) -> dict[str, int]:
     """Candidates of a batch counted by status, plus ``done`` (final) and ``total``."""
     rows = s.execute(
-        select(Candidate.status, func.count()).where(Candidate.batch_id == batch_id).group_by(Candidate.status)
+        select(Candidate.status, func.count())
+        .where(Candidate.batch_id == batch_id)
+        .group_by(Candidate.status)
     ).all()
     counts = Counter({status: n for status, n in rows})
     out = dict(counts)
@@ -248,7 +250,9 @@ def batch_dict(s: Session, batch: Batch, *, with_items: bool = True) -> dict[str
     if with_items:
         items = s.scalars(select(Item).where(Item.batch_id == batch.id).order_by(Item.index)).all()
         cands = s.scalars(
-            select(Candidate).where(Candidate.batch_id == batch.id).order_by(Candidate.item_id, Candidate.index)
+            select(Candidate)
+            .where(Candidate.batch_id == batch.id)
+            .order_by(Candidate.item_id, Candidate.index)
         ).all()
         by_item: dict[str, list[dict[str, Any]]] = {}
         for c in cands:

@@ -27,7 +27,10 @@ def discover_cuda_devices(timeout: float = 10.0) -> list[CudaDevice]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=timeout, check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []

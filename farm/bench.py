@@ -14,6 +14,7 @@ thresholds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -174,7 +175,8 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
     stack = Stack(settings, env=env)
     with stack:
         stack.start_workers()
-        stack.start_web()
+        if importlib.util.find_spec("flask") is not None:
+            stack.start_web()
         _wait_for_models(settings, len(settings.devices), stack)
         t0 = time.perf_counter()
         done = dispatch.submit(workload.manifest(name.split()[0]), settings=settings)

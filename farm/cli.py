@@ -225,6 +225,35 @@ def undrain(device: str) -> None:
 
 
 @cli.command()
+@click.argument("candidate")
+@click.option("--device", default="cpu", show_default=True, help="Where to regenerate (cpu, cuda:0, ...).")
+def replay(candidate: str, device: str) -> None:
+    """Regenerate CANDIDATE (an id or a PNG path) from its recorded recipe and say whether the pixels match."""
+    from farm.db import Candidate, session_scope
+    from farm.replay import ReplayError
+    from farm.replay import replay as replay_png
+
+    settings = _settings()
+    path = Path(candidate)
+    if not path.exists():
+        with session_scope(settings.database_url) as s:
+            row = s.get(Candidate, candidate)
+            if row is None or not row.image_path:
+                raise click.ClickException(f"{candidate} is neither a PNG file nor a candidate with an image")
+            path = settings.artifacts_dir / row.image_path
+    try:
+        result = replay_png(path, models_dir=settings.models_dir, device=device)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+    verdict = "identical pixels" if result.identical else "pixels differ"
+    click.echo(f"{path.name}: {verdict} (max difference {result.max_abs_diff}, "
+               f"{result.differing_fraction:.4%} of values differ)")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    sys.exit(0 if result.identical else 1)
+
+
+@cli.command()
 def doctor() -> None:
     """Check broker, database, artifact store, devices and models, and say what to fix."""
     from farm.doctor import main_report
@@ -384,7 +413,7 @@ def demo(manifest: Path) -> None:
 
 
 @cli.command()
-@click.option("--items", default=12, show_default=True)
+@click.option("--items", default=24, show_default=True)
 @click.option("--candidates", default=4, show_default=True, help="Candidates per item.")
 @click.option("--size", default=64, show_default=True, help="Square image side in pixels.")
 @click.option("--steps", default=8, show_default=True)

@@ -110,6 +110,7 @@ def create_batch(
                         "height": it.height,
                         "scheduler": it.scheduler,
                         "required_attributes": list(it.required_attributes),
+                        "seed": it.explicit_seed,
                     },
                     "status": "pending",
                     "candidates_total": it.candidates,
@@ -118,13 +119,13 @@ def create_batch(
                 }
             )
             for k, seed in enumerate(it.seeds):
-                cand_rows.append(_candidate_row(batch_id, iid, k, seed, round_=0))
+                cand_rows.append(candidate_row(batch_id, iid, k, seed, round_=0))
         s.execute(Item.__table__.insert(), item_rows)
         s.execute(Candidate.__table__.insert(), cand_rows)
     return Submitted(batch_id, len(items), total)
 
 
-def _candidate_row(batch_id: str, iid: str, index: int, seed: int, *, round_: int) -> dict:
+def candidate_row(batch_id: str, iid: str, index: int, seed: int, *, round_: int) -> dict:
     return {
         "id": candidate_id(iid, index),
         "batch_id": batch_id,

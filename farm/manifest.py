@@ -1241,6 +1241,29 @@ class ItemPlan:
     scheduler: str | None
     required_attributes: tuple[str, ...]
     source: str
+    explicit_seed: int | None = None
+
+
+def candidate_seeds(
+    base: int, explicit: int | None, index: int, start: int, count: int, taken: list[int]
+) -> list[int]:
+    """Seeds of candidates ``start .. start+count-1`` of item ``index``: ``explicit + k`` when the item sets its
+    own seed, else derived from the manifest's base seed, stepping past seeds already ``taken``.
+
+    Top-up rounds call this with ``start`` past the existing candidates, so their seeds are new and just as
+    deterministic as the first round's.
+    """
+    if explicit is not None:
+        return [(explicit + k) % (MAX_SEED + 1) for k in range(start, start + count)]
+    chosen = list(taken)
+    for k in range(start, start + count):
+        attempt = 0
+        seed = derive_seed(base, index, k)
+        while seed in chosen:
+            attempt += 1
+            seed = derive_seed(base, index, k, attempt)
+        chosen.append(seed)
+    return chosen[len(taken) :]
 
 
 def derive_seed(base: int, index: int, candidate: int, attempt: int = 0) -> int:
@@ -1430,20 +1453,10 @@ def _plan(manifest: Manifest) -> tuple[list[ItemPlan], list[FieldError]]:
 
 def _item_plan(manifest: Manifest, index: int, prompt: str, params: dict[str, Any], source: str) -> ItemPlan:
     count: int = params["candidates"]
-    if params["seed"] is not None:
-        seeds = tuple((params["seed"] + k) % (MAX_SEED + 1) for k in range(count))
-    else:
-        chosen: list[int] = []
-        for k in range(count):
-            attempt = 0
-            seed = derive_seed(manifest.defaults.seed, index, k)
-            while seed in chosen:
-                attempt += 1
-                seed = derive_seed(manifest.defaults.seed, index, k, attempt)
-            chosen.append(seed)
-        seeds = tuple(chosen)
+    seeds = tuple(candidate_seeds(manifest.defaults.seed, params["seed"], index, 0, count, []))
     width, height = parse_size(params["size"])
     return ItemPlan(
+        explicit_seed=params["seed"],
         index=index,
         prompt=prompt,
         negative_prompt=params["negative_prompt"],

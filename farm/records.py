@@ -175,6 +175,52 @@ def finish_item(
         return Ranked(item_id, winners, ranking, closed)
 
 
+@dataclass(frozen=True)
+class TopUp:
+    batch_id: str
+    round: int
+    candidate_ids: list[str]
+    priority: int
+
+
+def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
+    """Add a round of new candidates (new seeds) to an item whose passing candidates fell short.
+
+    Adds ``2 x shortfall`` candidates (at most the item's first-round count), once per round: the round number
+    moves by a guarded update, so a rank delivered twice adds one round, not two. None when no round is due.
+    """
+    from farm.dispatch import candidate_row
+    from farm.manifest import MAX_CANDIDATES_PER_ITEM, candidate_seeds
+
+    with session_scope(url) as s:
+        item = s.get(Item, item_id)
+        batch = s.get(Batch, item.batch_id)
+        selection = batch.settings["selection"]
+        shortfall = selection["min_accepted"] - passed
+        if batch.status == "cancelled" or shortfall <= 0 or item.rounds >= selection["max_topup_rounds"]:
+            return None
+        first_round = s.scalar(
+            select(func.count()).select_from(Candidate).where(Candidate.item_id == item_id, Candidate.round == 0)
+        )
+        existing = s.scalars(select(Candidate).where(Candidate.item_id == item_id).order_by(Candidate.index)).all()
+        count = max(1, min(2 * shortfall, first_round, MAX_CANDIDATES_PER_ITEM))
+        round_ = item.rounds + 1
+        moved = s.execute(
+            update(Item).where(Item.id == item_id, Item.rounds == item.rounds)
+            .values(rounds=round_, candidates_total=Item.candidates_total + count)
+        ).rowcount
+        if not moved:
+            return None
+        seeds = candidate_seeds(batch.settings["defaults"]["seed"], item.params.get("seed"), item.index,
+                                len(existing), count, [c.seed for c in existing])
+        rows = [candidate_row(batch.id, item_id, len(existing) + k, seed, round_=round_)
+                for k, seed in enumerate(seeds)]
+        s.execute(Candidate.__table__.insert(), rows)
+        s.execute(update(Batch).where(Batch.id == batch.id)
+                  .values(candidates_total=Batch.candidates_total + count))
+        return TopUp(batch.id, round_, [r["id"] for r in rows], batch.priority)
+
+
 def unsettled(url: str, item_id: str) -> tuple[int, str]:
     """(candidates of the item not yet final nor scored, the batch status)."""
     with session_scope(url) as s:

@@ -22,7 +22,7 @@ from types import ModuleType
 
 
 class _TorchvisionOpsHook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; on the first lookup of ``torchvision`` it declares the missing ops and retires."""
+    """Finds nothing; at the first lookup of ``torchvision`` it declares the missing ops, then retires."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

@@ -28,6 +28,8 @@ still has what ImageReward expects:
 7. ``pkg_resources`` (setuptools < 81) is imported by the ``clip`` package (openai-clip), which ImageReward
    imports for its CLIP and aesthetic baselines; importing it warns about its own deprecation, which is
    silenced here so worker logs stay readable.
+8. Import side effects: BLIP's modules call ``warnings.filterwarnings("ignore")`` and set transformers'
+   log verbosity to "error" for the whole process; ``import_image_reward`` puts both back.
 
 ``blip_overrides`` also lets a test-sized ImageReward (small ViT instead of ViT-L, one BERT layer) load
 through the package's own ``ImageReward.load``: BLIP hard-codes ``vit='large'`` and the hub tokenizer
@@ -38,6 +40,7 @@ duration of one load without touching the package's files.
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -111,19 +114,15 @@ def declare_torchvision_ops() -> list[str]:
     torchvision is absent, already imported, or its extension loads and registers the real ones).
     """
     global _torchvision_lib
-    import sys
-
     with _lock:
         if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
             return []
         missing = [name for name in TORCHVISION_OP_SCHEMAS if not _op_exists(name)]
         if not missing or _torchvision_extension_loads():
             return []
-        missing = [name for name in missing if not _op_exists(name)]
-        if missing:
-            _torchvision_lib = _torchvision_lib or torch.library.Library("torchvision", "FRAGMENT")
-            for name in missing:
-                _torchvision_lib.define(TORCHVISION_OP_SCHEMAS[name])
+        _torchvision_lib = _torchvision_lib or torch.library.Library("torchvision", "FRAGMENT")
+        for name in missing:
+            _torchvision_lib.define(TORCHVISION_OP_SCHEMAS[name])
         return missing
 
 
@@ -295,12 +294,20 @@ def import_image_reward() -> ModuleType:
             return _image_reward
         declare_torchvision_ops()
         patch_transformers_modeling_utils()
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        # catch_warnings also undoes the package's own process-wide warnings.filterwarnings("ignore").
         with warnings.catch_warnings():
             # pkg_resources (imported by the clip package) announces its own deprecation on import.
             warnings.filterwarnings("ignore", message=r".*pkg_resources is deprecated.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            import ImageReward as RM  # noqa: N813 - the package's own documented alias
-            from ImageReward.models.BLIP import med
+            try:
+                import ImageReward as RM  # noqa: N813 - the package's own documented alias
+                from ImageReward.models.BLIP import med
+            finally:
+                # BLIP sets transformers' verbosity to "error" for the whole process on import.
+                hf_logging.set_verbosity(verbosity)
         patch_blip_text_encoder(med)
         _image_reward = RM
         return RM

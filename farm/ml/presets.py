@@ -19,9 +19,9 @@ KINDS = ("generator", "validator", "scorer")
 
 #: Tiny presets built by farm.ml.tiny, per kind.
 TINY_PRESETS: dict[str, tuple[str, ...]] = {
-    "generator": ("tiny", "tiny-xl"),
+    "generator": ("tiny", "tiny-xl", "random-sdxl"),
     "validator": ("tiny-clip",),
-    "scorer": ("tiny-aesthetic",),
+    "scorer": ("tiny-aesthetic", "tiny-image-reward"),
 }
 
 #: Named real checkpoints, per kind: preset -> hub id.
@@ -36,14 +36,26 @@ HUB_PRESETS: dict[str, dict[str, str]] = {
         "clip-vit-b32": "openai/clip-vit-base-patch32",
         "siglip-base": "google/siglip-base-patch16-224",
     },
-    "scorer": {},
+    "scorer": {
+        # Not an owner/name repo id: the checkpoint name the image-reward package's own loader downloads.
+        "image-reward": "ImageReward-v1.0",
+    },
 }
 
-#: The file a local folder must contain to count as a model of each kind.
-FOLDER_MARKERS: dict[str, str] = {
-    "generator": "model_index.json",
-    "validator": "config.json",
-    "scorer": "config.json",
+#: Checkpoint names ``ImageReward.load`` accepts and downloads itself (its ``available_models()``).
+IMAGE_REWARD_HUB_NAMES: tuple[str, ...] = ("ImageReward-v1.0",)
+
+#: The CLIP-score scorer: ``clip-score`` scores with the default validator, ``clip-score:<validator ref>``
+#: with any CLIP/SigLIP validator reference (preset, folder or hub id). It needs no model of its own.
+CLIP_SCORE = "clip-score"
+DEFAULT_CLIP_SCORE_VALIDATOR = "tiny-clip"
+
+#: Files a local folder must contain (any one of them) to count as a model of each kind. A scorer folder is
+#: a Hugging Face model (the aesthetic predictor) or an ImageReward checkpoint folder.
+FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
+    "generator": ("model_index.json",),
+    "validator": ("config.json",),
+    "scorer": ("config.json", "imagereward.json", "ImageReward.pt"),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -68,7 +80,7 @@ class ResolvedModel:
 def known_presets(kind: str) -> list[str]:
     """All preset names valid for ``kind``, tiny ones first."""
     _check_kind(kind)
-    return [*TINY_PRESETS[kind], *HUB_PRESETS[kind]]
+    return [*TINY_PRESETS[kind], *HUB_PRESETS[kind], *([CLIP_SCORE] if kind == "scorer" else [])]
 
 
 def _check_kind(kind: str) -> None:
@@ -84,10 +96,19 @@ def _unknown(ref: str, kind: str) -> str:
 
 
 def _folder_error(path: Path, kind: str) -> str | None:
-    marker = FOLDER_MARKERS[kind]
-    if not (path / marker).is_file():
+    markers = FOLDER_MARKERS[kind]
+    if not any((path / marker).is_file() for marker in markers):
         what = "a diffusers pipeline" if kind == "generator" else f"a saved {kind} model"
-        return f"folder {str(path)!r} is not {what}: it has no {marker}"
+        return f"folder {str(path)!r} is not {what}: it has no {' or '.join(markers)}"
+    return None
+
+
+def _clip_score_validator(ref: str) -> str | None:
+    """The validator reference inside a ``clip-score[:<validator>]`` scorer reference, else None."""
+    if ref == CLIP_SCORE:
+        return DEFAULT_CLIP_SCORE_VALIDATOR
+    if ref.startswith(CLIP_SCORE + ":"):
+        return ref[len(CLIP_SCORE) + 1 :]
     return None
 
 
@@ -106,6 +127,10 @@ def check_model_ref(ref: str, kind: str) -> str | None:
         return f"{kind} model reference is empty"
     if ref in TINY_PRESETS[kind] or ref in HUB_PRESETS[kind]:
         return None
+    inner = _clip_score_validator(ref) if kind == "scorer" else None
+    if inner is not None:
+        error = check_model_ref(inner, "validator")
+        return None if error is None else f"scorer {ref!r}: {error}"
     for other in KINDS:
         if other != kind and (ref in TINY_PRESETS[other] or ref in HUB_PRESETS[other]):
             return (
@@ -149,6 +174,12 @@ def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
     error = check_model_ref(ref, kind)
     if error is not None:
         raise ModelRefError(error)
+    inner = _clip_score_validator(ref) if kind == "scorer" else None
+    if inner is not None:
+        validator = resolve_model(inner, kind="validator", models_dir=models_dir)
+        return ResolvedModel(
+            ref, "scorer", validator.source, validator.path_or_id, validator.fingerprint, CLIP_SCORE
+        )
     if ref in TINY_PRESETS[kind]:
         from farm.ml.tiny import ENSURERS
 

@@ -1,21 +1,34 @@
 """Scorers: how good a candidate looks, as one float per image, so rank() can sort survivors.
 
-A ``Scorer`` is a small interface (``score(images, prompt) -> list[float]``) so that other scorers drop in
-beside the aesthetic predictor without touching the score stage. ``load_scorer`` picks the implementation from
-what the resolved model folder holds.
+A ``Scorer`` is a small interface (``score(images, prompt) -> list[float]``) so that scorers drop in without
+touching the score stage. Three implement it:
+
+- ``AestheticScorer``: a CLIP vision tower plus an MLP head, prompt-free (``tiny-aesthetic``).
+- ``ImageRewardScorer``: ImageReward (human preference for a prompt/image pair) through the image-reward
+  package's own loader ``ImageReward.load`` (``image-reward`` on real weights, ``tiny-image-reward`` offline).
+- ``ClipScoreScorer``: CLIP score, 100 x the cosine of image and prompt embeddings of a validator model
+  (``clip-score`` or ``clip-score:<validator>``), for a manifest that ranks by alignment alone.
+
+``load_scorer`` picks the implementation from the resolved reference (its preset, or the files its folder
+holds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 from torch import nn
 
-from farm.ml.presets import ResolvedModel
+from farm.ml.presets import CLIP_SCORE, IMAGE_REWARD_HUB_NAMES, ResolvedModel
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -86,18 +99,127 @@ class AestheticScorer:
         return [float(x) for x in self.head(embeds).cpu()]
 
 
-def load_scorer(resolved: ResolvedModel, device: str = "cpu") -> Scorer:
-    """Pick and load the scorer a resolved model folder describes.
+class ImageRewardScorer:
+    """ImageReward: a BLIP image encoder cross-attended by a BERT text encoder, then a reward MLP.
 
-    The folder's marker file decides: ``aesthetic.json`` -> ``AestheticScorer``. Other scorers (ImageReward is
-    the next one planned) are added here as another branch keyed on their own marker or preset name, and
-    implement the same ``Scorer`` protocol.
+    Loaded only through the package's own ``ImageReward.load`` (after ``farm.ml.compat_imagereward`` made it
+    importable with transformers 5). Scores a whole slice in one forward pass with the package's own
+    ``score_gard`` (batched image tensor, prompt tokens repeated per image); the package's list API would run
+    one image at a time. The rewards are its normalised scale: about N(0, 1) over real images.
     """
-    from farm.ml.tiny import AESTHETIC_CONFIG
 
-    if resolved.source in ("preset", "folder") and (Path(resolved.path_or_id) / AESTHETIC_CONFIG).is_file():
-        return AestheticScorer.load(resolved, device)
+    def __init__(self, model: Any, *, device: str, ref: str) -> None:
+        self.model = model
+        self.device = device
+        self.ref = ref
+
+    @classmethod
+    def load(cls, resolved: ResolvedModel, device: str = "cpu") -> ImageRewardScorer:
+        """Load a checkpoint name (``ImageReward-v1.0``) or a folder with ImageReward.pt + med_config.json.
+
+        A folder may add ``imagereward.json`` (written by ``farm.ml.tiny``) naming a local BERT tokenizer
+        folder and a ViT size; without it the package's defaults apply (ViT-L, the hub's bert-base-uncased).
+        """
+        from farm.ml.compat_imagereward import HUB_TOKENIZER, VitSpec, blip_overrides, import_image_reward
+        from farm.ml.tiny import IMAGE_REWARD_CHECKPOINT, IMAGE_REWARD_CONFIG, IMAGE_REWARD_MED_CONFIG
+
+        rm = import_image_reward()
+        tokenizer: str | Path = HUB_TOKENIZER
+        vit: VitSpec | None = None
+        kwargs: dict[str, Any] = {}
+        if resolved.source == "hub":
+            name = resolved.path_or_id
+        else:
+            folder = Path(resolved.path_or_id)
+            config: dict[str, Any] = {}
+            if (folder / IMAGE_REWARD_CONFIG).is_file():
+                config = json.loads((folder / IMAGE_REWARD_CONFIG).read_text(encoding="utf-8"))
+            name = str(folder / config.get("checkpoint", IMAGE_REWARD_CHECKPOINT))
+            kwargs["med_config"] = str(folder / config.get("med_config", IMAGE_REWARD_MED_CONFIG))
+            if config.get("tokenizer"):
+                tokenizer = folder / config["tokenizer"]
+            if config.get("vit"):
+                vit = VitSpec(**config["vit"])
+        printed = io.StringIO()
+        # ImageReward.load reports progress with print(); keep it out of the worker's stdout, in the log.
+        try:
+            with blip_overrides(tokenizer=tokenizer, vit=vit), contextlib.redirect_stdout(printed):
+                model = rm.load(name, device=device, **kwargs)
+        except OSError as exc:
+            if resolved.source != "hub":
+                raise
+            raise RuntimeError(
+                f"scorer {resolved.ref!r}: ImageReward checkpoint {name!r} (and the bert-base-uncased "
+                f"tokenizer) could not be fetched: {exc}. On an offline host, let ImageReward.load download "
+                "them once into ~/.cache/ImageReward and the Hugging Face cache, or name a local folder "
+                "holding ImageReward.pt and med_config.json"
+            ) from exc
+        log.debug("ImageReward.load(%s): %s", name, printed.getvalue().strip())
+        model.eval()
+        return cls(model, device=device, ref=resolved.ref)
+
+    @torch.inference_mode()
+    def score(self, images: list[Image.Image], prompt: str) -> list[float]:
+        """One reward per image for ``prompt``, higher is preferred; deterministic for the same inputs."""
+        if not images:
+            return []
+        model = self.model
+        # Same tokenisation as ImageReward.score/inference_rank: padded to 35 tokens.
+        text = model.blip.tokenizer(
+            prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+        ).to(self.device)
+        pixels = torch.stack([model.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+        ids = text.input_ids.expand(len(images), -1)
+        mask = text.attention_mask.expand(len(images), -1)
+        rewards = model.score_gard(ids, mask, pixels)
+        return [float(r) for r in rewards.float().reshape(-1).cpu()]
+
+
+class ClipScoreScorer:
+    """CLIP score: 100 x cosine(image, prompt) from a CLIP or SigLIP validator model; 0 when unrelated.
+
+    Why offer it: a manifest that only cares about prompt faithfulness can rank by it, and it needs no
+    model beyond the validator the farm already has.
+    """
+
+    def __init__(self, alignment: Any, *, ref: str) -> None:
+        self.alignment = alignment
+        self.ref = ref
+
+    @classmethod
+    def load(cls, resolved: ResolvedModel, device: str = "cpu") -> ClipScoreScorer:
+        """``resolved`` points at the validator model (``resolve_model`` maps ``clip-score:<ref>`` so)."""
+        from farm.ml.validation import ClipAlignment
+
+        return cls(ClipAlignment.load(resolved, device), ref=resolved.ref)
+
+    def score(self, images: list[Image.Image], prompt: str) -> list[float]:
+        """100 x cosine similarity per image, clamped at 0 (the usual CLIP-score convention)."""
+        return [100.0 * max(cos, 0.0) for cos in self.alignment.alignment(images, prompt)]
+
+
+def load_scorer(resolved: ResolvedModel, device: str = "cpu") -> Scorer:
+    """Pick and load the scorer a resolved reference describes.
+
+    - preset ``clip-score`` (``clip-score`` or ``clip-score:<validator>``) -> ``ClipScoreScorer``;
+    - a hub checkpoint name the image-reward package knows (``ImageReward-v1.0``, preset ``image-reward``),
+      or a folder with ``imagereward.json`` or ``ImageReward.pt`` -> ``ImageRewardScorer``;
+    - a folder with ``aesthetic.json`` -> ``AestheticScorer``.
+    """
+    from farm.ml.tiny import AESTHETIC_CONFIG, IMAGE_REWARD_CHECKPOINT, IMAGE_REWARD_CONFIG
+
+    if resolved.preset == CLIP_SCORE:
+        return ClipScoreScorer.load(resolved, device)
+    if resolved.source == "hub" and resolved.path_or_id in IMAGE_REWARD_HUB_NAMES:
+        return ImageRewardScorer.load(resolved, device)
+    if resolved.source in ("preset", "folder"):
+        folder = Path(resolved.path_or_id)
+        if (folder / IMAGE_REWARD_CONFIG).is_file() or (folder / IMAGE_REWARD_CHECKPOINT).is_file():
+            return ImageRewardScorer.load(resolved, device)
+        if (folder / AESTHETIC_CONFIG).is_file():
+            return AestheticScorer.load(resolved, device)
     raise ValueError(
         f"scorer {resolved.ref!r}: no scorer implementation recognises {resolved.path_or_id!r} "
-        f"(expected a folder with {AESTHETIC_CONFIG}, e.g. the 'tiny-aesthetic' preset)"
+        f"(expected a folder with {AESTHETIC_CONFIG} or {IMAGE_REWARD_CHECKPOINT}, an ImageReward checkpoint "
+        f"name ({', '.join(IMAGE_REWARD_HUB_NAMES)}), or {CLIP_SCORE}[:<validator>])"
     )

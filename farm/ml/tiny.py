@@ -30,11 +30,20 @@ TINY_FOLDERS: dict[str, str] = {
     "tiny-xl": f"tiny-sdxl-v{TINY_VERSION}",
     "tiny-clip": f"tiny-clip-v{TINY_VERSION}",
     "tiny-aesthetic": f"tiny-aesthetic-v{TINY_VERSION}",
+    "tiny-image-reward": f"tiny-image-reward-v{TINY_VERSION}",
+    "random-sdxl": "random-sdxl-v1",
 }
 
 #: Files the aesthetic scorer folder holds beside the Hugging Face vision model.
 AESTHETIC_CONFIG = "aesthetic.json"
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
+
+#: Files of an ImageReward scorer folder: the farm's description of it, then the package's own files (the
+#: checkpoint and med_config.json are what the hub repository THUDM/ImageReward ships).
+IMAGE_REWARD_CONFIG = "imagereward.json"
+IMAGE_REWARD_CHECKPOINT = "ImageReward.pt"
+IMAGE_REWARD_MED_CONFIG = "med_config.json"
+IMAGE_REWARD_TOKENIZER = "tokenizer"
 
 _SEED = 1234
 _TEXT_HIDDEN = 32
@@ -307,6 +316,87 @@ def build_tiny_aesthetic(path: Path) -> Path:
     return path
 
 
+# Words test prompts use get their own WordPiece; anything else still tokenizes, letter by letter.
+_BERT_WORDS = (
+    "a an the of in on with and photo picture painting drawing of cat dog car house tree red green blue "
+    "yellow black white old new small big beach city forest night sky sun water portrait landscape"
+).split()
+
+
+def _bert_tokenizer_files(path: Path) -> None:
+    """Write vocab.txt and tokenizer_config.json for a small uncased BERT WordPiece tokenizer.
+
+    Every lowercase letter, digit and common punctuation mark is a token both word-initial and as a
+    ``##`` continuation, so any ASCII prompt tokenizes without [UNK]; a few dozen whole words keep real
+    prompts short. BLIP adds its own [DEC] and [ENC] tokens on load.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    chars = [*"abcdefghijklmnopqrstuvwxyz0123456789", *".,;:!?'\"-()/&"]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    tokens += [w for w in dict.fromkeys(_BERT_WORDS) if w not in tokens]
+    (path / "vocab.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def build_tiny_image_reward(path: Path) -> Path:
+    """Write a tiny ImageReward (the image-reward package's own model class) that loads with ``RM.load``.
+
+    Same architecture as the real one except sizes: a 2-block ViT of width 64 instead of ViT-L/16, and a
+    one-layer BERT. The BERT stays 768 wide because ImageReward's reward MLP is fixed at 768 inputs. The
+    head is re-initialised (seeded) with unit-gain weights: ImageReward's own init gives weights so small
+    that every image would get the same reward to float precision, leaving the ranking nothing to sort.
+    """
+    from farm.ml.compat_imagereward import VitSpec, blip_overrides, import_image_reward, make_blip_tokenizer
+
+    path = Path(path)
+    rm = import_image_reward()
+    _bert_tokenizer_files(path / IMAGE_REWARD_TOKENIZER)
+    vocab_size = len(make_blip_tokenizer(path / IMAGE_REWARD_TOKENIZER))
+    med_config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": vocab_size,
+        "hidden_size": 768,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 12,
+        "intermediate_size": 256,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 64,
+        "type_vocab_size": 2,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "add_cross_attention": True,
+        "encoder_width": 64,
+    }
+    (path / IMAGE_REWARD_MED_CONFIG).write_text(json.dumps(med_config, indent=2), encoding="utf-8")
+    vit = VitSpec(width=64, depth=2, heads=4, patch_size=32)
+    torch.manual_seed(_SEED + 7)
+    with blip_overrides(tokenizer=path / IMAGE_REWARD_TOKENIZER, vit=vit):
+        model = rm.ImageReward(med_config=str(path / IMAGE_REWARD_MED_CONFIG), device="cpu")
+    head = torch.Generator().manual_seed(_SEED + 8)
+    with torch.no_grad():
+        for name, param in model.mlp.layers.named_parameters():
+            if name.endswith("weight"):
+                param.copy_(torch.randn(param.shape, generator=head) / param.shape[1] ** 0.5)
+            else:
+                param.copy_(torch.randn(param.shape, generator=head) * 0.1)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, str(path / IMAGE_REWARD_CHECKPOINT))
+    config = {
+        "format": "farm-imagereward",
+        "checkpoint": IMAGE_REWARD_CHECKPOINT,
+        "med_config": IMAGE_REWARD_MED_CONFIG,
+        "tokenizer": IMAGE_REWARD_TOKENIZER,
+        "vit": {"width": vit.width, "depth": vit.depth, "heads": vit.heads, "patch_size": vit.patch_size},
+    }
+    (path / IMAGE_REWARD_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
 def _ensure(models_dir: Path, name: str, builder: Callable[[Path], Path], marker: str) -> Path:
     """Build ``name`` once under ``models_dir``; atomic and safe when several processes race."""
     models_dir = Path(models_dir)
@@ -351,10 +441,23 @@ def ensure_tiny_aesthetic(models_dir: Path) -> Path:
     return _ensure(models_dir, "tiny-aesthetic", build_tiny_aesthetic, AESTHETIC_CONFIG)
 
 
+def ensure_tiny_image_reward(models_dir: Path) -> Path:
+    """Return the folder of the ``tiny-image-reward`` scorer, building it on first use."""
+    return _ensure(models_dir, "tiny-image-reward", build_tiny_image_reward, IMAGE_REWARD_CONFIG)
+
+
 #: Preset name -> ensure function; presets.py resolves tiny presets through this table.
 ENSURERS: dict[str, Callable[[Path], Path]] = {
     "tiny": ensure_tiny_sd,
     "tiny-xl": ensure_tiny_sdxl,
     "tiny-clip": ensure_tiny_clip,
     "tiny-aesthetic": ensure_tiny_aesthetic,
+    "tiny-image-reward": ensure_tiny_image_reward,
+    "random-sdxl": lambda models_dir: _ensure_random_sdxl(models_dir),
 }
+
+
+def _ensure_random_sdxl(models_dir: Path) -> Path:
+    from farm.ml.fullsize import ensure_random_sdxl
+
+    return ensure_random_sdxl(models_dir)

@@ -43,6 +43,14 @@ def rank_item(self: Task, item_id: str) -> dict:
             select(Candidate).where(Candidate.item_id == item_id, Candidate.status == "scored")
         ).all()
         contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in rows]
+    topup = records.add_topup_round(settings.database_url, item_id, passed=len(contenders))
+    if topup is not None:
+        # Short of min_accepted: a round of new seeds goes through the same chord, whose rank comes back here.
+        from farm import dispatch
+
+        dispatch.send_item(topup.batch_id, item_id, topup.candidate_ids, settings=settings,
+                           priority=dispatch.celery_priority(topup.priority))
+        return {"item": item_id, "topup_round": topup.round, "added": len(topup.candidate_ids)}
     weights = cfg["scoring"]["weights"]
     result = rank(
         contenders,

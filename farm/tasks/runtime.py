@@ -38,6 +38,8 @@ class Runtime:
         self.name = f"{self.queue or 'local'}@{socket.gethostname()}"
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
+        pinned_threads = os.environ.get("FARM_PINNED_THREADS")
+        self.threads = int(pinned_threads) if pinned_threads else None
         self._lock = threading.Lock()
 
     def _resolve(self, ref: str, kind: str) -> Any:
@@ -80,12 +82,12 @@ class Runtime:
     def nudenet(self) -> Any:
         from farm.ml.moderation import NudeNetLayer
 
-        return self.registry.get("moderation:nudenet", NudeNetLayer)
+        return self.registry.get("moderation:nudenet", lambda: NudeNetLayer(threads=self.threads))
 
     def opennsfw(self) -> Any:
         from farm.ml.moderation import OpenNsfwLayer
 
-        return self.registry.get("moderation:opennsfw", OpenNsfwLayer)
+        return self.registry.get("moderation:opennsfw", lambda: OpenNsfwLayer(threads=self.threads))
 
     def blocklist(self, path: str) -> list[str]:
         from farm.ml.moderation import load_blocklist
@@ -175,6 +177,6 @@ def describe_task(name: str, args: Any) -> str:
 
 @task_postrun.connect
 def _on_postrun(**_kwargs: Any) -> None:
+    # Counted in memory and written with the next heartbeat: one SQL write per task, not two.
     if _runtime is not None:
         _runtime.tasks_done += 1
-        _runtime.heartbeat(current=None)

@@ -77,6 +77,10 @@ def test_check_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("generator", "tiny-xl"),
         ("validator", "tiny-clip"),
         ("scorer", "tiny-aesthetic"),
+        ("scorer", "tiny-image-reward"),
+        ("scorer", "image-reward"),
+        ("scorer", "clip-score"),
+        ("scorer", "clip-score:tiny-clip"),
         ("generator", "a/b"),
     ]:
         assert check_model_ref(ref, kind) is None

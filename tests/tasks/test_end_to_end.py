@@ -28,7 +28,9 @@ def _rows(settings, batch_id):
     with session_scope(settings.database_url) as s:
         batch = s.get(Batch, batch_id)
         items = s.scalars(select(Item).where(Item.batch_id == batch_id).order_by(Item.index)).all()
-        cands = s.scalars(select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)).all()
+        cands = s.scalars(
+            select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)
+        ).all()
     return batch, items, cands
 
 
@@ -126,3 +128,39 @@ def test_each_worker_loads_each_model_once_across_batches(settings, run_batch):
     assert serving
     for w in serving:
         assert w.models and set(w.models.values()) == {1}, (w.name, w.models)
+
+
+def test_an_item_short_of_min_accepted_gets_a_top_up_round_with_new_seeds(settings, run_batch):
+    manifest = """
+name: topup
+model: tiny
+defaults: {candidates: 4, steps: 1, size: 64x64}
+selection: {winners: 1, min_accepted: 2, max_topup_rounds: 2}
+items:
+  - "a tin robot [[fault:validate:raise:0]] [[fault:validate:raise:1]] [[fault:validate:raise:2]] [[fault:validate:raise:3]]"
+"""
+    batch_id = run_batch(manifest)
+    batch, items, cands = _rows(settings, batch_id)
+    assert items[0].rounds == 1 and batch.candidates_total == 8 and len(cands) == 8
+    first = [c for c in cands if c.round == 0]
+    second = [c for c in cands if c.round == 1]
+    assert all(c.status == "failed" for c in first)
+    assert [c.index for c in second] == [4, 5, 6, 7] and all(c.status == "passed" for c in second)
+    assert len({c.seed for c in cands}) == 8
+    assert items[0].winners and items[0].winners[0] in {c.id for c in second}
+
+
+def test_top_up_rounds_stop_at_the_bound_and_the_item_still_closes(settings, run_batch):
+    manifest = """
+name: topup-bound
+model: tiny
+defaults: {candidates: 2, steps: 1, size: 64x64}
+selection: {winners: 1, min_accepted: 1, max_topup_rounds: 2}
+items:
+  - "a glass owl [[fault:validate:raise:*]]"
+"""
+    batch_id = run_batch(manifest)
+    batch, items, cands = _rows(settings, batch_id)
+    assert items[0].rounds == 2 and items[0].status == "done" and items[0].winners == []
+    assert len(cands) == 2 + 2 + 2 and all(c.status == "failed" for c in cands)
+    assert batch.status == "done"

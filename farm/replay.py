@@ -1,0 +1,159 @@
+"""Replay: regenerate one candidate from the recipe stored in its PNG and say whether the pixels match.
+
+Why: every candidate carries its full recipe (model reference and folder fingerprint, pipeline and scheduler,
+dtype, seed, prompt, all parameters) so that a result can be audited or reproduced later. Replay is the proof:
+it resolves the same model, refuses when the model's files are no longer the ones recorded (a different
+folder content would make any comparison meaningless), regenerates that single seed, and compares pixels.
+
+Identical means bitwise equal. A candidate generated in a batched slice on a CPU can differ from a single-seed
+regeneration by one uint8 level in a handful of pixels (float sums in a different order land on the other
+side of a rounding edge), so the result also reports the largest difference and the fraction of differing
+values for the caller to judge. Note also where the replaying host differs from the recording one (device,
+package versions): those explain differences beyond that round-off.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+#: Recipe keys replay cannot do without.
+REQUIRED_KEYS = ("model_ref", "fingerprint", "seed", "prompt", "steps", "guidance", "width", "height")
+
+
+class ReplayError(ValueError):
+    """The candidate cannot be replayed: no recipe, an incomplete one, or a model that changed since."""
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """How a regenerated candidate compares with the stored one.
+
+    ``max_abs_diff`` is the largest per-channel difference in uint8 levels (255 when the sizes differ);
+    ``differing_fraction`` the share of channel values that differ at all; ``notes`` what differs between
+    the recording host and this one (device, package versions).
+    """
+
+    identical: bool
+    max_abs_diff: int
+    differing_fraction: float
+    recipe: dict[str, Any]
+    notes: tuple[str, ...] = field(default=())
+
+
+def read_recipe(candidate_png: Path) -> dict[str, Any]:
+    """The recipe from the PNG's ``farm:recipe`` text chunk, checked for what replay needs."""
+    path = Path(candidate_png)
+    if not path.is_file():
+        raise ReplayError(f"{path} does not exist")
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}).get("farm:recipe")
+    except OSError as exc:
+        raise ReplayError(f"{path} is not a readable image: {exc}") from exc
+    if text is None:
+        raise ReplayError(f"{path} has no farm:recipe text chunk: it was not written by the farm")
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReplayError(f"{path}: the farm:recipe chunk is not valid JSON ({exc})") from exc
+    if not isinstance(recipe, dict):
+        raise ReplayError(f"{path}: the farm:recipe chunk is not a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in recipe]
+    if missing:
+        raise ReplayError(f"{path}: the recipe lacks {', '.join(missing)}")
+    return recipe
+
+
+def _resolve(recipe: dict[str, Any], models_dir: Path) -> Any:
+    """Resolve the recorded model the way it was resolved then, and insist on the same fingerprint.
+
+    A preset is resolved by name (tiny ones are rebuilt, deterministically, under ``models_dir``); a folder
+    or hub model by the absolute path or id recorded, since the manifest's own reference may have been
+    relative to a folder this process does not know.
+    """
+    from farm.ml.presets import ModelRefError, resolve_model
+
+    source = recipe.get("model_source")
+    ref = recipe["model_ref"]
+    if source not in (None, "preset") and recipe.get("model_path_or_id"):
+        ref = recipe["model_path_or_id"]
+    try:
+        resolved = resolve_model(str(ref), kind="generator", models_dir=Path(models_dir))
+    except ModelRefError as exc:
+        raise ReplayError(f"cannot replay: the recorded model is not available here: {exc}") from exc
+    if resolved.fingerprint != recipe["fingerprint"]:
+        raise ReplayError(
+            f"cannot replay: model {recipe['model_ref']!r} at {resolved.path_or_id} has fingerprint "
+            f"{resolved.fingerprint}, but the candidate was made with {recipe['fingerprint']}; the model's "
+            "files changed since, so its pixels could not be expected to match"
+        )
+    return resolved
+
+
+def _notes(recipe: dict[str, Any], replayed: dict[str, Any]) -> tuple[str, ...]:
+    notes = []
+    if recipe.get("pipeline_class") and recipe["pipeline_class"] != replayed["pipeline_class"]:
+        notes.append(f"pipeline class {recipe['pipeline_class']} recorded, {replayed['pipeline_class']} now")
+    if recipe.get("device") and recipe["device"] != replayed["device"]:
+        notes.append(f"made on {recipe['device']}, replayed on {replayed['device']}")
+    recorded = recipe.get("versions") or {}
+    for name, version in sorted(replayed.get("versions", {}).items()):
+        if name in recorded and recorded[name] != version:
+            notes.append(f"{name} {recorded[name]} recorded, {version} now")
+    return tuple(notes)
+
+
+def compare_pixels(stored: Image.Image, regenerated: Image.Image) -> tuple[int, float]:
+    """(largest absolute difference in uint8 levels, fraction of differing channel values) of two images."""
+    a = np.asarray(stored.convert("RGB"), dtype=np.int16)
+    b = np.asarray(regenerated.convert("RGB"), dtype=np.int16)
+    if a.shape != b.shape:
+        return 255, 1.0
+    diff = np.abs(a - b)
+    if diff.size == 0:
+        return 0, 0.0
+    return int(diff.max()), float((diff > 0).mean())
+
+
+def replay(candidate_png: Path, *, models_dir: Path, device: str = "cpu") -> ReplayResult:
+    """Regenerate the candidate in ``candidate_png`` from its recipe and compare pixels.
+
+    Raises ``ReplayError`` when the PNG has no usable recipe or when the model's fingerprint differs from
+    the recorded one.
+    """
+    from farm.ml.generator import Generator
+
+    recipe = read_recipe(Path(candidate_png))
+    resolved = _resolve(recipe, Path(models_dir))
+    generator = Generator.load(
+        resolved,
+        device=device,
+        dtype=str(recipe.get("dtype", "fp32")),
+        attention_slicing=bool(recipe.get("attention_slicing", False)),
+        cpu_offload=bool(recipe.get("cpu_offload", False)),
+    )
+    images = generator.generate(
+        prompt=str(recipe["prompt"]),
+        negative_prompt=str(recipe.get("negative_prompt") or ""),
+        seeds=[int(recipe["seed"])],
+        steps=int(recipe["steps"]),
+        guidance=float(recipe["guidance"]),
+        width=int(recipe["width"]),
+        height=int(recipe["height"]),
+        scheduler=recipe.get("scheduler"),
+    )
+    with Image.open(candidate_png) as stored:
+        max_abs_diff, fraction = compare_pixels(stored, images[0])
+    return ReplayResult(
+        identical=max_abs_diff == 0,
+        max_abs_diff=max_abs_diff,
+        differing_fraction=fraction,
+        recipe=recipe,
+        notes=_notes(recipe, generator.recipe()),
+    )

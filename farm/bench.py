@@ -7,7 +7,8 @@ Three runs of the same manifest on the same models on the same machine:
 - B: the farm end to end (embedded Redis, real workers, SQL, PNGs) with one device;
 - C: the farm with two devices (on CPU each worker gets its share of the cores).
 
-A's and B's compute budget is one device: with FARM_DEVICES=cuda0=cpu,cuda1=cpu each worker gets half the cores,
+A's and B's compute budget is one device: with FARM_DEVICES=cuda0=cpu,cuda1=cpu each worker gets half the
+cores,
 so A and B run with that same thread count. Ratios compare throughputs from the same run, never wall-clock
 thresholds.
 """
@@ -159,11 +160,11 @@ def _threads(env: dict[str, str]) -> int | None:
     return int(raw) if raw else None
 
 
-# ----------------------------------------------------------------------------------------------- B, C: the farm
+# ------------------------------------------------------------------------------------ B, C: the farm
 
 
 def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
-    """Start a farm of its own (embedded Redis, workers, control, web), wait for its models, time one batch."""
+    """Start a farm of its own (embedded Redis, workers, control, web), wait for its models, time a batch."""
     from sqlalchemy import select
 
     from farm import dispatch
@@ -318,7 +319,8 @@ def report(
 def format_report(data: dict[str, Any]) -> str:
     w = data["workload"]
     lines = [
-        f"workload: {w['items']} items x {w['candidates']} candidates = {w['candidates_total']} on '{w['model']}' "
+        f"workload: {w['items']} items x {w['candidates']} candidates = {w['candidates_total']} "
+        f"on '{w['model']}' "
         f"({w['dtype']}), {w['size']}x{w['size']}, {w['steps']} steps, slices of {w['slice_size']}, "
         f"torch threads per device: {w['torch_threads_per_device'] or 'default'}",
         "",
@@ -336,7 +338,8 @@ def format_report(data: dict[str, Any]) -> str:
         *([f"C/A = {data['ratios']['C/A']:.3f}   (target >= 1.6)"] if "C/A" in data["ratios"] else []),
         f"B against a loop that only generates = {data['ratios']['B/A_generate_only']:.3f}   "
         f"({data['generate_only_candidates_per_s']:.2f} cand/s generating alone)",
-        f"orchestration overhead per candidate (B - A): {data['overhead_ms_per_candidate']:.1f} ms   (target <= 5)",
+        f"orchestration overhead per candidate (B - A): {data['overhead_ms_per_candidate']:.1f} ms"
+        "   (target <= 5)",
         "",
         "peak memory (MB):",
     ]

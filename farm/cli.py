@@ -1,4 +1,4 @@
-"""The `farm` command: run the farm (up, worker, web), feed it (submit, cancel) and read it (status, workers)."""
+"""The `farm` command: run the farm (up, worker, web), feed it (submit, cancel), read it (status, workers)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def cli() -> None:
 @click.option("--no-web", is_flag=True, help="Do not start the dashboard.")
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 def up(no_web: bool, no_flower: bool) -> None:
-    """Start everything this host runs: embedded Redis (unless FARM_BROKER_URL is set), one worker per device in
+    """Start everything this host runs: embedded Redis (unless FARM_BROKER_URL is set), a worker per device in
     FARM_DEVICES, the control worker, the dashboard and Flower. Ctrl-C or SIGTERM stops all of it."""
     from farm.stack import Stack
 
@@ -66,7 +66,8 @@ def up(no_web: bool, no_flower: bool) -> None:
             click.echo(f"dashboard  {settings.web_url}")
         if not no_flower:
             click.echo(
-                f"flower     http://{settings.web_host}:{settings.flower_port} (basic auth from FARM_FLOWER_AUTH)"
+                f"flower     http://{settings.web_host}:{settings.flower_port} "
+                "(basic auth from FARM_FLOWER_AUTH)"
             )
         click.echo(f"logs       {stack.log_dir}\nPress Ctrl-C to stop.")
         while not stopping:
@@ -228,7 +229,7 @@ def undrain(device: str) -> None:
 @click.argument("candidate")
 @click.option("--device", default="cpu", show_default=True, help="Where to regenerate (cpu, cuda:0, ...).")
 def replay(candidate: str, device: str) -> None:
-    """Regenerate CANDIDATE (an id or a PNG path) from its recorded recipe and say whether the pixels match."""
+    """Regenerate CANDIDATE (an id or a PNG path) from its recorded recipe; say whether the pixels match."""
     from farm.db import Candidate, session_scope
     from farm.replay import ReplayError
     from farm.replay import replay as replay_png
@@ -246,8 +247,10 @@ def replay(candidate: str, device: str) -> None:
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
     verdict = "identical pixels" if result.identical else "pixels differ"
-    click.echo(f"{path.name}: {verdict} (max difference {result.max_abs_diff}, "
-               f"{result.differing_fraction:.4%} of values differ)")
+    click.echo(
+        f"{path.name}: {verdict} (max difference {result.max_abs_diff}, "
+        f"{result.differing_fraction:.4%} of values differ)"
+    )
     for note in result.notes:
         click.echo(f"  note: {note}")
     sys.exit(0 if result.identical else 1)
@@ -447,8 +450,15 @@ def bench(
         workload = b.Workload(**json.loads(inner_loop))
         click.echo(json.dumps(b.bare_loop(workload, _settings().models_dir)))
         return
-    workload = b.Workload(items=items, candidates=candidates, size=size, steps=steps, slice_size=slice_size,
-                          model=model, dtype=dtype)
+    workload = b.Workload(
+        items=items,
+        candidates=candidates,
+        size=size,
+        steps=steps,
+        slice_size=slice_size,
+        model=model,
+        dtype=dtype,
+    )
     click.echo(
         f"farm bench: {workload.total} candidates per run: A bare loop, B farm on one device, "
         f"C farm on two devices (if --devices names two)...",

@@ -251,7 +251,7 @@ def send_item(
 
 
 def cancel(batch_id: str, *, settings: Settings) -> bool:
-    """Mark the batch cancelled: pending work is skipped by every stage, running slices stop at the next one."""
+    """Mark the batch cancelled: pending work is skipped by every stage; running slices stop at the next."""
     with session_scope(settings.database_url) as s:
         changed = s.execute(
             update(Batch)

@@ -1,12 +1,16 @@
 """Fault injection for reliability tests and drills, off unless FARM_FAULTS=1 is set in the worker.
 
 A prompt carries the fault: ``[[fault:STAGE:ACTION:INDEX]]`` makes STAGE (generate, moderate, validate, score)
-``raise`` an error, ``kill`` its own process with SIGKILL (every delivery: poison), or ``sleep`` 30 s (first
-delivery only, a window to kill it in; FARM_FAULT_SLEEP_S changes it), when it works on candidate INDEX of that item (``*``: any). The rank
-stage (STAGE ``rank``, INDEX ``*``) sleeps inside its database transaction. FARM_FAULT_SLOW_LOAD=SECONDS makes a
-worker's model preload that much slower. FARM_FAULT_SLOW_GENERATE=SECONDS makes this worker's generate slower,
-to stand in for a slower device. The fault fires inside the real stage, so what follows (isolation of
-the failing candidate, requeue after a lost worker, the attempt cap) is the production code path.
+act when it works on candidate INDEX of that item (``*``: any):
+
+- ``raise``: raise an error (every delivery);
+- ``kill``: SIGKILL its own process (every delivery: poison input);
+- ``sleep``: sleep FARM_FAULT_SLEEP_S (default 30) on the first delivery only, a window to kill it in.
+
+STAGE ``rank`` (INDEX ``*``) acts inside rank's database transaction. FARM_FAULT_SLOW_GENERATE=SECONDS makes a
+worker's generate slower (a slower device), FARM_FAULT_SLOW_LOAD=SECONDS its model preload. The fault fires
+inside the real stage, so what follows (isolation of the failing candidate, requeue after a lost worker, the
+attempt cap) is the production code path.
 """
 
 from __future__ import annotations

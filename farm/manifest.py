@@ -107,7 +107,9 @@ MAX_ERROR_LINES = 50
 
 #: Generator presets a manifest may name in ``model``. ``tiny`` and ``tiny-xl`` are random-weight models the
 #: farm builds locally (tests, demo); the others map to real hub checkpoints in ``farm.ml.presets``.
-MODEL_PRESETS: tuple[str, ...] = ("tiny", "tiny-xl", "random-sdxl", "sd-turbo", "sdxl-turbo", "sdxl-base", "flux-schnell")
+MODEL_PRESETS: tuple[str, ...] = (
+    "tiny", "tiny-xl", "random-sdxl", "sd-turbo", "sdxl-turbo", "sdxl-base", "flux-schnell",
+)
 
 #: Scheduler short names a manifest may use (``null`` keeps the pipeline's own). The generator maps each to a
 #: diffusers class; ``flow_euler`` is for flow-matching pipelines (FLUX), the rest for noise-prediction ones.
@@ -1247,8 +1249,8 @@ class ItemPlan:
 def candidate_seeds(
     base: int, explicit: int | None, index: int, start: int, count: int, taken: list[int]
 ) -> list[int]:
-    """Seeds of candidates ``start .. start+count-1`` of item ``index``: ``explicit + k`` when the item sets its
-    own seed, else derived from the manifest's base seed, stepping past seeds already ``taken``.
+    """Seeds of candidates ``start .. start+count-1`` of item ``index``: ``explicit + k`` when the item sets
+    its own seed, else derived from the manifest's base seed, stepping past seeds already ``taken``.
 
     Top-up rounds call this with ``start`` past the existing candidates, so their seeds are new and just as
     deterministic as the first round's.

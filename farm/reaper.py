@@ -2,7 +2,8 @@
 
 A chord whose header task is lost never fires (CELERY-NOTES.md), and a batch whose dispatch message is lost
 never starts. SQL knows better: an item is *stalled* when none of its candidates changed for
-FARM_STALL_SECONDS while nothing waits in any farm queue (so it is not merely queued behind other work). Then:
+FARM_STALL_SECONDS while nothing waits in a queue a live worker serves (so it is not merely queued behind
+other work; work stranded in the queue of a device whose worker is gone counts as stalled). Then:
 
 - every candidate settled (final, or scored and waiting for rank): the rank message was lost; send it again;
 - otherwise re-send a chord for the unsettled candidates (stages skip what is already done, so this repeats
@@ -22,7 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, Worker, session_scope, utcnow
+from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,20 @@ class ReapReport:
     skipped_busy: bool = False
 
 
+def live_queues(app: object) -> set[str]:
+    """Device queues some live worker consumes (workers are named ``<queue>@<host>``)."""
+    with app.connection_for_write() as conn:
+        replies = app.control.ping(timeout=2.0, connection=conn) or []
+    return {name.split("@", 1)[0] for reply in replies for name in reply}
+
+
 def queued_messages(app: object, settings: Settings) -> int:
-    """Messages waiting in the shared, device and control queues (0 means the farm has nothing queued)."""
+    """Messages waiting where a live worker will take them: the shared and control queues, and the queues of
+    devices whose worker answers. Work stranded in the queue of a device that is gone does not count: it is
+    stalled, and the reaper re-sends it through the shared queue."""
     from farm.worker import queue_length
 
-    with session_scope(settings.database_url) as s:
-        device_queues = set(s.scalars(select(Worker.queue)).all())
-    queues = {SLICES_QUEUE, CONTROL_QUEUE, *settings.devices, *device_queues}
+    queues = {SLICES_QUEUE, CONTROL_QUEUE, *(live_queues(app) - {CONTROL_QUEUE})}
     return sum(queue_length(app, q) for q in queues if q)
 
 

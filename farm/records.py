@@ -200,24 +200,38 @@ def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
         if batch.status == "cancelled" or shortfall <= 0 or item.rounds >= selection["max_topup_rounds"]:
             return None
         first_round = s.scalar(
-            select(func.count()).select_from(Candidate).where(Candidate.item_id == item_id, Candidate.round == 0)
+            select(func.count())
+            .select_from(Candidate)
+            .where(Candidate.item_id == item_id, Candidate.round == 0)
         )
-        existing = s.scalars(select(Candidate).where(Candidate.item_id == item_id).order_by(Candidate.index)).all()
+        existing = s.scalars(
+            select(Candidate).where(Candidate.item_id == item_id).order_by(Candidate.index)
+        ).all()
         count = max(1, min(2 * shortfall, first_round, MAX_CANDIDATES_PER_ITEM))
         round_ = item.rounds + 1
         moved = s.execute(
-            update(Item).where(Item.id == item_id, Item.rounds == item.rounds)
+            update(Item)
+            .where(Item.id == item_id, Item.rounds == item.rounds)
             .values(rounds=round_, candidates_total=Item.candidates_total + count)
         ).rowcount
         if not moved:
             return None
-        seeds = candidate_seeds(batch.settings["defaults"]["seed"], item.params.get("seed"), item.index,
-                                len(existing), count, [c.seed for c in existing])
-        rows = [candidate_row(batch.id, item_id, len(existing) + k, seed, round_=round_)
-                for k, seed in enumerate(seeds)]
+        seeds = candidate_seeds(
+            batch.settings["defaults"]["seed"],
+            item.params.get("seed"),
+            item.index,
+            len(existing),
+            count,
+            [c.seed for c in existing],
+        )
+        rows = [
+            candidate_row(batch.id, item_id, len(existing) + k, seed, round_=round_)
+            for k, seed in enumerate(seeds)
+        ]
         s.execute(Candidate.__table__.insert(), rows)
-        s.execute(update(Batch).where(Batch.id == batch.id)
-                  .values(candidates_total=Batch.candidates_total + count))
+        s.execute(
+            update(Batch).where(Batch.id == batch.id).values(candidates_total=Batch.candidates_total + count)
+        )
         return TopUp(batch.id, round_, [r["id"] for r in rows], batch.priority)
 
 

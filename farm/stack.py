@@ -123,7 +123,7 @@ class Stack:
                 raise RuntimeError(f"{p.name} exited with code {code}; end of {p.log}:\n{tail}")
 
     def supervise(self) -> list[str]:
-        """Restart any process that died (what systemd's Restart=always does on a fleet); returns their names."""
+        """Restart any process that died (as Restart=always does under systemd); returns their names."""
         restarted = []
         for p in list(self.procs):
             if p.popen.poll() is None:

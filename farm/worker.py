@@ -62,7 +62,9 @@ def drain(app: Any, queue: str) -> list[str]:
     names = device_workers(app, queue)
     if names:
         with app.connection_for_write() as conn:
-            app.control.cancel_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn)
+            app.control.cancel_consumer(
+                SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn
+            )
     return names
 
 

@@ -32,6 +32,12 @@ os.environ.update(
 for var in ("FARM_BROKER_URL", "FARM_DATABASE_URL", "FARM_WEB_TOKEN"):
     os.environ.pop(var, None)
 
+from tests import pgutil  # noqa: E402
+
+if pgutil.enabled():
+    # `make test-postgres`: the whole suite on PostgreSQL; the shared workers use this session database.
+    os.environ["FARM_DATABASE_URL"] = SESSION_DATABASE = pgutil.create_database("farm_s")
+
 from farm.config import Settings, load_settings  # noqa: E402
 from farm.db import Batch, migrate, session_scope  # noqa: E402
 
@@ -39,8 +45,43 @@ BATCH_TIMEOUT = float(os.environ.get("FARM_TEST_BATCH_TIMEOUT", "600"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if pgutil.enabled():
+        pgutil.drop_database(SESSION_DATABASE)
     if not os.environ.get("FARM_TEST_KEEP_HOME"):
         shutil.rmtree(SESSION_HOME, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(pytest.mark.usefixtures("postgres_server"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> None:
+    """Tests marked postgres need the server: skip with the reason here, fail in CI."""
+    pgutil.require()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_database_per_test(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """In PostgreSQL mode, a test that does not use the shared workers gets an empty database of its own
+    (as it gets an empty SQLite file under its own FARM_HOME in the default mode)."""
+    if (
+        not pgutil.enabled()
+        or "stack" in request.fixturenames
+        or request.node.get_closest_marker("shares_db")
+    ):
+        yield
+        return
+    url = pgutil.create_database()
+    monkeypatch.setenv("FARM_DATABASE_URL", url)
+    try:
+        yield
+    finally:
+        pgutil.drop_database(url)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 def manifest(name: str, items: int, candidates: int = 4) -> str:
     prompts = "\n".join(f"  - prompt number {i}" for i in range(items))
-    return f"name: {name}\nmodel: tiny\ndefaults: {{candidates: {candidates}, steps: 2, size: 64x64}}\nitems:\n{prompts}\n"
+    defaults = f"{{candidates: {candidates}, steps: 2, size: 64x64}}"
+    return f"name: {name}\nmodel: tiny\ndefaults: {defaults}\nitems:\n{prompts}\n"
 
 
 def candidates(settings, batch_id):
@@ -38,7 +39,9 @@ def wait_ready(queues=("cuda0", "cuda1"), timeout=180):
     raise AssertionError("device workers did not answer ping")
 
 
-def test_two_equal_devices_share_a_batch_and_finish_within_ten_percent_of_busy_time(settings, stack, run_batch):
+def test_two_equal_devices_share_a_batch_and_finish_within_ten_percent_of_busy_time(
+    settings, stack, run_batch
+):
     wait_ready()
     batch_id = run_batch(manifest("balance", items=20))
     busy, end, slices = defaultdict(float), {}, Counter()

@@ -1,4 +1,4 @@
-"""A full-size SDXL-architecture pipeline with random weights, built from configs on the machine that needs it.
+"""A full-size SDXL-architecture pipeline with random weights, built from configs where it is needed.
 
 Why: a GPU benchmark needs realistic compute (a 2.6 B-parameter UNet, two real-size text encoders, the real
 VAE), and machines here reach no hub. The architecture is what costs time, not the values of the weights, so
@@ -15,8 +15,14 @@ import torch
 
 from farm.ml.tiny import _ensure, _load_tokenizer, _tokenizer_files
 
+
 def build_random_sdxl(path: Path) -> Path:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
@@ -53,18 +59,51 @@ def build_random_sdxl(path: Path) -> Path:
             sample_size=1024,
             scaling_factor=0.13025,
         )
-        common = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 2,
-                  "pad_token_id": 1}
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            projection_dim=768, hidden_act="quick_gelu", **common))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-            projection_dim=1280, hidden_act="gelu", **common))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+        common = {
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+        }
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+                **common,
+            )
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                projection_dim=1280,
+                hidden_act="gelu",
+                **common,
+            )
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipe.to(torch.float16)
     pipe.save_pretrained(str(path), variant=None)
     import shutil

@@ -70,6 +70,7 @@ def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     name="farm.generate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
 )
 def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: candidate ids and seeds are fixed in SQL, the PNG is written to a temporary name and renamed,
+    """Idempotent: candidate ids and seeds are fixed in SQL, the PNG is written to a temporary name and
+    renamed,
     and only candidates still pending are generated, so a redelivery rewrites nothing that is done."""
     return run_stage(self, payload, "generate", generate_slice)

@@ -48,8 +48,13 @@ def rank_item(self: Task, item_id: str) -> dict:
         # Short of min_accepted: a round of new seeds goes through the same chord, whose rank comes back here.
         from farm import dispatch
 
-        dispatch.send_item(topup.batch_id, item_id, topup.candidate_ids, settings=settings,
-                           priority=dispatch.celery_priority(topup.priority))
+        dispatch.send_item(
+            topup.batch_id,
+            item_id,
+            topup.candidate_ids,
+            settings=settings,
+            priority=dispatch.celery_priority(topup.priority),
+        )
         return {"item": item_id, "topup_round": topup.round, "added": len(topup.candidate_ids)}
     weights = cfg["scoring"]["weights"]
     result = rank(

@@ -51,7 +51,8 @@ class Runtime:
         from farm.ml.generator import Generator
 
         memory = memory or {}
-        key = f"generator:{ref}:{dtype}:{int(bool(memory.get('attention_slicing')))}{int(bool(memory.get('cpu_offload')))}"
+        flags = f"{int(bool(memory.get('attention_slicing')))}{int(bool(memory.get('cpu_offload')))}"
+        key = f"generator:{ref}:{dtype}:{flags}"
         return self.registry.get(
             key,
             lambda: Generator.load(
@@ -169,7 +170,7 @@ def _on_prerun(task: Any = None, args: Any = None, **_kwargs: Any) -> None:
 
 
 def describe_task(name: str, args: Any) -> str:
-    """``farm.generate <first candidate id> (+N)``: what a worker is busy with, for `farm workers` and tests."""
+    """``farm.generate <first candidate id> (+N)``: what a worker is busy with (`farm workers`, tests)."""
     payload = args[0] if args and isinstance(args[0], dict) else {}
     ids = payload.get("candidates") or []
     return f"{name} {ids[0]} (+{len(ids) - 1})" if ids else name

@@ -47,5 +47,5 @@ def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     name="farm.validate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
 )
 def validate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: scores are recomputed from the stored image and written only onto 'moderated' candidates."""
+    """Idempotent: scores are recomputed from the stored image, written only onto 'moderated' candidates."""
     return run_stage(self, payload, "validate", validate_slice)

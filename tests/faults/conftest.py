@@ -1,7 +1,7 @@
 """A farm of its own for fault tests: its own FARM_HOME, embedded Redis and workers, with short timeouts.
 
-It is driven the way an operator drives a farm: batches go in through `farm submit` in a subprocess, workers are
-real `farm worker` processes, and every assertion reads SQL, the Redis queues or the files on disk. Short
+It is driven the way an operator drives a farm: batches go in through `farm submit` in a subprocess, workers
+are real `farm worker` processes, and every assertion reads SQL, the Redis queues or the files on disk. Short
 visibility and stall timeouts make recovery observable within a test's time.
 """
 
@@ -23,6 +23,7 @@ from farm.config import SLICES_QUEUE, Settings, load_settings
 from farm.db import Batch, Candidate, Item, Worker, session_scope
 from farm.stack import Stack
 from farm.worker import device_workers, drain, queue_keys, undrain
+from tests import pgutil
 
 FAULT_ENV = {
     "FARM_DEVICES": "cuda0=cpu,cuda1=cpu",
@@ -40,8 +41,12 @@ FAULT_ENV = {
 class FaultFarm:
     def __init__(self, home: Path, extra: dict[str, str] | None = None) -> None:
         self.env = {**os.environ, **FAULT_ENV, "FARM_HOME": str(home), **(extra or {})}
-        for var in ("FARM_BROKER_URL",):
-            self.env.pop(var, None)
+        self.env.pop("FARM_BROKER_URL", None)
+        self.own_database: str | None = None
+        if "FARM_DATABASE_URL" not in (extra or {}):
+            self.env.pop("FARM_DATABASE_URL", None)
+            if pgutil.enabled():
+                self.env["FARM_DATABASE_URL"] = self.own_database = pgutil.create_database("farm_f")
         self.settings: Settings = load_settings(self.env)
         self.stack = Stack(self.settings, env=self.env)
         self.app = make_app(self.settings)
@@ -132,7 +137,7 @@ class FaultFarm:
 
     # -- the promises every fault test checks
     def assert_accounted_for(self, batch_id: str, expected: int) -> list[Candidate]:
-        """Every candidate exactly once with a final status, the batch closed, files on disk match the rows."""
+        """Every candidate exactly once with a final status, the batch closed, files on disk match rows."""
         batch = self.batch(batch_id)
         assert batch.status == "done" and batch.items_done == batch.items_total, (
             batch.status,
@@ -153,7 +158,8 @@ class FaultFarm:
 
 def manifest(name: str, prompts: list[str], candidates: int = 4) -> str:
     lines = "\n".join(f'  - "{p}"' for p in prompts)
-    return f"name: {name}\nmodel: tiny\ndefaults: {{candidates: {candidates}, steps: 2, size: 64x64}}\nitems:\n{lines}\n"
+    defaults = f"{{candidates: {candidates}, steps: 2, size: 64x64}}"
+    return f"name: {name}\nmodel: tiny\ndefaults: {defaults}\nitems:\n{lines}\n"
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +170,5 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultFarm]:
         yield f
     finally:
         f.stack.stop()
+        if f.own_database:
+            pgutil.drop_database(f.own_database)

@@ -28,7 +28,7 @@ def _generating(farm: FaultFarm, batch_id: str, index: int) -> bool:
 
 
 def _child_running(farm: FaultFarm, task: str, candidate_suffix: str = "") -> int | None:
-    """The pid of the pool child whose heartbeat says it runs ``task`` on a slice starting with that candidate."""
+    """The pid of the pool child whose heartbeat says it runs ``task`` on a slice starting there."""
     for w in farm.workers():
         if w.current and w.current.startswith(task) and candidate_suffix in w.current:
             return w.pid
@@ -150,3 +150,20 @@ def test_a_model_load_slower_than_celerys_child_start_timeout_does_not_loop(farm
     assert proc.popen.poll() is None and proc.restarts == 0
     cuda1 = [w for w in farm.workers() if w.queue == "cuda1"]
     assert cuda1 and set(cuda1[0].models.values()) == {1}
+
+
+def test_work_stranded_in_the_queue_of_a_device_that_never_returns_is_re_sent(farm: FaultFarm):
+    batch_id = farm.submit(manifest("gone-device", [f"an empty road {i}" for i in range(6)]))
+    farm.wait_until(
+        lambda: any(c.device == "cuda1" for c in farm.candidates(batch_id)), what="cuda1 generating"
+    )
+    proc = farm.stack.proc("worker-cuda1")
+    os.killpg(proc.popen.pid, signal.SIGKILL)
+    proc.popen.wait()
+    farm.stack.procs.remove(proc)
+    try:
+        assert farm.wait(batch_id, timeout=400, supervise=False) == "done"
+        farm.assert_accounted_for(batch_id, 24)
+    finally:
+        farm.stack.start_worker("cuda1")
+        farm.wait_ready()

@@ -16,8 +16,11 @@ from farm.db import Batch, Candidate, Worker, session_scope
 from farm.gpu_pinning.discovery import discover_cuda_devices
 from farm.stack import Stack
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not discover_cuda_devices(), reason="needs a CUDA device (nvidia-smi finds none)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not discover_cuda_devices(), reason="needs a CUDA device (nvidia-smi finds none)"),
+]
 
 
 def test_discovery_reports_name_and_memory_without_touching_cuda():
@@ -26,8 +29,12 @@ def test_discovery_reports_name_and_memory_without_touching_cuda():
 
 
 def _cuda_pids() -> set[int]:
-    out = subprocess.run([shutil.which("nvidia-smi"), "--query-compute-apps=pid", "--format=csv,noheader"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [shutil.which("nvidia-smi"), "--query-compute-apps=pid", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {int(x) for x in out.split() if x.strip().isdigit()}
 
 
@@ -40,8 +47,10 @@ def test_a_worker_pinned_to_a_gpu_generates_there_and_its_parent_holds_no_cuda_c
     settings = load_settings(env)
     with Stack(settings, env=env) as stack:
         stack.start_workers()
-        text = ("name: gpu\nmodel: tiny\ndtype: fp16\ndefaults: {candidates: 4, steps: 2, size: 64x64}\n"
-                "items: [a red fox, a lighthouse]\n")
+        text = (
+            "name: gpu\nmodel: tiny\ndtype: fp16\ndefaults: {candidates: 4, steps: 2, size: 64x64}\n"
+            "items: [a red fox, a lighthouse]\n"
+        )
         done = dispatch.submit(text, settings=settings)
         deadline = time.monotonic() + 300
         while True:
@@ -54,8 +63,11 @@ def test_a_worker_pinned_to_a_gpu_generates_there_and_its_parent_holds_no_cuda_c
         with session_scope(settings.database_url) as s:
             cands = s.scalars(select(Candidate).where(Candidate.batch_id == done.batch_id)).all()
             worker = s.scalars(select(Worker)).one()
-        assert all(c.recipe.get("device") == "cuda:0" and c.recipe.get("dtype") == "fp16"
-                   for c in cands if c.image_path)
+        assert all(
+            c.recipe.get("device") == "cuda:0" and c.recipe.get("dtype") == "fp16"
+            for c in cands
+            if c.image_path
+        )
         assert worker.device == "cuda:0"
         parent = stack.proc("worker-cuda0").popen.pid
         holders = _cuda_pids()

@@ -22,8 +22,14 @@ def test_device_map_accepts_cuda_and_cpu_and_bare_cuda_names():
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("cuda0=tpu:0", "must be 'cpu' or 'cuda:N'"), ("cuda0=cpu,cuda0=cpu", "listed twice"),
-     ("control=cpu", "reserved"), ("gpu", "give a device"), ("", "empty"), ("a-b=cpu", "letters, digits")],
+    [
+        ("cuda0=tpu:0", "must be 'cpu' or 'cuda:N'"),
+        ("cuda0=cpu,cuda0=cpu", "listed twice"),
+        ("control=cpu", "reserved"),
+        ("gpu", "give a device"),
+        ("", "empty"),
+        ("a-b=cpu", "letters, digits"),
+    ],
 )
 def test_a_bad_device_map_names_farm_devices_and_the_fix(text, needle):
     with pytest.raises(ConfigError) as err:
@@ -33,7 +39,9 @@ def test_a_bad_device_map_names_farm_devices_and_the_fix(text, needle):
 
 def test_visibility_timeout_must_exceed_the_task_time_limit():
     with pytest.raises(ConfigError, match="FARM_VISIBILITY_TIMEOUT"):
-        load_settings({"FARM_TASK_TIME_LIMIT": "600", "FARM_VISIBILITY_TIMEOUT": "300", "FARM_DEVICES": "cuda0=cpu"})
+        load_settings(
+            {"FARM_TASK_TIME_LIMIT": "600", "FARM_VISIBILITY_TIMEOUT": "300", "FARM_DEVICES": "cuda0=cpu"}
+        )
 
 
 def test_cpu_backed_devices_split_the_cores_between_them():
@@ -57,8 +65,9 @@ def test_nvidia_smi_output_is_parsed_into_devices():
 
 
 def _in_fresh_process(code: str, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

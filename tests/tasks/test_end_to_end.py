@@ -137,7 +137,8 @@ model: tiny
 defaults: {candidates: 4, steps: 1, size: 64x64}
 selection: {winners: 1, min_accepted: 2, max_topup_rounds: 2}
 items:
-  - "a tin robot [[fault:validate:raise:0]] [[fault:validate:raise:1]] [[fault:validate:raise:2]] [[fault:validate:raise:3]]"
+  - "a tin robot [[fault:validate:raise:0]] [[fault:validate:raise:1]] [[fault:validate:raise:2]]
+     [[fault:validate:raise:3]]"
 """
     batch_id = run_batch(manifest)
     batch, items, cands = _rows(settings, batch_id)

@@ -56,14 +56,93 @@ def test_farm_demo_runs_the_example_to_a_ranked_table_readable_with_status_json(
     out = run.stdout
     assert "winning images:" in out and "farm up" in out and "a red fox in the snow" in out
     batch_id = out.split("farm status ", 1)[1].split()[0]
-    status = subprocess.run([*farm, "status", batch_id, "--json"], env=env, capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+    status = subprocess.run(
+        [*farm, "status", batch_id, "--json"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     data = json.loads(status.stdout)
     assert data["status"] == "done" and len(data["items"]) == 8
     for item in data["items"]:
         assert len(item["candidates"]) == item["params"].get("candidates", len(item["candidates"]))
         for c in item["candidates"]:
-            assert {"seed", "device", "status", "image_path", "verdict", "reasons", "score", "rank", "error"} <= set(c)
+            assert {
+                "seed",
+                "device",
+                "status",
+                "image_path",
+                "verdict",
+                "reasons",
+                "score",
+                "rank",
+                "error",
+            } <= set(c)
         winner = next(c for c in item["candidates"] if c["id"] == item["winners"][0])
         assert winner["rank"] == 1 and Path(env["FARM_HOME"], "artifacts", winner["image_path"]).exists()
     assert not list(Path(env["FARM_HOME"]).glob("redis/*.sock")), "the demo stops its embedded redis"
+
+
+@pytest.mark.slow
+def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_everything(tmp_path):
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    web, flower = free_port(), free_port()
+    env = {**os.environ, "FARM_HOME": str(tmp_path / "up"), "FARM_DEVICES": "cuda0=cpu",
+           "FARM_WEB_PORT": str(web), "FARM_FLOWER_PORT": str(flower), "FARM_FLOWER_AUTH": "ops:s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "farm", "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        text = "".join(banner)
+        assert f"dashboard  http://127.0.0.1:{web}" in text and f"flower     http://127.0.0.1:{flower}" in text
+
+        def get(url: str, auth: str | None = None) -> int:
+            req = urllib.request.Request(url)
+            if auth:
+                import base64
+
+                req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+            try:
+                return urllib.request.urlopen(req, timeout=5).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get(f"http://127.0.0.1:{web}/") == 200 and get(f"http://127.0.0.1:{flower}/api/workers",
+                                                                   "ops:s3cret") == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "dashboard or flower did not come up"
+            time.sleep(1)
+        assert get(f"http://127.0.0.1:{flower}/api/workers") == 401
+        assert get(f"http://127.0.0.1:{flower}/api/workers", "ops:wrong") == 401
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        assert len(children) >= 5, "redis, a worker, control, web and flower"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+        alive = []
+        for pid in children:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        assert not alive, f"processes left running after Ctrl-C: {alive}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -94,10 +94,23 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
             return s.getsockname()[1]
 
     web, flower = free_port(), free_port()
-    env = {**os.environ, "FARM_HOME": str(tmp_path / "up"), "FARM_DEVICES": "cuda0=cpu",
-           "FARM_WEB_PORT": str(web), "FARM_FLOWER_PORT": str(flower), "FARM_FLOWER_AUTH": "ops:s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "farm", "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path / "up"),
+        "FARM_DEVICES": "cuda0=cpu",
+        "FARM_WEB_PORT": str(web),
+        "FARM_FLOWER_PORT": str(flower),
+        "FARM_FLOWER_AUTH": "ops:s3cret",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         banner = []
         for line in proc.stdout:
@@ -105,7 +118,9 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
             if "Press Ctrl-C" in line:
                 break
         text = "".join(banner)
-        assert f"dashboard  http://127.0.0.1:{web}" in text and f"flower     http://127.0.0.1:{flower}" in text
+        assert (
+            f"dashboard  http://127.0.0.1:{web}" in text and f"flower     http://127.0.0.1:{flower}" in text
+        )
 
         def get(url: str, auth: str | None = None) -> int:
             req = urllib.request.Request(url)
@@ -121,8 +136,10 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
         deadline = time.monotonic() + 120
         while True:
             try:
-                if get(f"http://127.0.0.1:{web}/") == 200 and get(f"http://127.0.0.1:{flower}/api/workers",
-                                                                   "ops:s3cret") == 200:
+                if (
+                    get(f"http://127.0.0.1:{web}/") == 200
+                    and get(f"http://127.0.0.1:{flower}/api/workers", "ops:s3cret") == 200
+                ):
                     break
             except OSError:
                 pass
@@ -130,8 +147,12 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
             time.sleep(1)
         assert get(f"http://127.0.0.1:{flower}/api/workers") == 401
         assert get(f"http://127.0.0.1:{flower}/api/workers", "ops:wrong") == 401
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                    text=True).stdout.split()]
+        children = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
         assert len(children) >= 5, "redis, a worker, control, web and flower"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0

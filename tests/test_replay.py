@@ -29,15 +29,26 @@ def generator(models_dir: Path) -> Any:
     return Generator.load(resolve_model("tiny", kind="generator", models_dir=models_dir))
 
 
-def make_candidate(generator: Any, path: Path, *, seeds: list[int], seed: int, scheduler: str | None = None,
-                   **overrides: Any) -> dict[str, Any]:
+def make_candidate(
+    generator: Any, path: Path, *, seeds: list[int], seed: int, scheduler: str | None = None, **overrides: Any
+) -> dict[str, Any]:
     """Generate ``seeds`` in one slice; save the image of ``seed`` with a recipe shaped like generate.py's."""
     images = generator.generate(seeds=seeds, scheduler=scheduler, **PARAMS)
     base = generator.recipe()
-    recipe = {**base, "batch": "b-test", "candidate": f"c-{seed}", "prompt": PARAMS["prompt"],
-              "negative_prompt": PARAMS["negative_prompt"], "seed": seed, "steps": PARAMS["steps"],
-              "guidance": PARAMS["guidance"], "width": PARAMS["width"], "height": PARAMS["height"],
-              "scheduler": scheduler or base.get("scheduler"), **overrides}
+    recipe = {
+        **base,
+        "batch": "b-test",
+        "candidate": f"c-{seed}",
+        "prompt": PARAMS["prompt"],
+        "negative_prompt": PARAMS["negative_prompt"],
+        "seed": seed,
+        "steps": PARAMS["steps"],
+        "guidance": PARAMS["guidance"],
+        "width": PARAMS["width"],
+        "height": PARAMS["height"],
+        "scheduler": scheduler or base.get("scheduler"),
+        **overrides,
+    }
     save_png(images[seeds.index(seed)], path, recipe)
     return recipe
 
@@ -127,7 +138,6 @@ def test_compare_pixels_counts_levels_and_fraction() -> None:
     b_arr[0, 0, 0] = 3
     assert compare_pixels(a, Image.fromarray(b_arr)) == (3, pytest.approx(1 / 12))
     assert compare_pixels(a, Image.new("RGB", (3, 3))) == (255, 1.0)
-
 
 
 def test_farm_replay_command_says_identical_and_exits_zero_then_differs_and_exits_one(

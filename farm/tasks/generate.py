@@ -9,9 +9,9 @@ from celery import Task
 
 from farm import artifacts
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS, Candidate
+from farm.db import Candidate
 from farm.records import StageStart
-from farm.tasks.stage import run_stage
+from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
 
 
 def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -62,13 +62,12 @@ def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
             "scheduler": p["scheduler"] or base.get("scheduler"),
         }
         artifacts.save_png(image, rt.settings.artifacts_dir / rel, recipe)
+        rt.remember_image(rel, image.convert("RGB"))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
     return out
 
 
-@app.task(
-    name="farm.generate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
-)
+@app.task(name="farm.generate", **MIDDLE_STAGE_OPTIONS)
 def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: candidate ids and seeds are fixed in SQL, the PNG is written to a temporary name and
     renamed,

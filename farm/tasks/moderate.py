@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from celery import Task
@@ -11,17 +10,15 @@ from PIL import Image
 
 from farm import records
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS, Candidate
+from farm.db import Candidate
 from farm.records import StageStart
-from farm.tasks.stage import run_stage
+from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
 
 
-def load_images(root: Path, cands: list[Candidate]) -> list[Image.Image]:
-    images = []
-    for c in cands:
-        with Image.open(root / c.image_path) as im:
-            images.append(im.convert("RGB"))
-    return images
+def load_images(cands: list[Candidate]) -> list[Image.Image]:
+    from farm.tasks.runtime import runtime
+
+    return [runtime().image(c.image_path) for c in cands]
 
 
 def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -30,7 +27,7 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
 
     rt = runtime()
     cfg = start.batch.settings["moderation"]
-    images = load_images(rt.settings.artifacts_dir, cands)
+    images = load_images(cands)
     hashes = [mod.pdq_hash(im) for im in images]
     layers: list[list[mod.LayerVerdict]] = [[] for _ in cands]
     if cfg.get("pdq_blocklist"):
@@ -74,9 +71,7 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-@app.task(
-    name="farm.moderate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
-)
+@app.task(name="farm.moderate", **MIDDLE_STAGE_OPTIONS)
 def moderate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'."""
     return run_stage(self, payload, "moderate", moderate_slice)

@@ -21,6 +21,7 @@ SETTLE_POLL_S = 5
     autoretry_for=TRANSIENT_DB_ERRORS,
     retry_backoff=True,
     retry_backoff_max=30,
+    ignore_result=True,
 )
 def rank_item(self: Task, item_id: str) -> dict:
     """Idempotent: ranks are recomputed from SQL with a deterministic tie-break, and the item flips to done
@@ -75,7 +76,7 @@ def rank_item(self: Task, item_id: str) -> dict:
     return {"item": item_id, "winners": done.winners, "batch_closed": done.batch_closed}
 
 
-@app.task(name="farm.reap")
+@app.task(name="farm.reap", ignore_result=True)
 def reap() -> dict:
     """Re-send or close stalled work (see farm.reaper). Idempotent: acts only on items idle past the stall
     limit, and every action it takes is itself idempotent."""

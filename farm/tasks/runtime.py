@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from farm.gpu_pinning.pinning import limit_torch_threads, pinned
 
 log = logging.getLogger(__name__)
 
+IMAGE_CACHE = 64
 DEFAULT_PRELOAD = {"validator": "tiny-clip", "scorer": "tiny-aesthetic"}
 
 
@@ -38,6 +40,7 @@ class Runtime:
         self.name = f"{self.queue or 'local'}@{socket.gethostname()}"
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
+        self.images: OrderedDict[str, Any] = OrderedDict()
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
         self.threads = int(pinned_threads) if pinned_threads else None
         self._lock = threading.Lock()
@@ -89,6 +92,23 @@ class Runtime:
         from farm.ml.moderation import OpenNsfwLayer
 
         return self.registry.get("moderation:opennsfw", lambda: OpenNsfwLayer(threads=self.threads))
+
+    def remember_image(self, rel: str, image: Any) -> None:
+        """Keep a slice's images in memory for its later stages, which run in this same process."""
+        self.images[rel] = image
+        self.images.move_to_end(rel)
+        while len(self.images) > IMAGE_CACHE:
+            self.images.popitem(last=False)
+
+    def image(self, rel: str) -> Any:
+        """The image at ``rel`` in the artifact store, from memory when this process made it."""
+        cached = self.images.get(rel)
+        if cached is not None:
+            return cached
+        from PIL import Image
+
+        with Image.open(self.settings.artifacts_dir / rel) as im:
+            return im.convert("RGB")
 
     def blocklist(self, path: str) -> list[str]:
         from farm.ml.moderation import load_blocklist

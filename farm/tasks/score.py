@@ -7,10 +7,10 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS, Candidate
+from farm.db import Candidate
 from farm.records import StageStart
 from farm.tasks.moderate import load_images
-from farm.tasks.stage import run_stage
+from farm.tasks.stage import STAGE_OPTIONS, run_stage
 
 
 def score_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -18,11 +18,11 @@ def score_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str
 
     rt = runtime()
     scorer = rt.scorer(start.batch.settings["scoring"]["model"])
-    scores = scorer.score(load_images(rt.settings.artifacts_dir, cands), start.item.prompt)
+    scores = scorer.score(load_images(cands), start.item.prompt)
     return {c.id: {"preference": float(s)} for c, s in zip(cands, scores, strict=True)}
 
 
-@app.task(name="farm.score", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8)
+@app.task(name="farm.score", **STAGE_OPTIONS)
 def score(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: the scorer is deterministic and writes only onto 'validated' candidates."""
     return run_stage(self, payload, "score", score_slice)

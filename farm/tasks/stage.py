@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 
 Work = Callable[[StageStart, list[Candidate]], dict[str, dict[str, Any]]]
 
+#: Options of every stage task: retry on transient database errors. Only the last stage of a slice's chain
+#: (score) keeps its result in Redis, where the chord counts it; the others pass theirs on in the message.
+STAGE_OPTIONS: dict[str, Any] = {"bind": True, "autoretry_for": TRANSIENT_DB_ERRORS, "retry_backoff": True,
+                                 "max_retries": 8}
+MIDDLE_STAGE_OPTIONS: dict[str, Any] = {**STAGE_OPTIONS, "ignore_result": True}
+
 
 def isolate(
     stage: str, work: Callable[[list[Candidate]], dict[str, dict[str, Any]]], cands: list[Candidate]

@@ -7,10 +7,10 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
-from farm.db import TRANSIENT_DB_ERRORS, Candidate
+from farm.db import Candidate
 from farm.records import StageStart
 from farm.tasks.moderate import load_images
-from farm.tasks.stage import run_stage
+from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
 
 
 def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -19,7 +19,7 @@ def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     rt = runtime()
     cfg = start.batch.settings["validation"]
     item = start.item
-    images = load_images(rt.settings.artifacts_dir, cands)
+    images = load_images(cands)
     model = rt.validator(cfg["model"])
     scores = model.alignment(images, item.prompt)
     phrases = item.params.get("required_attributes") or []
@@ -43,9 +43,7 @@ def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-@app.task(
-    name="farm.validate", bind=True, autoretry_for=TRANSIENT_DB_ERRORS, retry_backoff=True, max_retries=8
-)
+@app.task(name="farm.validate", **MIDDLE_STAGE_OPTIONS)
 def validate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: scores are recomputed from the stored image, written only onto 'moderated' candidates."""
     return run_stage(self, payload, "validate", validate_slice)

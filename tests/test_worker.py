@@ -13,7 +13,7 @@ from sqlalchemy import select
 from farm import dispatch
 from farm.celery_app import app
 from farm.cli import cli
-from farm.db import Batch, Candidate, session_scope
+from farm.db import Batch, Candidate, Worker, session_scope
 from farm.worker import device_workers, in_flight, queue_length
 
 pytestmark = pytest.mark.slow
@@ -106,3 +106,43 @@ def test_sigterm_finishes_the_slices_in_flight_then_exits_and_nothing_is_lost(se
             assert s.get(Batch, done.batch_id).items_done == 10
     finally:
         stack.start_worker("cuda1")
+
+
+def _models_of(settings, queue: str) -> dict[str, int]:
+    with session_scope(settings.database_url) as s:
+        row = s.scalars(select(Worker).where(Worker.queue == queue)).one()
+        return dict(row.models)
+
+
+def _generator_loads(models: dict[str, int]) -> dict[str, int]:
+    return {k.split(":")[1]: v for k, v in models.items() if k.startswith("generator:")}
+
+
+def test_a_manifest_naming_another_generator_loads_it_on_demand_once(settings, stack, run_batch):
+    wait_ready()
+    runner = CliRunner()
+    assert runner.invoke(cli, ["drain", "cuda1"]).exit_code == 0
+    try:
+        xl = manifest("xl", items=2).replace("model: tiny", "model: tiny-xl")
+        run_batch(xl)
+        run_batch(manifest("back-to-tiny", items=2))
+        run_batch(xl.replace("name: xl", "name: xl-again"))
+    finally:
+        assert runner.invoke(cli, ["undrain", "cuda1"]).exit_code == 0
+    assert _generator_loads(_models_of(settings, "cuda0")) == {"tiny": 1, "tiny-xl": 1}
+
+
+def test_over_its_memory_budget_a_worker_evicts_the_least_recently_used_generator(settings, stack, run_batch):
+    stack.restart_worker("cuda0", {"FARM_MODEL_BUDGET_MB": "1"})
+    runner = CliRunner()
+    try:
+        wait_ready()
+        assert runner.invoke(cli, ["drain", "cuda1"]).exit_code == 0
+        run_batch(manifest("xl-budget", items=2).replace("model: tiny", "model: tiny-xl"))
+        run_batch(manifest("tiny-budget", items=2))
+        assert _generator_loads(_models_of(settings, "cuda0")) == {"tiny": 2, "tiny-xl": 1}, (
+            "tiny (preloaded) made room for tiny-xl, then came back"
+        )
+    finally:
+        assert runner.invoke(cli, ["undrain", "cuda1"]).exit_code == 0
+        stack.restart_worker("cuda0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -103,15 +104,20 @@ def apply_stage(url: str, stage: str, updates: dict[str, dict[str, Any]], timing
             c.timings = {**(c.timings or {}), stage: timing}
 
 
-def batch_hashes(url: str, batch_id: str) -> dict[str, str]:
-    """PDQ hashes of the batch's candidates moderated so far (for near-duplicate flags)."""
+def batch_hashes(
+    url: str, batch_id: str, *, since: datetime | None = None
+) -> tuple[dict[str, str], datetime | None]:
+    """PDQ hashes of the batch's candidates moderated so far (for near-duplicate flags), and the newest
+    ``updated_at`` among them; with ``since``, only rows changed from then on (a worker keeps the rest)."""
+    query = select(Candidate.id, Candidate.pdq_hash, Candidate.updated_at).where(
+        Candidate.batch_id == batch_id, Candidate.pdq_hash.is_not(None)
+    )
+    if since is not None:
+        query = query.where(Candidate.updated_at >= since)
     with session_scope(url) as s:
-        rows = s.execute(
-            select(Candidate.id, Candidate.pdq_hash).where(
-                Candidate.batch_id == batch_id, Candidate.pdq_hash.is_not(None)
-            )
-        ).all()
-    return {cid: h for cid, h in rows}
+        rows = s.execute(query).all()
+    newest = max((r[2] for r in rows), default=since)
+    return {cid: h for cid, h, _ in rows}, newest
 
 
 def failure(stage: str, error: BaseException | str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from typing import Any
 from celery import Task
 from PIL import Image
 
-from farm import records
 from farm.celery_app import app
 from farm.db import Candidate
 from farm.records import StageStart
@@ -43,7 +42,7 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
     pool = {
-        **records.batch_hashes(rt.settings.database_url, start.batch.id),
+        **rt.batch_hashes(start.batch.id),
         **{c.id: h for c, (h, _q) in zip(cands, hashes, strict=True)},
     }
     limit = cfg["near_duplicate_distance"]

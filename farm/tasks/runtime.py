@@ -41,6 +41,7 @@ class Runtime:
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
         self.images: OrderedDict[str, Any] = OrderedDict()
+        self.hashes: dict[str, tuple[dict[str, str], Any]] = {}
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
         self.threads = int(pinned_threads) if pinned_threads else None
         self._lock = threading.Lock()
@@ -109,6 +110,16 @@ class Runtime:
 
         with Image.open(self.settings.artifacts_dir / rel) as im:
             return im.convert("RGB")
+
+    def batch_hashes(self, batch_id: str) -> dict[str, str]:
+        """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since."""
+        from farm.records import batch_hashes
+
+        known, since = self.hashes.get(batch_id, ({}, None))
+        fresh, newest = batch_hashes(self.settings.database_url, batch_id, since=since)
+        known.update(fresh)
+        self.hashes = {batch_id: (known, newest)}  # one batch at a time is what a worker works on
+        return known
 
     def blocklist(self, path: str) -> list[str]:
         from farm.ml.moderation import load_blocklist

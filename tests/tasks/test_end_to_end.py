@@ -165,3 +165,25 @@ items:
     assert items[0].rounds == 2 and items[0].status == "done" and items[0].winners == []
     assert len(cands) == 2 + 2 + 2 and all(c.status == "failed" for c in cands)
     assert batch.status == "done"
+
+
+def test_identical_images_in_one_batch_are_flagged_as_near_duplicates(settings, run_batch):
+    manifest = """
+name: twins
+model: tiny
+defaults: {candidates: 2, steps: 1, size: 64x64}
+items:
+  - {prompt: "a paper crane", seed: 77}
+  - {prompt: "a paper crane", seed: 77}
+"""
+    batch_id = run_batch(manifest)
+    _batch, items, cands = _rows(settings, batch_id)
+    flagged = [c for c in cands if any(v["layer"] == "near_duplicate" for v in c.moderation)]
+    assert len(flagged) >= 2, [(c.id, c.reasons) for c in cands]
+    for c in flagged:
+        twin_ids = next(v for v in c.moderation if v["layer"] == "near_duplicate")["details"]["of"]
+        twins = [o for o in cands if o.id in twin_ids]
+        assert twins and all(o.seed == c.seed and o.item_id != c.item_id for o in twins)
+        assert c.status == "passed" and any("near_duplicate" in r for r in c.reasons), (
+            "a flag, not a rejection"
+        )

@@ -38,6 +38,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 CANDIDATE_FINAL = ("passed", "rejected", "failed", "cancelled")
 CANDIDATE_STAGES = ("generate", "moderate", "validate", "score")
 
+# Batch life: queued -> running -> done; cancel makes it "cancelling" until its last item closes, then
+# "cancelled". Both mean: start nothing new for it.
+BATCH_STOPPED = ("cancelling", "cancelled")
+
 # Errors after which the same transaction may well succeed: a dropped connection, a restarted server, a lock
 # wait that ran out. Tasks retry on these (with backoff) instead of failing the candidate.
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)

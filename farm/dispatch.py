@@ -251,12 +251,13 @@ def send_item(
 
 
 def cancel(batch_id: str, *, settings: Settings) -> bool:
-    """Mark the batch cancelled: pending work is skipped by every stage; running slices stop at the next."""
+    """Cancel a batch: pending work is skipped by every stage, running slices stop at their next stage, and
+    the batch reads "cancelling" until its last item closes, then "cancelled"."""
     with session_scope(settings.database_url) as s:
         changed = s.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.status.in_(("queued", "running")))
-            .values(status="cancelled")
+            .values(status="cancelling")
         ).rowcount
         if changed:
             items_unsent = (

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def reap(
                 .where(Candidate.item_id == item_id, Candidate.status.not_in(SETTLED))
                 .order_by(Candidate.index)
             ).all()
-            if unsettled and batch_status != "cancelled" and resends < settings.max_resends:
+            if unsettled and batch_status not in BATCH_STOPPED and resends < settings.max_resends:
                 s.get(Item, item_id).resends = resends + 1
                 for c in unsettled:
                     c.updated_at = now
@@ -98,7 +98,7 @@ def reap(
                 action = "resend"
             else:
                 for c in unsettled:
-                    c.status = "cancelled" if batch_status == "cancelled" else "failed"
+                    c.status = "cancelled" if batch_status in BATCH_STOPPED else "failed"
                     c.error = c.error or (
                         f"lost: no progress for {settings.stall_seconds}s after {resends} re-sends "
                         f"(FARM_MAX_RESENDS={settings.max_resends})"

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
 
 # The status a candidate must have for each stage to work on it.
 STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "moderated", "score": "validated"}
@@ -44,7 +44,7 @@ def begin_stage(url: str, candidate_ids: list[str], stage: str, *, max_attempts:
         item = s.get(Item, cands[0].item_id)
         batch = s.get(Batch, cands[0].batch_id)
         start = StageStart(batch=batch, item=item)
-        if batch.status == "cancelled":
+        if batch.status in BATCH_STOPPED:
             _cancel(cands)
             start.cancelled = True
             return start
@@ -156,7 +156,7 @@ def finish_item(
             if c.status == "scored":
                 c.status = "passed"
             if c.status not in CANDIDATE_FINAL:
-                c.status = "cancelled" if batch.status == "cancelled" else "failed"
+                c.status = "cancelled" if batch.status in BATCH_STOPPED else "failed"
                 c.error = c.error or "the item was ranked before this candidate finished"
             c.rank = position.get(c.id)
             c.score = scores.get(c.id, c.score)
@@ -164,7 +164,7 @@ def finish_item(
         s.flush()
         if during is not None:
             during()
-        final = "cancelled" if batch.status == "cancelled" else "done"
+        final = "cancelled" if batch.status in BATCH_STOPPED else "done"
         flipped = s.execute(
             update(Item)
             .where(Item.id == item_id, Item.status.not_in(("done", "cancelled")))
@@ -175,7 +175,7 @@ def finish_item(
             s.execute(update(Batch).where(Batch.id == batch.id).values(items_done=Batch.items_done + 1))
             s.refresh(batch)
             if batch.items_done >= batch.items_total:
-                batch.status = "cancelled" if batch.status == "cancelled" else "done"
+                batch.status = "cancelled" if batch.status in BATCH_STOPPED else "done"
                 batch.finished_at = utcnow()
                 closed = True
         return Ranked(item_id, winners, ranking, closed)
@@ -203,7 +203,7 @@ def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
         batch = s.get(Batch, item.batch_id)
         selection = batch.settings["selection"]
         shortfall = selection["min_accepted"] - passed
-        if batch.status == "cancelled" or shortfall <= 0 or item.rounds >= selection["max_topup_rounds"]:
+        if batch.status in BATCH_STOPPED or shortfall <= 0 or item.rounds >= selection["max_topup_rounds"]:
             return None
         first_round = s.scalar(
             select(func.count())

@@ -167,3 +167,35 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_cancel_status_and_workers_commands_against_real_workers(settings, stack, wait_batch):
+    from farm import dispatch
+
+    runner = CliRunner()
+    head = "name: to-cancel\nmodel: tiny\ndefaults: {candidates: 4, steps: 2, size: 64x64}\nitems:\n"
+    big = head + "".join(f"  - prompt {i}\n" for i in range(30))
+    done = dispatch.submit(big, settings=settings)
+    result = runner.invoke(cli, ["cancel", done.batch_id])
+    assert result.exit_code == 0 and "cancelled" in result.output
+    assert wait_batch(done.batch_id) == "cancelled"
+    again = runner.invoke(cli, ["cancel", done.batch_id])
+    assert again.exit_code != 0 and "already finished" in again.output
+    data = json.loads(runner.invoke(cli, ["status", done.batch_id, "--json"]).output)
+    statuses = {c["status"] for it in data["items"] for c in it["candidates"]}
+    assert statuses <= {"cancelled", "passed", "rejected", "failed"} and "cancelled" in statuses
+    listing = runner.invoke(cli, ["status"]).output
+    assert done.batch_id in listing and "cancelled" in listing
+    import time
+
+    deadline = time.monotonic() + 180
+    while True:  # each worker writes its row once its models are loaded
+        workers = json.loads(runner.invoke(cli, ["workers", "--json"]).output)
+        serving = {w["queue"]: w for w in workers}
+        if {"cuda0", "cuda1"} <= set(serving) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert {"cuda0", "cuda1"} <= set(serving)
+    for queue in ("cuda0", "cuda1"):
+        assert serving[queue]["device"] == "cpu" and serving[queue]["models"]

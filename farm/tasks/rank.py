@@ -8,7 +8,7 @@ from sqlalchemy import select
 from farm import faults, records
 from farm.celery_app import app
 from farm.config import load_settings
-from farm.db import TRANSIENT_DB_ERRORS, Batch, Candidate, Item, session_scope
+from farm.db import BATCH_STOPPED, TRANSIENT_DB_ERRORS, Batch, Candidate, Item, session_scope
 from farm.ranking import Contender, rank
 
 SETTLE_POLL_S = 5
@@ -32,7 +32,7 @@ def rank_item(self: Task, item_id: str) -> dict:
     """
     settings = load_settings()
     waiting, batch_status = records.unsettled(settings.database_url, item_id)
-    if waiting and batch_status != "cancelled":
+    if waiting and batch_status not in BATCH_STOPPED:
         if self.request.retries * SETTLE_POLL_S < settings.stall_seconds:
             raise self.retry(countdown=SETTLE_POLL_S, exc=None)
         return {"item": item_id, "winners": [], "batch_closed": False, "waiting": waiting}

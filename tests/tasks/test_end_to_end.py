@@ -187,3 +187,22 @@ items:
         assert c.status == "passed" and any("near_duplicate" in r for r in c.reasons), (
             "a flag, not a rejection"
         )
+
+
+def test_a_manifest_switches_validator_and_scorer_by_name(settings, run_batch):
+    base = """
+name: scorer-{name}
+model: tiny
+defaults: {{candidates: 2, steps: 1, size: 64x64}}
+validation: {{model: tiny-clip}}
+scoring: {{model: {scorer}, weights: {{preference: 1.0, alignment: 0.0}}}}
+items: ["a copper kettle"]
+"""
+    prefs = {}
+    for scorer in ("tiny-aesthetic", "tiny-image-reward", "clip-score"):
+        batch_id = run_batch(base.format(name=scorer, scorer=scorer))
+        _batch, _items, cands = _rows(settings, batch_id)
+        passed = [c for c in cands if c.status == "passed"]
+        assert passed and all(c.preference is not None and c.score == round(c.preference, 6) for c in passed)
+        prefs[scorer] = sorted(c.preference for c in passed)
+    assert len({tuple(v) for v in prefs.values()}) == 3, prefs

@@ -44,6 +44,7 @@ class Settings:
     preload_generator: str
     stall_seconds: int
     drain_timeout: int
+    log_format: str
     reaper_interval: int
     max_resends: int
 
@@ -130,6 +131,13 @@ def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> i
     return value
 
 
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Read the settings from the environment (``os.environ`` unless a mapping is given).
 
@@ -167,6 +175,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",
         stall_seconds=_int(env, "FARM_STALL_SECONDS", task_time_limit + 120, minimum=1),
         drain_timeout=_int(env, "FARM_DRAIN_TIMEOUT", 600, minimum=1),
+        log_format=_choice(env, "FARM_LOG_FORMAT", ("text", "json")),
         reaper_interval=_int(env, "FARM_REAPER_INTERVAL", 60, minimum=1),
         max_resends=_int(env, "FARM_MAX_RESENDS", 3, minimum=0),
     )

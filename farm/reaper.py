@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
+from farm import logs
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
 
@@ -105,15 +106,28 @@ def reap(
                     )
                 action = "close" if unsettled else "rerank"
         if action == "resend":
-            log.warning(
-                "item %s stalled; re-sending %d candidates (resend %d)", item_id, len(ids), resends + 1
+            logs.event(
+                log,
+                "stalled item: re-sending its unsettled candidates",
+                level=logging.WARNING,
+                batch=batch_id,
+                item=item_id,
+                candidates=ids,
+                resend=resends + 1,
             )
             dispatch.send_item(
                 batch_id, item_id, ids, settings=settings, priority=dispatch.celery_priority(priority)
             )
             report.resent.append(item_id)
         else:
-            log.warning("item %s stalled with its work settled or given up (%s); ranking it", item_id, action)
+            logs.event(
+                log,
+                "stalled item: ranking it",
+                level=logging.WARNING,
+                batch=batch_id,
+                item=item_id,
+                action=action,
+            )
             app.signature("farm.rank", args=(item_id,), queue=CONTROL_QUEUE).apply_async()
             (report.closed if action == "close" else report.reranked).append(item_id)
     return report

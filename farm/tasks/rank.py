@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Task
 from sqlalchemy import select
 
-from farm import faults, records
+from farm import faults, logs, records
 from farm.celery_app import app
 from farm.config import load_settings
 from farm.db import BATCH_STOPPED, TRANSIENT_DB_ERRORS, Batch, Candidate, Item, session_scope
 from farm.ranking import Contender, rank
 
 SETTLE_POLL_S = 5
+log = logging.getLogger(__name__)
 
 
 @app.task(
@@ -72,6 +75,14 @@ def rank_item(self: Task, item_id: str) -> dict:
         winners=result.winners,
         scores=result.scores,
         during=lambda: faults.trigger("rank", prompt, [0], attempt=self.request.retries + 1),
+    )
+    logs.event(
+        log,
+        "item ranked",
+        item=item_id,
+        winners=done.winners,
+        ranked=len(result.order),
+        batch_closed=done.batch_closed,
     )
     return {"item": item_id, "winners": done.winners, "batch_closed": done.batch_closed}
 

@@ -16,7 +16,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from celery.signals import task_postrun, task_prerun, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from farm.config import Settings, load_settings
@@ -181,6 +187,15 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(load_settings())
     return _runtime
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _structured_logs(logger: logging.Logger | None = None, **_kwargs: Any) -> None:
+    from farm import logs
+
+    if logger is not None:
+        logs.install(logger, load_settings().log_format)
 
 
 @worker_process_init.connect

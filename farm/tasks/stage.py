@@ -8,13 +8,14 @@ The task returns its input payload unchanged, so a redelivered header task adds 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
 from celery import Task
 
-from farm import faults, records
+from farm import faults, logs, records
 from farm.config import load_settings
 from farm.db import TRANSIENT_DB_ERRORS, Candidate
 from farm.records import StageStart
@@ -25,8 +26,12 @@ Work = Callable[[StageStart, list[Candidate]], dict[str, dict[str, Any]]]
 
 #: Options of every stage task: retry on transient database errors. Only the last stage of a slice's chain
 #: (score) keeps its result in Redis, where the chord counts it; the others pass theirs on in the message.
-STAGE_OPTIONS: dict[str, Any] = {"bind": True, "autoretry_for": TRANSIENT_DB_ERRORS, "retry_backoff": True,
-                                 "max_retries": 8}
+STAGE_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "autoretry_for": TRANSIENT_DB_ERRORS,
+    "retry_backoff": True,
+    "max_retries": 8,
+}
 MIDDLE_STAGE_OPTIONS: dict[str, Any] = {**STAGE_OPTIONS, "ignore_result": True}
 
 
@@ -69,15 +74,31 @@ def run_stage(task: Task, payload: dict[str, Any], stage: str, work: Work) -> di
         )
         return work(start, cands)
 
+    started = perf_counter()
+    updates: dict[str, dict[str, Any]] = {}
     redelivered = any(c.stage_attempts.get(stage, 0) > 1 for c in start.todo)
     # A slice seen before may hold input that kills its worker: go one candidate at a time, committing each,
     # so the others finish and only the poison one runs into the attempt cap.
     parts = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
     for part in parts:
         t0 = perf_counter()
-        updates = isolate(stage, guarded, part)
+        part_updates = isolate(stage, guarded, part)
+        updates.update(part_updates)
         timing = {"s": round((perf_counter() - t0) / len(part), 5), "queue": runtime().queue}
-        records.apply_stage(settings.database_url, stage, updates, timing)
+        records.apply_stage(settings.database_url, stage, part_updates, timing)
+    if start.todo:
+        outcome = Counter(u.get("status", records.STAGE_OUTPUT[stage]) for u in updates.values())
+        logs.event(
+            log,
+            f"{stage} done",
+            stage=stage,
+            batch=payload["batch_id"],
+            item=payload["item_id"],
+            candidates=[c.id for c in start.todo],
+            queue=runtime().queue,
+            outcome=dict(outcome),
+            seconds=round(perf_counter() - started, 4),
+        )
     if stage == "generate":
         pin_rest_of_chain(task, runtime().queue)
     return payload

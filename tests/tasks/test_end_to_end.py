@@ -206,3 +206,13 @@ items: ["a copper kettle"]
         assert passed and all(c.preference is not None and c.score == round(c.preference, 6) for c in passed)
         prefs[scorer] = sorted(c.preference for c in passed)
     assert len({tuple(v) for v in prefs.values()}) == 3, prefs
+
+
+def test_worker_logs_name_the_batch_item_and_candidates_of_each_stage(settings, stack, run_batch):
+    batch_id = run_batch(BASIC.replace("name: e2e", "name: logged"))
+    logs = "".join(p.log.read_text(errors="replace") for p in stack.procs if p.name.startswith("worker-"))
+    for stage in ("generate", "moderate", "validate", "score"):
+        assert f"{stage} done" in logs
+    assert f"batch={batch_id}" in logs and f"item={batch_id}-00000" in logs and "candidates=[" in logs
+    control = stack.proc("control").log.read_text(errors="replace")
+    assert "item ranked" in control and f"item={batch_id}-00003" in control

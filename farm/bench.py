@@ -347,3 +347,118 @@ def format_report(data: dict[str, Any]) -> str:
         mem = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mb"].items() if v)
         lines.append(f"  {r['name']:<20} {mem}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- scale
+
+
+def _latencies(url: str, seconds: float | None = None, until: Any = None, limit: int = 2000) -> list[float]:
+    """Page latencies (ms) of ``url``: for ``seconds``, or while ``until()`` is false."""
+    import urllib.request
+
+    out: list[float] = []
+    start = time.monotonic()
+    while len(out) < limit:
+        if seconds is not None and time.monotonic() - start > seconds:
+            break
+        if until is not None and until():
+            break
+        t = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            resp.read()
+        out.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.05)
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+def scale(sizes: tuple[int, ...] = (100, 10_000)) -> dict[str, Any]:
+    """Submit latency, enqueue time, dashboard latency during the enqueue, and memory, per batch size.
+
+    Only the control worker and the web app run (no device workers), so what is measured is the farm's own
+    handling of a large batch: writing it, turning it into chords, and serving pages meanwhile.
+    """
+    import socket
+
+    from sqlalchemy import func, select
+
+    from farm import dispatch
+    from farm.config import load_settings
+    from farm.db import Item, session_scope
+    from farm.stack import Stack
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="farm-scale-") as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+        env.update({"FARM_HOME": tmp, "FARM_DEVICES": "cuda0=cpu", "FARM_WEB_PORT": str(port)})
+        settings = load_settings(env)
+        with Stack(settings, env=env) as stack:
+            stack.start_control()
+            web = stack.start_web()
+            page = f"http://127.0.0.1:{port}/api/v1/batches"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    _latencies(page, limit=1)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            idle = _latencies(page, seconds=5)
+            for n in sizes:
+                text = (
+                    "name: scale\nmodel: tiny\ndefaults: {candidates: 1, steps: 1, size: 64x64}\nitems:\n"
+                    + ("".join(f"  - scale prompt {i}\n" for i in range(n)))
+                )
+                t0 = time.perf_counter()
+                done = dispatch.submit(text, settings=settings)
+                submit_s = time.perf_counter() - t0
+
+                def enqueued(batch_id: str = done.batch_id, n: int = n) -> bool:
+                    with session_scope(settings.database_url) as s:
+                        sent = s.scalar(
+                            select(func.count())
+                            .select_from(Item)
+                            .where(Item.batch_id == batch_id, Item.status != "pending")
+                        )
+                    return sent >= n
+
+                during = _latencies(page, until=enqueued, limit=100_000)
+                while not enqueued():
+                    time.sleep(0.2)
+                enqueue_s = time.perf_counter() - t0
+                results[str(n)] = {
+                    "submit_s": round(submit_s, 3),
+                    "enqueue_s": round(enqueue_s, 2),
+                    "page_ms_p50_idle": _pct(idle, 0.5),
+                    "page_ms_p95_idle": _pct(idle, 0.95),
+                    "page_ms_p50_during_enqueue": _pct(during, 0.5),
+                    "page_ms_p95_during_enqueue": _pct(during, 0.95),
+                    "web_peak_rss_mb": _peak_rss_mb(web.popen.pid),
+                    "control_peak_rss_mb": max(
+                        _peak_rss_mb(p) for p in _children(stack.proc("control").popen.pid)
+                    ),
+                }
+    return results
+
+
+def _children(pid: int) -> list[int]:
+    """``pid`` and its direct children (the control worker's pool processes)."""
+    out = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            out += [int(c) for c in children]
+    except OSError:
+        pass
+    return out

@@ -430,6 +430,9 @@ def demo(manifest: Path) -> None:
     help="Device map of run C (two devices); run B uses its first. One device: no run C.",
 )
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--scale", is_flag=True, help="Measure submit/enqueue/page latency and memory at 100 and 10,000 items."
+)
 @click.option("--inner-loop", hidden=True, help="Internal: run the bare loop A in this (pinned) process.")
 def bench(
     items: int,
@@ -441,11 +444,15 @@ def bench(
     dtype: str,
     devices: str,
     as_json: bool,
+    scale: bool,
     inner_loop: str | None,
 ) -> None:
     """Measure the farm against a bare loop of the same stages (A), with one device (B) and two (C)."""
     from farm import bench as b
 
+    if scale:
+        click.echo(json.dumps(b.scale(), indent=2))
+        return
     if inner_loop:
         workload = b.Workload(**json.loads(inner_loop))
         click.echo(json.dumps(b.bare_loop(workload, _settings().models_dir)))

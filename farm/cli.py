@@ -203,12 +203,7 @@ def cancel(batch_id: str) -> None:
 @click.argument("device")
 def drain(device: str) -> None:
     """Stop DEVICE (a queue name such as cuda0) taking new slices; its in-flight slices still finish."""
-    from farm.celery_app import app
-    from farm.worker import drain as drain_device
-
-    names = drain_device(app, device)
-    if not names:
-        raise click.ClickException(f"no live worker serves {device}")
+    names = _take_slices(device, take=False)
     click.echo(f"drained {', '.join(names)}: no new slices; `farm undrain {device}` to resume")
 
 
@@ -216,13 +211,18 @@ def drain(device: str) -> None:
 @click.argument("device")
 def undrain(device: str) -> None:
     """Let a drained DEVICE take new slices again."""
-    from farm.celery_app import app
-    from farm.worker import undrain as undrain_device
+    names = _take_slices(device, take=True)
+    click.echo(f"{', '.join(names)} takes new slices again")
 
-    names = undrain_device(app, device)
+
+def _take_slices(device: str, *, take: bool) -> list[str]:
+    from farm.celery_app import app
+    from farm.worker import set_taking_slices
+
+    names = set_taking_slices(app, device, take)
     if not names:
         raise click.ClickException(f"no live worker serves {device}")
-    click.echo(f"{', '.join(names)} takes new slices again")
+    return names
 
 
 @cli.command()

@@ -57,23 +57,23 @@ def device_workers(app: Any, queue: str, timeout: float = 2.0) -> list[str]:
     return sorted(n for n in names if n.split("@", 1)[0] == queue)
 
 
-def drain(app: Any, queue: str) -> list[str]:
-    """Stop the device's workers taking new slices; their in-flight slices still finish."""
+def set_taking_slices(app: Any, queue: str, take: bool) -> list[str]:
+    """Start or stop the device's workers taking new slices (`farm undrain` / `farm drain`); in-flight slices
+    finish either way. Returns the workers told."""
     names = device_workers(app, queue)
     if names:
         with app.connection_for_write() as conn:
-            app.control.cancel_consumer(
-                SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn
-            )
+            control = app.control.add_consumer if take else app.control.cancel_consumer
+            control(SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn)
     return names
+
+
+def drain(app: Any, queue: str) -> list[str]:
+    return set_taking_slices(app, queue, take=False)
 
 
 def undrain(app: Any, queue: str) -> list[str]:
-    names = device_workers(app, queue)
-    if names:
-        with app.connection_for_write() as conn:
-            app.control.add_consumer(SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn)
-    return names
+    return set_taking_slices(app, queue, take=True)
 
 
 def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll: float = 0.5) -> None:

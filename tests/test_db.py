@@ -56,3 +56,15 @@ def test_concurrent_starts_migrate_postgresql_once(tmp_path):
         assert not errors and TABLES <= set(inspect(get_engine(url)).get_table_names())
     finally:
         pgutil.drop_database(url)
+
+
+def test_the_migrations_build_exactly_the_schema_the_models_declare(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from farm.db import Base
+
+    url = f"sqlite:///{tmp_path / 'drift.db'}"
+    migrate(url)
+    with get_engine(url).connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

@@ -43,12 +43,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # keep the hand-written order of the OpenAPI document
     migrate(settings.database_url)
 
-    from web import api, filters, security, ui
+    from web import api, filters, ops, security, ui
 
     security.init_app(app)
     filters.init_app(app)
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
+    app.register_blueprint(ops.bp)
     app.register_error_handler(HTTPException, _http_error)
     return app
 

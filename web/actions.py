@@ -1,5 +1,6 @@
-"""What the upload page and the API do through farm.dispatch: take a manifest from a request, preview it,
-submit it, cancel a batch; broker trouble is turned into one exception the views can show."""
+"""What the upload page and the API do through farm.dispatch and farm.actions: take a manifest from a request,
+preview it, submit it, cancel, retry or resume a batch; broker trouble is turned into one exception the views
+can show."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from farm import actions as farm_actions
 from farm import dispatch
+from farm.actions import ActionRefused, NoSuchBatch
 from farm.config import Settings
 from farm.manifest import ManifestError
 
@@ -91,7 +94,7 @@ def submit(data: bytes, settings: Settings) -> dispatch.Submitted:
 
 
 def cancel(batch_id: str, settings: Settings) -> bool:
-    """Mark the batch cancelled; True if it was queued or running. Raises BrokerUnavailable."""
+    """Cancel the batch (farm.dispatch.cancel); True if it was queued or running. Raises BrokerUnavailable."""
     try:
         return dispatch.cancel(batch_id, settings=settings)
     except Exception as exc:
@@ -100,6 +103,42 @@ def cancel(batch_id: str, settings: Settings) -> bool:
                 "the batch is marked cancelled and no new work will start, but the broker did not take the "
                 f"messages that close its unsent items ({type(exc).__name__}: {exc}), so it may not show as "
                 "finished"
+            ) from exc
+        raise
+
+
+def retry_failed(batch_id: str, settings: Settings) -> int:
+    """Reset a done batch's failed candidates and send them again; returns how many.
+
+    Raises NoSuchBatch, ActionRefused or BrokerUnavailable.
+    """
+    try:
+        return farm_actions.retry_failed(batch_id, settings=settings)
+    except (ActionRefused, NoSuchBatch):
+        raise
+    except Exception as exc:
+        if _is_broker_error(exc):
+            raise BrokerUnavailable(
+                "the failed candidates are marked for retry, but the broker did not take their messages "
+                f"({type(exc).__name__}: {exc}); press Resume when the broker is up"
+            ) from exc
+        raise
+
+
+def resume(batch_id: str, settings: Settings) -> int:
+    """Re-send what an interrupted batch still needs; returns the number of messages sent.
+
+    Raises NoSuchBatch, ActionRefused or BrokerUnavailable.
+    """
+    try:
+        return farm_actions.resume(batch_id, settings=settings)
+    except (ActionRefused, NoSuchBatch):
+        raise
+    except Exception as exc:
+        if _is_broker_error(exc):
+            raise BrokerUnavailable(
+                f"the broker did not take the messages ({type(exc).__name__}: {exc}); nothing changed, try "
+                "again when the broker is up"
             ) from exc
         raise
 

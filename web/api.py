@@ -1,4 +1,5 @@
-"""The JSON API under /api/v1: submit, list, inspect, cancel and export batches; workers; the schemas.
+"""The JSON API under /api/v1: submit, list, inspect, cancel, retry, resume and export batches; workers; the
+schemas.
 
 Errors are JSON too: ``{"errors": [{"path": ..., "message": ...}]}``, where ``path`` names the manifest field
 (``items[3].size``) for manifest problems and is null otherwise.
@@ -93,6 +94,34 @@ def cancel_batch(batch_id: str) -> tuple[Response, int]:
     except actions.BrokerUnavailable as exc:
         return _errors(503, [{"path": None, "message": str(exc)}])
     return jsonify(id=batch_id, cancelled=changed), 202 if changed else 409
+
+
+@bp.post("/batches/<batch_id>/retry")
+def retry_batch(batch_id: str) -> tuple[Response, int]:
+    """Send a done batch's failed candidates through the pipeline again."""
+    try:
+        reset = actions.retry_failed(batch_id, _settings())
+    except actions.NoSuchBatch:
+        abort(404, description=f"no batch {batch_id!r}")
+    except actions.ActionRefused as exc:
+        return _errors(409, [{"path": None, "message": str(exc)}])
+    except actions.BrokerUnavailable as exc:
+        return _errors(503, [{"path": None, "message": str(exc)}])
+    return jsonify(id=batch_id, retried=reset), 202 if reset else 200
+
+
+@bp.post("/batches/<batch_id>/resume")
+def resume_batch(batch_id: str) -> tuple[Response, int]:
+    """Re-send the work of a queued or running batch whose messages were lost."""
+    try:
+        sent = actions.resume(batch_id, _settings())
+    except actions.NoSuchBatch:
+        abort(404, description=f"no batch {batch_id!r}")
+    except actions.ActionRefused as exc:
+        return _errors(409, [{"path": None, "message": str(exc)}])
+    except actions.BrokerUnavailable as exc:
+        return _errors(503, [{"path": None, "message": str(exc)}])
+    return jsonify(id=batch_id, messages=sent), 202
 
 
 @bp.get("/batches/<batch_id>/export")

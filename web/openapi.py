@@ -26,7 +26,9 @@ def openapi_document() -> dict[str, Any]:
             "description": (
                 "Submit YAML batch manifests to the image-generation farm and follow them. Every figure "
                 "comes from the farm's SQL records. When FARM_WEB_TOKEN is set, every endpoint needs "
-                "`Authorization: Bearer <token>`."
+                "`Authorization: Bearer <token>`. Outside /api/v1 and without auth: `/healthz` (readiness: "
+                "200 with {\"ok\": true, \"database\": \"ok\"}, 503 when the database does not answer) "
+                "and `/metrics` (Prometheus text format)."
             ),
         },
         "servers": [{"url": "/api/v1"}],
@@ -104,6 +106,47 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/batches/{batch_id}/retry": {
+                "post": {
+                    "summary": "Retry the failed candidates of a done batch",
+                    "description": (
+                        "Failed candidates go back to pending (error and per-stage attempt counts cleared, "
+                        "the total `attempts` kept); their items and the batch go back to running and are "
+                        "ranked again when the retried candidates settle. A candidate whose input keeps "
+                        "failing fails again, with its attempts counted."
+                    ),
+                    "operationId": "retryBatch",
+                    "parameters": [BATCH_ID],
+                    "responses": {
+                        "202": _json({"$ref": "#/components/schemas/Retried"},
+                                     "Sent: `retried` candidates are running again."),
+                        "200": _json({"$ref": "#/components/schemas/Retried"},
+                                     "Nothing to do: the batch has no failed candidates (`retried` is 0)."),
+                        "401": UNAUTHORIZED_REF, "404": NOT_FOUND_REF,
+                        "409": ERRORS_REF, "503": ERRORS_REF,
+                    },
+                }
+            },
+            "/batches/{batch_id}/resume": {
+                "post": {
+                    "summary": "Resume a queued or running batch that was interrupted",
+                    "description": (
+                        "Re-sends the unsettled candidates of every running item (a rank where all are "
+                        "settled) and the batch's dispatch when items are still pending. Safe to repeat: the "
+                        "stages skip work that is already done."
+                    ),
+                    "operationId": "resumeBatch",
+                    "parameters": [BATCH_ID],
+                    "responses": {
+                        "202": _json({"type": "object", "properties": {
+                            "id": {"type": "string"},
+                            "messages": {"type": "integer", "description": "Messages sent to the broker."}}},
+                            "Sent."),
+                        "401": UNAUTHORIZED_REF, "404": NOT_FOUND_REF,
+                        "409": ERRORS_REF, "503": ERRORS_REF,
+                    },
+                }
+            },
             "/batches/{batch_id}/export": {
                 "get": {
                     "summary": "The winners as a zip: PNG images, a JSON sidecar beside each, batch.json, "
@@ -164,6 +207,8 @@ def openapi_document() -> dict[str, Any]:
                                                     "problem is not about one field."},
                             "message": {"type": "string"}}}}},
                 },
+                "Retried": {"type": "object", "required": ["id", "retried"], "properties": {
+                    "id": {"type": "string"}, "retried": {"type": "integer"}}},
                 "Submitted": {"type": "object", "required": ["id"], "properties": {
                     "id": {"type": "string"}, "items": {"type": "integer"},
                     "candidates": {"type": "integer"}}},
@@ -197,7 +242,9 @@ def openapi_document() -> dict[str, Any]:
                 "Batch": {"type": "object", "required": ["id", "status"], "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"},
                     "status": {"type": "string",
-                               "enum": ["queued", "running", "done", "cancelled", "failed"]},
+                               "enum": ["queued", "running", "done", "cancelling", "cancelled",
+                                        "failed"],
+                               "description": "cancelling: cancelled, with slices in flight still stopping."},
                     "model": {"type": "string"}, "priority": {"type": "integer"}, "tags": {},
                     "items_total": {"type": "integer"}, "items_done": {"type": "integer"},
                     "candidates_total": {"type": "integer"},

@@ -17,7 +17,7 @@ from farm.db import Batch, Candidate, Item, Worker, utcnow
 from farm.ranking import Contender, composite
 from farm.records import batch_dict
 
-ACTIVE_BATCH = ("queued", "running")
+ACTIVE_BATCH = ("queued", "running")  # what cancel and resume act on
 # Candidate filters on the batch page: a final status, or "in progress" for everything not final yet.
 CANDIDATE_FILTERS = ("passed", "rejected", "failed", "cancelled", "in_progress")
 IN_PROGRESS = ("pending", "generated", "moderated", "validated", "scored")

@@ -123,9 +123,38 @@ def cancel(batch_id: str) -> Response:
             flash(str(exc), "error")
         else:
             if changed:
-                flash("Batch cancelled.", "ok")
+                flash("Batch cancelled. No new work starts; it closes once the slices in flight stop.", "ok")
             else:
                 flash("The batch had already finished.", "error")
+    return redirect(url_for("ui.batch", batch_id=batch_id))
+
+
+@bp.post("/batches/<batch_id>/retry")
+def retry(batch_id: str) -> Response:
+    try:
+        reset = actions.retry_failed(batch_id, _settings())
+    except actions.NoSuchBatch:
+        abort(404, description=f"There is no batch {batch_id!r}.")
+    except (actions.ActionRefused, actions.BrokerUnavailable) as exc:
+        flash(str(exc), "error")
+    else:
+        if reset:
+            flash(f"Retrying {reset} failed candidate{'' if reset == 1 else 's'}.", "ok")
+        else:
+            flash("The batch has no failed candidates.", "error")
+    return redirect(url_for("ui.batch", batch_id=batch_id))
+
+
+@bp.post("/batches/<batch_id>/resume")
+def resume(batch_id: str) -> Response:
+    try:
+        sent = actions.resume(batch_id, _settings())
+    except actions.NoSuchBatch:
+        abort(404, description=f"There is no batch {batch_id!r}.")
+    except (actions.ActionRefused, actions.BrokerUnavailable) as exc:
+        flash(str(exc), "error")
+    else:
+        flash(f"Resumed: re-sent the unfinished work ({sent} message{'' if sent == 1 else 's'}).", "ok")
     return redirect(url_for("ui.batch", batch_id=batch_id))
 
 

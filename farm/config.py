@@ -44,6 +44,8 @@ class Settings:
     preload_generator: str
     stall_seconds: int
     drain_timeout: int
+    artifact_store: str
+    s3_endpoint_url: str | None
     log_format: str
     reaper_interval: int
     max_resends: int
@@ -131,6 +133,13 @@ def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> i
     return value
 
 
+def _artifact_store(env: dict[str, str]) -> str:
+    value = env.get("FARM_ARTIFACT_STORE") or "local"
+    if value != "local" and not (value.startswith("s3://") and len(value) > 5):
+        raise ConfigError(f"FARM_ARTIFACT_STORE must be 'local' or s3://bucket[/prefix], got {value!r}")
+    return value
+
+
 def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
     value = env.get(name) or choices[0]
     if value not in choices:
@@ -175,6 +184,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",
         stall_seconds=_int(env, "FARM_STALL_SECONDS", task_time_limit + 120, minimum=1),
         drain_timeout=_int(env, "FARM_DRAIN_TIMEOUT", 600, minimum=1),
+        artifact_store=_artifact_store(env),
+        s3_endpoint_url=env.get("FARM_S3_ENDPOINT_URL") or None,
         log_format=_choice(env, "FARM_LOG_FORMAT", ("text", "json")),
         reaper_interval=_int(env, "FARM_REAPER_INTERVAL", 60, minimum=1),
         max_resends=_int(env, "FARM_MAX_RESENDS", 3, minimum=0),

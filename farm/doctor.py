@@ -202,6 +202,17 @@ def _known_revisions(url: str) -> set[str]:
 
 def check_artifacts(settings: Settings) -> Check:
     """The artifact store accepts a write: every device worker saves its images there."""
+    if settings.artifact_store.startswith("s3://"):
+        from farm.artifacts import store_for
+
+        try:
+            store = store_for(settings)
+            store.check_writable()
+        except Exception as exc:  # any failure of the bucket is reported with its fix
+            return Check("artifacts", False, f"{settings.artifact_store}: {type(exc).__name__}: {exc}"[:400],
+                         "check FARM_ARTIFACT_STORE, FARM_S3_ENDPOINT_URL and the AWS_* credentials, "
+                         "and that the bucket exists and allows put/get/delete")
+        return Check("artifacts", True, f"{store.description} accepts writes")
     root = settings.artifacts_dir
     try:
         root.mkdir(parents=True, exist_ok=True)

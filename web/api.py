@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, current_app, jsonify, request, send_file
 
+from farm.artifacts import store_for
 from farm.config import Settings
 from farm.db import Batch, session_scope
 from farm.manifest import ManifestError, json_schema
@@ -129,7 +130,7 @@ def export_batch(batch_id: str) -> Response:
     settings = _settings()
     with session_scope(settings.database_url) as s:
         batch = _get_batch(s, batch_id)
-        archive = winners_zip(s, batch, settings.artifacts_dir)
+        archive = winners_zip(s, batch, store_for(settings))
         name = f"{batch.name}-{batch.id[:8]}-winners.zip"
     return send_file(archive, mimetype="application/zip", as_attachment=True, download_name=name)
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
-from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
-from farm.artifacts import ArtifactPathError, resolve_inside
+from farm.artifacts import ArtifactPathError, ArtifactStore
 from farm.db import Batch
 from farm.records import batch_dict, candidate_dict
 from web.readers import winners
 
 
-def winners_zip(s: Session, batch: Batch, root: Path) -> IO[bytes]:
+def winners_zip(s: Session, batch: Batch, store: ArtifactStore) -> IO[bytes]:
     """Write the zip to a temporary file (spilled to disk when large) and return it rewound."""
     out = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)  # noqa: SIM115 - returned to the caller
     missing: list[str] = []
@@ -32,12 +31,12 @@ def winners_zip(s: Session, batch: Batch, root: Path) -> IO[bytes]:
                 "candidate": candidate_dict(cand),
                 "recipe": cand.recipe,
             }
-            image = _image(root, cand.image_path)
+            image = _image(store, cand.image_path)
             if image is None:
                 missing.append(cand.id)
                 sidecar["missing_image"] = True
             else:
-                zf.write(image, f"{stem}.png", compress_type=zipfile.ZIP_STORED)
+                zf.writestr(f"{stem}.png", image, compress_type=zipfile.ZIP_STORED)
             zf.writestr(f"{stem}.json", json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
         if missing:
             zf.writestr("MISSING.txt", "winners whose image file is not in the artifact store:\n"
@@ -46,11 +45,10 @@ def winners_zip(s: Session, batch: Batch, root: Path) -> IO[bytes]:
     return out
 
 
-def _image(root: Path, rel: str | None) -> Path | None:
+def _image(store: ArtifactStore, rel: str | None) -> bytes | None:
     if not rel:
         return None
     try:
-        path = resolve_inside(root, rel)
-    except ArtifactPathError:
+        return store.read_bytes(rel)
+    except (ArtifactPathError, OSError):
         return None
-    return path if path.is_file() else None

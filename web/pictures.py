@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from farm.artifacts import ArtifactPathError, resolve_inside
+from farm.artifacts import ArtifactPathError, ArtifactStore
 
 BACKGROUND = (255, 255, 255)
 INK = (33, 37, 41)
@@ -51,21 +50,20 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | Image
     return text + "…"
 
 
-def _thumbnail(root: Path, rel: str | None, cell: int) -> Image.Image:
+def _thumbnail(store: ArtifactStore, rel: str | None, cell: int) -> Image.Image:
     tile = Image.new("RGB", (cell, cell), TILE_BG)
     if not rel:
         return tile
     try:
-        with Image.open(resolve_inside(root, rel)) as im:
-            im = ImageOps.contain(im.convert("RGB"), (cell, cell), method=Image.Resampling.NEAREST)
-            tile.paste(im, ((cell - im.width) // 2, (cell - im.height) // 2))
+        im = ImageOps.contain(store.open_image(rel), (cell, cell), method=Image.Resampling.NEAREST)
+        tile.paste(im, ((cell - im.width) // 2, (cell - im.height) // 2))
     except (OSError, ArtifactPathError):
         ImageDraw.Draw(tile).line([(0, 0), (cell, cell)], fill=AXIS, width=2)
     return tile
 
 
 def contact_sheet(
-    root: Path, tiles: Sequence[Tile], *, title: str, cell: int = 160, columns: int = 6
+    store: ArtifactStore, tiles: Sequence[Tile], *, title: str, cell: int = 160, columns: int = 6
 ) -> bytes:
     """A grid of thumbnails (scaled to fit a cell, small images blown up) with a caption under each; a missing
     image shows as a crossed grey tile."""
@@ -83,7 +81,7 @@ def contact_sheet(
     for n, tile in enumerate(tiles):
         x = pad + (n % cols) * (cell + pad)
         y = title_h + pad + (n // cols) * (cell + caption_h + pad)
-        sheet.paste(_thumbnail(root, tile.image_path, cell), (x, y))
+        sheet.paste(_thumbnail(store, tile.image_path, cell), (x, y))
         draw.text((x, y + cell + 4), _fit(draw, tile.caption, font, cell), fill=INK, font=font)
     return png_bytes(sheet)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -21,7 +22,7 @@ from flask import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from farm.artifacts import ArtifactPathError, resolve_inside
+from farm.artifacts import ArtifactPathError, store_for
 from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ManifestError
@@ -163,7 +164,7 @@ def export(batch_id: str) -> Response:
     settings = _settings()
     with session_scope(settings.database_url) as s:
         b = _get_batch(s, batch_id)
-        archive = winners_zip(s, b, settings.artifacts_dir)
+        archive = winners_zip(s, b, store_for(settings))
         name = f"{b.name}-{b.id[:8]}-winners.zip"
     return send_file(archive, mimetype="application/zip", as_attachment=True, download_name=name)
 
@@ -181,7 +182,7 @@ def contact_sheet(batch_id: str) -> Response:
         title = f"{b.name}: {len(found)} winners"
         if len(found) > CONTACT_SHEET_MAX:
             title += f" (first {CONTACT_SHEET_MAX} shown; export the zip for all)"
-    return _png(pictures.contact_sheet(settings.artifacts_dir, tiles, title=title))
+    return _png(pictures.contact_sheet(store_for(settings), tiles, title=title))
 
 
 @bp.get("/batches/<batch_id>/scores.png")
@@ -257,10 +258,15 @@ def workers() -> str:
 @bp.get("/artifacts/<path:rel>")
 def artifact(rel: str) -> Response:
     """A file from the artifact store, and nothing outside it."""
+    store = store_for(_settings())
     try:
-        path = resolve_inside(_settings().artifacts_dir, rel)
-    except ArtifactPathError:
+        path = store.local_path(rel)
+        if path is not None:
+            if not path.is_file():
+                abort(404, description="No such artifact.")
+            return send_file(path, max_age=3600)
+        data = store.read_bytes(rel)
+    except (ArtifactPathError, FileNotFoundError):
         abort(404, description="No such artifact.")
-    if not path.is_file():
-        abort(404, description="No such artifact.")
-    return send_file(path, max_age=3600)
+    kind = "image/png" if rel.endswith(".png") else "application/json" if rel.endswith(".json") else None
+    return send_file(io.BytesIO(data), mimetype=kind or "application/octet-stream", max_age=3600)

@@ -7,7 +7,6 @@ from typing import Any
 
 from celery import Task
 
-from farm import artifacts
 from farm.celery_app import app
 from farm.db import Candidate
 from farm.records import StageStart
@@ -61,7 +60,7 @@ def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
             "height": p["height"],
             "scheduler": p["scheduler"] or base.get("scheduler"),
         }
-        artifacts.save_png(image, rt.settings.artifacts_dir / rel, recipe)
+        rt.store.save_png(rel, image, recipe)
         rt.remember_image(rel, image.convert("RGB"))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
     return out

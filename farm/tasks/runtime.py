@@ -25,6 +25,7 @@ from celery.signals import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from farm.artifacts import store_for
 from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
 from farm.gpu_pinning.pinning import limit_torch_threads, pinned
@@ -47,6 +48,7 @@ class Runtime:
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
         self.images: OrderedDict[str, Any] = OrderedDict()
+        self.store = store_for(settings)
         self.hashes: dict[str, tuple[dict[str, str], Any]] = {}
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
         self.threads = int(pinned_threads) if pinned_threads else None
@@ -112,10 +114,7 @@ class Runtime:
         cached = self.images.get(rel)
         if cached is not None:
             return cached
-        from PIL import Image
-
-        with Image.open(self.settings.artifacts_dir / rel) as im:
-            return im.convert("RGB")
+        return self.store.open_image(rel)
 
     def batch_hashes(self, batch_id: str) -> dict[str, str]:
         """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since."""

@@ -1,0 +1,130 @@
+"""The artifact stores: a local folder, and an S3-compatible bucket on a real moto server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from farm.artifacts import ArtifactPathError, LocalStore, S3Store, png_bytes, safe_name
+
+RECIPE = {"seed": 5, "prompt": "a red fox", "model_ref": "tiny"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server (a real HTTP S3 API, not an in-process mock) with an empty bucket."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=subprocess.STDOUT
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {
+        "AWS_ACCESS_KEY_ID": "farm",
+        "AWS_SECRET_ACCESS_KEY": "farm-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="farm-test")
+        yield {"endpoint": endpoint, "creds": creds}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _image() -> Image.Image:
+    return Image.new("RGB", (16, 16), (200, 30, 30))
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs/x.png", "a/../../b.png", "", "a\x00b"])
+def test_names_outside_the_store_are_refused(bad, tmp_path):
+    with pytest.raises(ArtifactPathError):
+        safe_name(bad)
+    with pytest.raises(ArtifactPathError):
+        LocalStore(tmp_path).read_bytes(bad)
+
+
+def test_the_local_store_writes_the_png_with_its_recipe_and_a_sidecar(tmp_path):
+    store = LocalStore(tmp_path)
+    store.save_png("b1/c1.png", _image(), RECIPE)
+    assert store.names("b1") == ["b1/c1.json", "b1/c1.png"]
+    with Image.open(tmp_path / "b1" / "c1.png") as im:
+        assert json.loads(im.text["farm:recipe"]) == RECIPE
+    assert json.loads(store.read_bytes("b1/c1.json")) == RECIPE
+    assert store.open_image("b1/c1.png").getpixel((0, 0)) == (200, 30, 30)
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_the_s3_store_round_trips_images_recipes_and_listings(s3):
+    store = S3Store("s3://farm-test/unit", endpoint_url=s3["endpoint"])
+    store.save_png("b1/c1.png", _image(), RECIPE)
+    assert store.names("b1") == ["b1/c1.json", "b1/c1.png"]
+    assert store.read_bytes("b1/c1.png") == png_bytes(_image(), RECIPE)
+    assert json.loads(store.read_bytes("b1/c1.json")) == RECIPE
+    assert store.open_image("b1/c1.png").getpixel((0, 0)) == (200, 30, 30)
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("b1/missing.png")
+    with pytest.raises(ArtifactPathError):
+        store.read_bytes("../unit2/b1/c1.png")
+    store.check_writable()
+    assert store.names("") == ["b1/c1.json", "b1/c1.png"], "the doctor's probe leaves nothing behind"
+
+
+@pytest.mark.slow
+def test_a_batch_through_real_workers_stores_every_image_in_the_bucket(s3, tmp_path):
+    from tests.faults.conftest import FaultFarm, manifest
+
+    farm = FaultFarm(
+        tmp_path / "s3farm",
+        {**s3["creds"], "FARM_ARTIFACT_STORE": "s3://farm-test/e2e", "FARM_S3_ENDPOINT_URL": s3["endpoint"]},
+    )
+    farm.start()
+    try:
+        batch_id = farm.submit(manifest("s3-batch", ["a red kite", "a blue kite"]))
+        assert farm.wait(batch_id, timeout=300) == "done"
+        rows = farm.candidates(batch_id)
+        assert len(rows) == 8 and {c.status for c in rows} <= {"passed", "rejected", "failed"}
+        store = S3Store("s3://farm-test/e2e", endpoint_url=s3["endpoint"])
+        stored = set(store.names(batch_id))
+        expected = {c.image_path for c in rows if c.image_path}
+        assert expected and stored == expected | {p.replace(".png", ".json") for p in expected}
+        assert not (farm.settings.artifacts_dir / batch_id).exists(), "nothing written to the local folder"
+        sample = next(c for c in rows if c.image_path)
+        with Image.open(__import__("io").BytesIO(store.read_bytes(sample.image_path))) as im:
+            assert json.loads(im.text["farm:recipe"])["seed"] == sample.seed
+    finally:
+        farm.stack.stop()

@@ -87,6 +87,11 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
     validator, scorer = rt.validator(cfg["validation"]["model"]), rt.scorer(cfg["scoring"]["model"])
     stage = dict.fromkeys(STAGES, 0.0)
     hashes: dict[str, str] = {}
+    barrier = os.environ.get("FARM_BENCH_BARRIER")
+    if barrier:
+        Path(barrier, f"ready-{os.getpid()}").touch()
+        while not Path(barrier, "go").exists():
+            time.sleep(0.01)
     t_all = time.perf_counter()
     for plan in plans:
         for start in range(0, plan.candidates, workload.slice_size):
@@ -125,33 +130,44 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_bare(workload: Workload, env: dict[str, str], queue: str, devices: dict[str, str]) -> RunResult:
-    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning
+def run_bare(
+    workload: Workload, env: dict[str, str], queues: list[str], devices: dict[str, str], name: str
+) -> RunResult:
+    """The bare loop in one pinned subprocess per queue, the work split between them; with several, the
+    loops start together (a start barrier after their models are loaded), which measures what the machine
+    itself gives two devices."""
+    from dataclasses import replace
 
-    child_env = dict(env)
-    saved = dict(os.environ)
-    try:
-        apply_pinning(plan_pinning(queue, devices, _threads(env)))
-        child_env.update(
-            {
-                k: os.environ[k]
-                for k in os.environ
-                if k.startswith(("FARM_PINNED", "CUDA_", "OMP_", "MKL_", "OPENBLAS_"))
-            }
+    from farm.gpu_pinning.pinning import pinning_env, plan_pinning
+
+    share = replace(workload, items=workload.items // len(queues))
+    barrier = Path(tempfile.mkdtemp(prefix="farm-bench-go-"))
+    procs = []
+    for queue in queues:
+        child_env = {
+            **env,
+            **pinning_env(plan_pinning(queue, devices, _threads(env))),
+            "FARM_BENCH_BARRIER": str(barrier),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(share))],
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    out = subprocess.run(
-        [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(workload))],
-        env=child_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    data = json.loads(out.strip().splitlines()[-1])
+    while len(list(barrier.glob("ready-*"))) < len(procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            raise RuntimeError("a bare-loop process failed before its loop started")
+        time.sleep(0.05)
+    (barrier / "go").touch()
+    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    stage = {s: sum(r["stage_seconds"][s] for r in results) for s in STAGES}
+    peaks = {f"loop-{q}": r["peak_rss_mb"]["loop"] for q, r in zip(queues, results, strict=True)}
     return RunResult(
-        "A bare loop", data["seconds"], data["candidates"], data["stage_seconds"], data["peak_rss_mb"]
+        name, max(r["seconds"] for r in results), sum(r["candidates"] for r in results), stage, peaks
     )
 
 
@@ -187,7 +203,7 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
             if status in ("done", "cancelled", "failed"):
                 break
             stack.check_alive()
-            time.sleep(0.05)
+            time.sleep(0.2)
         seconds = time.perf_counter() - t0
         stage = dict.fromkeys(STAGES, 0.0)
         devices: dict[str, int] = {}
@@ -272,17 +288,32 @@ def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu") -> dict[s
             }
 
         env_a = env_for("a", one)
-        a = run_bare(workload, env_a, next(iter(one)), one)
+        a = run_bare(workload, env_a, [next(iter(one))], one, "A bare loop")
+        a2 = (
+            run_bare(workload, env_for("a2", two), list(two), two, "A2 2 bare loops")
+            if len(two) > 1
+            else None
+        )
         b = run_farm("B farm, 1 device", workload, env_for("b", one))
-        c = run_farm("C farm, 2 devices", workload, env_for("c", two))
-    return report(workload, a, b, c, threads=per_device_threads)
+        c = run_farm("C farm, 2 devices", workload, env_for("c", two)) if len(two) > 1 else None
+    return report(workload, a, b, c, threads=per_device_threads, a2=a2)
 
 
 def report(
-    workload: Workload, a: RunResult, b: RunResult, c: RunResult, *, threads: int | None
+    workload: Workload,
+    a: RunResult,
+    b: RunResult,
+    c: RunResult | None,
+    *,
+    threads: int | None,
+    a2: RunResult | None = None,
 ) -> dict[str, Any]:
+    """Throughputs, ratios against A, overhead per candidate, stage shares, and B against generation alone.
+
+    A2 (two bare loops at once) is the machine's own ceiling for two devices: C/A2 says how much of it the
+    farm keeps, whatever the hardware gives."""
     overhead_ms = (b.seconds - a.seconds) / workload.total * 1000
-    runs = [("A", a), ("B", b)] + ([("C", c)] if c else [])
+    runs = [("A", a), ("B", b)] + ([("C", c)] if c else []) + ([("A2", a2)] if a2 else [])
     generate_only = workload.total / a.stage_seconds["generate"]
     out = {
         "workload": {
@@ -309,6 +340,8 @@ def report(
             "B/A": round(b.per_second / a.per_second, 3),
             **({"C/A": round(c.per_second / a.per_second, 3)} if c else {}),
             "B/A_generate_only": round(b.per_second / generate_only, 3),
+            **({"A2/A": round(a2.per_second / a.per_second, 3)} if a2 else {}),
+            **({"C/A2": round(c.per_second / a2.per_second, 3)} if a2 and c else {}),
         },
         "generate_only_candidates_per_s": round(generate_only, 3),
         "overhead_ms_per_candidate": round(overhead_ms, 2),
@@ -336,6 +369,14 @@ def format_report(data: dict[str, Any]) -> str:
         "",
         f"B/A = {data['ratios']['B/A']:.3f}   (target >= 0.90)",
         *([f"C/A = {data['ratios']['C/A']:.3f}   (target >= 1.6)"] if "C/A" in data["ratios"] else []),
+        *(
+            [
+                f"A2/A = {data['ratios']['A2/A']:.3f}   (two bare loops at once: what this machine gives two "
+                f"devices); C/A2 = {data['ratios']['C/A2']:.3f}"
+            ]
+            if "A2/A" in data["ratios"]
+            else []
+        ),
         f"B against a loop that only generates = {data['ratios']['B/A_generate_only']:.3f}   "
         f"({data['generate_only_candidates_per_s']:.2f} cand/s generating alone)",
         f"orchestration overhead per candidate (B - A): {data['overhead_ms_per_candidate']:.1f} ms"

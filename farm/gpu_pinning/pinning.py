@@ -38,17 +38,24 @@ def plan_pinning(queue: str, devices: dict[str, str], threads: int | None = None
     return Pinning(queue, device, "cuda:0", threads)
 
 
+def pinning_env(pin: Pinning) -> dict[str, str]:
+    """The environment variables that decide what torch (and the ONNX models) will see in a pinned process."""
+    env = {
+        "FARM_PINNED_QUEUE": pin.queue,
+        "FARM_PINNED_DEVICE": pin.torch_device,
+        "CUDA_VISIBLE_DEVICES": "" if pin.device == "cpu" else pin.device.split(":")[1],
+    }
+    if pin.threads:
+        env.update(dict.fromkeys(_THREAD_VARS, str(pin.threads)))
+        env["FARM_PINNED_THREADS"] = str(pin.threads)
+    return env
+
+
 def apply_pinning(pin: Pinning) -> None:
     """Set the environment that decides what torch will see. Must run before torch is imported."""
     if "torch" in sys.modules:
         raise RuntimeError("apply_pinning must run before torch is imported")
-    os.environ["FARM_PINNED_QUEUE"] = pin.queue
-    os.environ["FARM_PINNED_DEVICE"] = pin.torch_device
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if pin.device == "cpu" else pin.device.split(":")[1]
-    if pin.threads:
-        for var in _THREAD_VARS:
-            os.environ[var] = str(pin.threads)
-        os.environ["FARM_PINNED_THREADS"] = str(pin.threads)
+    os.environ.update(pinning_env(pin))
 
 
 def pinned() -> tuple[str, str]:

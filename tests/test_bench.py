@@ -1,0 +1,47 @@
+"""`farm bench` runs its runs and reports them; speed itself is judged in BENCHMARKS.md, never in a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_farm_bench_reports_each_run_its_ratios_and_where_the_candidates_ran(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "farm",
+            "bench",
+            "--items",
+            "2",
+            "--candidates",
+            "2",
+            "--steps",
+            "1",
+            "--slice-size",
+            "2",
+            "--json",
+        ],
+        env={**env, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(run.stdout)
+    assert set(data["runs"]) == {"A", "B", "C", "A2"}
+    for r in data["runs"].values():
+        assert r["seconds"] > 0 and r["candidates_per_s"] > 0
+        assert set(r["stage_share"]) == {"generate", "moderate", "validate", "score"}
+    assert data["runs"]["B"]["devices"] == {"cuda0": 4}
+    assert sum(data["runs"]["C"]["devices"].values()) == 4
+    assert {"B/A", "C/A", "A2/A", "C/A2", "B/A_generate_only"} <= set(data["ratios"])
+    assert "overhead_ms_per_candidate" in data

@@ -120,6 +120,31 @@ def batch_hashes(
     return {cid: h for cid, h, _ in rows}, newest
 
 
+def add_near_duplicate_flags(url: str, twins: dict[str, list[str]], limit: int) -> None:
+    """Record near-duplicate pairs as flags (not rejections) on both candidates of each pair, once each."""
+    if not twins:
+        return
+    pairs: dict[str, set[str]] = {}
+    for cid, others in twins.items():
+        for other in others:
+            pairs.setdefault(cid, set()).add(other)
+            pairs.setdefault(other, set()).add(cid)
+    with session_scope(url) as s:
+        for c in s.scalars(select(Candidate).where(Candidate.id.in_(list(pairs)))):
+            layers = [dict(v) for v in c.moderation or []]
+            known = next((v for v in layers if v["layer"] == "near_duplicate"), None)
+            of = sorted(set(known["details"]["of"] if known else []) | pairs[c.id])
+            flag = {
+                "layer": "near_duplicate",
+                "verdict": "flag",
+                "reason": f"near-duplicate of {', '.join(of[:5])}",
+                "details": {"of": of, "max_distance": limit},
+            }
+            c.moderation = [v for v in layers if v["layer"] != "near_duplicate"] + [flag]
+            reasons = [r for r in c.reasons or [] if not r.startswith("near_duplicate:")]
+            c.reasons = [*reasons, f"near_duplicate: {flag['reason']}"]
+
+
 def failure(stage: str, error: BaseException | str) -> dict[str, Any]:
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return {"status": "failed", "stage": stage, "error": f"{stage}: {text}"[:4000]}

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Task
 from PIL import Image
 
+from farm import records
 from farm.celery_app import app
 from farm.db import Candidate
 from farm.records import StageStart
@@ -41,23 +42,8 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
         found = rt.opennsfw().check(images, threshold=cfg["nsfw_classifier"]["threshold"])
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
-    pool = {
-        **rt.batch_hashes(start.batch.id),
-        **{c.id: h for c, (h, _q) in zip(cands, hashes, strict=True)},
-    }
-    limit = cfg["near_duplicate_distance"]
     out = {}
     for c, verdicts, (h, quality) in zip(cands, layers, hashes, strict=True):
-        twins = sorted(o for o, other in pool.items() if o != c.id and mod.hamming(h, other) <= limit)
-        if twins:
-            verdicts.append(
-                mod.LayerVerdict(
-                    "near_duplicate",
-                    "flag",
-                    f"near-duplicate of {', '.join(twins[:5])}",
-                    {"of": twins, "max_distance": cfg["near_duplicate_distance"]},
-                )
-            )
         final, reasons = mod.combine(verdicts)
         out[c.id] = {
             "status": "moderated" if final == "passed" else "rejected",
@@ -70,7 +56,27 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
+def flag_near_duplicates(start: StageStart, cands: list[Candidate]) -> None:
+    """Flag, on both sides, every candidate of the batch within the near-duplicate distance of this slice.
+
+    Runs after the slice's own hashes are committed and reads the committed hashes again, so of two slices
+    moderated at the same moment on two devices, the one that finishes second always sees the first.
+    """
+    from farm.ml.moderation import hamming
+    from farm.tasks.runtime import runtime
+
+    rt = runtime()
+    limit = start.batch.settings["moderation"]["near_duplicate_distance"]
+    pool = rt.batch_hashes(start.batch.id)
+    pairs = {
+        c.id: [o for o, other in pool.items() if o != c.id and hamming(pool[c.id], other) <= limit]
+        for c in cands
+        if c.id in pool
+    }
+    records.add_near_duplicate_flags(rt.settings.database_url, {k: v for k, v in pairs.items() if v}, limit)
+
+
 @app.task(name="farm.moderate", **MIDDLE_STAGE_OPTIONS)
 def moderate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'."""
-    return run_stage(self, payload, "moderate", moderate_slice)
+    return run_stage(self, payload, "moderate", moderate_slice, after=flag_near_duplicates)

@@ -223,6 +223,6 @@ def describe_task(name: str, args: Any) -> str:
 
 @task_postrun.connect
 def _on_postrun(**_kwargs: Any) -> None:
-    # Counted in memory and written with the next heartbeat: one SQL write per task, not two.
     if _runtime is not None:
         _runtime.tasks_done += 1
+        _runtime.heartbeat(current=None)

@@ -57,7 +57,14 @@ def isolate(
     return out
 
 
-def run_stage(task: Task, payload: dict[str, Any], stage: str, work: Work) -> dict[str, Any]:
+def run_stage(
+    task: Task,
+    payload: dict[str, Any],
+    stage: str,
+    work: Work,
+    after: Callable[[StageStart, list[Candidate]], None] | None = None,
+) -> dict[str, Any]:
+    """Run one stage on a slice; ``after`` runs once its results are committed (cross-slice checks)."""
     from farm.tasks.runtime import runtime
 
     settings = load_settings()
@@ -86,6 +93,8 @@ def run_stage(task: Task, payload: dict[str, Any], stage: str, work: Work) -> di
         updates.update(part_updates)
         timing = {"s": round((perf_counter() - t0) / len(part), 5), "queue": runtime().queue}
         records.apply_stage(settings.database_url, stage, part_updates, timing)
+    if start.todo and after is not None:
+        after(start, start.todo)
     if start.todo:
         outcome = Counter(u.get("status", records.STAGE_OUTPUT[stage]) for u in updates.values())
         logs.event(

@@ -38,8 +38,9 @@ def _child_running(farm: FaultFarm, task: str, candidate_suffix: str = "") -> in
 def test_sigkill_of_a_worker_child_during_generate_requeues_the_slice(farm: FaultFarm):
     batch_id = farm.submit(manifest("kill-child", ["a slow harbour [[fault:generate:sleep:0]]"]))
     farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
-    farm.wait_until(lambda: _child_running(farm, "farm.generate", "-000 ") is not None, what="a busy child")
-    pid = _child_running(farm, "farm.generate", "-000 ")
+    first = f"{batch_id}-00000-000 "
+    farm.wait_until(lambda: _child_running(farm, "farm.generate", first) is not None, what="a busy child")
+    pid = _child_running(farm, "farm.generate", first)
     os.kill(pid, signal.SIGKILL)
     assert farm.wait(batch_id) == "done"
     rows = farm.assert_accounted_for(batch_id, 4)
@@ -55,13 +56,14 @@ def test_sigkill_of_a_whole_worker_loses_nothing(farm: FaultFarm):
         manifest("kill-worker", ["a slow lighthouse [[fault:generate:sleep:0]]", "a quiet bay"])
     )
     farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
-    owner = next(c.worker for c in farm.candidates(batch_id) if c.index == 0) or ""
-    busy = [
-        w
-        for w in farm.workers()
-        if w.current and w.current.startswith("farm.generate") and "-000 " in w.current
-    ]
-    queue = busy[0].queue if busy else owner.split("@")[0]
+    first = f"farm.generate {batch_id}-00000-000 "
+    farm.wait_until(
+        lambda: any(w.current and w.current.startswith(first) for w in farm.workers()),
+        what="the worker generating candidate 0",
+    )
+    busy = [w for w in farm.workers() if w.current and w.current.startswith(first)]
+    assert len(busy) == 1, [(w.name, w.current) for w in farm.workers()]
+    queue = busy[0].queue
     proc = farm.stack.proc(f"worker-{queue}")
     os.killpg(proc.popen.pid, signal.SIGKILL)
     proc.popen.wait()

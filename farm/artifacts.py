@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
@@ -125,7 +126,8 @@ class LocalStore(ArtifactStore):
     def put(self, name: str, data: bytes, content_type: str) -> None:
         path = self.local_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        mine = f".{path.name}.{_HOST}.{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(prefix=mine, suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -135,6 +137,7 @@ class LocalStore(ArtifactStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _remove_orphans(path)
 
     def read_bytes(self, name: str) -> bytes:
         return self.local_path(name).read_bytes()
@@ -143,11 +146,39 @@ class LocalStore(ArtifactStore):
         base = self.local_path(prefix) if prefix else self.root
         if not base.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()
-                      and not p.name.startswith("."))
+        return sorted(
+            str(p.relative_to(self.root))
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
 
     def delete(self, name: str) -> None:
         self.local_path(name).unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files of ``path`` left by writers on this host that were killed mid-write.
+
+    A temporary name carries its writer's host and pid; one whose pid is gone can never be renamed. Live
+    writers' files and other hosts' (on a shared mount) are left alone.
+    """
+    for tmp in path.parent.glob(f".{path.name}.{_HOST}.*.tmp"):
+        pid = tmp.name[len(path.name) + len(_HOST) + 3 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class S3Store(ArtifactStore):

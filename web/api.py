@@ -97,31 +97,33 @@ def cancel_batch(batch_id: str) -> tuple[Response, int]:
     return jsonify(id=batch_id, cancelled=changed), 202 if changed else 409
 
 
-@bp.post("/batches/<batch_id>/retry")
-def retry_batch(batch_id: str) -> tuple[Response, int]:
-    """Send a done batch's failed candidates through the pipeline again."""
+def _batch_action(action: Any, batch_id: str) -> int | tuple[Response, int]:
+    """Run a batch action: its count, or the JSON error its refusal maps to (404, 409, 503)."""
     try:
-        reset = actions.retry_failed(batch_id, _settings())
+        return action(batch_id, _settings())
     except actions.NoSuchBatch:
         abort(404, description=f"no batch {batch_id!r}")
     except actions.ActionRefused as exc:
         return _errors(409, [{"path": None, "message": str(exc)}])
     except actions.BrokerUnavailable as exc:
         return _errors(503, [{"path": None, "message": str(exc)}])
+
+
+@bp.post("/batches/<batch_id>/retry")
+def retry_batch(batch_id: str) -> tuple[Response, int]:
+    """Send a done batch's failed candidates through the pipeline again."""
+    reset = _batch_action(actions.retry_failed, batch_id)
+    if isinstance(reset, tuple):
+        return reset
     return jsonify(id=batch_id, retried=reset), 202 if reset else 200
 
 
 @bp.post("/batches/<batch_id>/resume")
 def resume_batch(batch_id: str) -> tuple[Response, int]:
     """Re-send the work of a queued or running batch whose messages were lost."""
-    try:
-        sent = actions.resume(batch_id, _settings())
-    except actions.NoSuchBatch:
-        abort(404, description=f"no batch {batch_id!r}")
-    except actions.ActionRefused as exc:
-        return _errors(409, [{"path": None, "message": str(exc)}])
-    except actions.BrokerUnavailable as exc:
-        return _errors(503, [{"path": None, "message": str(exc)}])
+    sent = _batch_action(actions.resume, batch_id)
+    if isinstance(sent, tuple):
+        return sent
     return jsonify(id=batch_id, messages=sent), 202
 
 

@@ -130,31 +130,31 @@ def cancel(batch_id: str) -> Response:
     return redirect(url_for("ui.batch", batch_id=batch_id))
 
 
-@bp.post("/batches/<batch_id>/retry")
-def retry(batch_id: str) -> Response:
+def _batch_action(action: Any, batch_id: str) -> int | None:
+    """Run a batch action: its count, or None after flashing why it was refused (404 for no such batch)."""
     try:
-        reset = actions.retry_failed(batch_id, _settings())
+        return action(batch_id, _settings())
     except actions.NoSuchBatch:
         abort(404, description=f"There is no batch {batch_id!r}.")
     except (actions.ActionRefused, actions.BrokerUnavailable) as exc:
         flash(str(exc), "error")
-    else:
-        if reset:
-            flash(f"Retrying {reset} failed candidate{'' if reset == 1 else 's'}.", "ok")
-        else:
-            flash("The batch has no failed candidates.", "error")
+    return None
+
+
+@bp.post("/batches/<batch_id>/retry")
+def retry(batch_id: str) -> Response:
+    reset = _batch_action(actions.retry_failed, batch_id)
+    if reset:
+        flash(f"Retrying {reset} failed candidate{'' if reset == 1 else 's'}.", "ok")
+    elif reset == 0:
+        flash("The batch has no failed candidates.", "error")
     return redirect(url_for("ui.batch", batch_id=batch_id))
 
 
 @bp.post("/batches/<batch_id>/resume")
 def resume(batch_id: str) -> Response:
-    try:
-        sent = actions.resume(batch_id, _settings())
-    except actions.NoSuchBatch:
-        abort(404, description=f"There is no batch {batch_id!r}.")
-    except (actions.ActionRefused, actions.BrokerUnavailable) as exc:
-        flash(str(exc), "error")
-    else:
+    sent = _batch_action(actions.resume, batch_id)
+    if sent is not None:
         flash(f"Resumed: re-sent the unfinished work ({sent} message{'' if sent == 1 else 's'}).", "ok")
     return redirect(url_for("ui.batch", batch_id=batch_id))
 

@@ -2,22 +2,32 @@
 
 No Docker engine, systemd or cluster runs here, so each file is checked as the tool that reads it would:
 the Procfile with honcho's line grammar and every `farm` command parsed by the real click CLI; the compose
-file against the official compose-spec JSON schema (bundled by check-jsonschema) after compose-style
-interpolation; the units with configparser and, where present, `systemd-analyze verify`; the manifests
-against the Kubernetes OpenAPI schemas (bundled by kubernetes-validate). On top: the farm's own rules
-(loopback-only ports, GPU reservations, grace periods above the drain timeout, FARM_* names that exist, one
-image everywhere).
+file by the real `docker compose config` (compose v2, which needs no engine for that; fetched from Debian
+trixie in CI, see `compose_cli`) and, everywhere, against the official compose-spec JSON schema (bundled by
+check-jsonschema) after compose-style interpolation; the units with configparser and, where present,
+`systemd-analyze verify`; the manifests against the Kubernetes OpenAPI schemas (bundled by
+kubernetes-validate). On top: the farm's own rules (loopback-only ports, GPU reservations, grace periods above
+the drain timeout, FARM_* names that exist, one image everywhere).
 """
 
 from __future__ import annotations
 
 import configparser
+import gzip
+import hashlib
+import http.client
 import json
+import os
+import platform
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +109,13 @@ def test_procfile_farm_commands_exist() -> None:
 def _expand(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Let /bin/sh expand the command as honcho would, printing the words instead of running them."""
     probe = "printf '%s\\n' " + command
-    return subprocess.run(["/bin/sh", "-c", probe], env={"PATH": "/usr/bin:/bin", **env},
-                          capture_output=True, text=True, timeout=10)
+    return subprocess.run(
+        ["/bin/sh", "-c", probe],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
 
 
 def test_procfile_flower_has_basic_auth_on_loopback() -> None:
@@ -166,12 +181,21 @@ def farm_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_compose_has_every_service() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "web", "worker-cuda0", "worker-cuda1", "control",
-                             "flower"}
+    assert set(services) == {
+        "redis",
+        "postgres",
+        "migrate",
+        "web",
+        "worker-cuda0",
+        "worker-cuda1",
+        "control",
+        "flower",
+    }
     assert set(farm_services(compose())) == set(services) - {"redis", "postgres"}
 
 
 def test_compose_validates_against_the_compose_spec() -> None:
+    """The stand-in for `docker compose config` that runs without compose (the real one is further down)."""
     pytest.importorskip("jsonschema")
     check_jsonschema = pytest.importorskip("check_jsonschema")
     import jsonschema
@@ -227,8 +251,12 @@ def test_compose_migrate_command_really_migrates(tmp_path: Path) -> None:
     command = compose()["services"]["migrate"]["command"]
     assert command[:2] == ["python", "-c"]
     url = f"sqlite:///{tmp_path / 'farm.db'}"
-    env = {"PATH": "/usr/bin:/bin", "FARM_HOME": str(tmp_path), "FARM_DATABASE_URL": url,
-           "FARM_DEVICES": "cuda0=cpu"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "FARM_HOME": str(tmp_path),
+        "FARM_DATABASE_URL": url,
+        "FARM_DEVICES": "cuda0=cpu",
+    }
     subprocess.run([sys.executable, *command[1:]], env=env, check=True, timeout=120, cwd=tmp_path)
     from farm.config import load_settings
 
@@ -300,6 +328,370 @@ def test_compose_farm_vars_exist() -> None:
         assert not unknown, f"{name} sets {unknown}, which the farm never reads"
     env_example = {k for k in dotenv(DEPLOY / ".env.example") if k.startswith("FARM_")}
     assert env_example <= known
+
+
+# ------------------------------------------------------------------------------ docker compose, the real tool
+#
+# `docker compose config` parses, validates (the compose-spec schema plus compose's own checks) and
+# interpolates the file exactly as `up` would, without a Docker engine. Where compose v2 is missing, CI
+# (CI=true) or a root shell fetches it: Debian trixie's `docker-compose` package is the Go compose v2
+# (bookworm's is the Python 1.29), a static binary that only needs libc6 >= 2.34. The download is checked as
+# apt checks it: InRelease signed by Debian's archive key (gpgv), Packages.gz against InRelease, the .deb
+# against Packages.gz. The plugin lands in .venv/tools/docker/cli-plugins/ (ignored by git) and runs as
+# `docker compose` with DOCKER_CONFIG pointing there. Elsewhere the tests skip with the reason; in CI a failed
+# install fails them.
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+COMPOSE_SUITE = "trixie"
+COMPOSE_PACKAGE = "docker-compose"
+COMPOSE_PLUGIN_IN_DEB = Path("usr/libexec/docker/cli-plugins/docker-compose")
+# Only if the index stops listing the package (amd64): the file this test was written against, same checks.
+COMPOSE_PINNED_DEB = {
+    "Version": "2.26.1-4",
+    "Filename": "pool/main/d/docker-compose/docker-compose_2.26.1-4_amd64.deb",
+    "SHA256": "47681197cb2b1ab88206b42a1a92fc75f50d9530a6322d03494a473eed0408ea",
+}
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+DEBIAN_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+TOOLS = ROOT / ".venv" / "tools"
+COMPOSE_PLUGIN = TOOLS / "docker" / "cli-plugins" / "docker-compose"  # DOCKER_CONFIG=.venv/tools/docker
+FETCH_TIMEOUT_S = 60  # per connect or read
+INSTALL_TIMEOUT_S = 600  # the whole install
+COMPOSE_TIMEOUT_S = 60
+PASSED_ENV = ("PATH", "HOME", "DOCKER_CONFIG")  # nothing else: FARM_* here (FARM_SLICE_SIZE=2) would win
+
+
+class ComposeInstallError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ComposeCLI:
+    """Compose v2: ``prefix`` is ``[docker, "compose"]`` (or the plugin run standalone where there is no
+    docker client); ``env`` is the whole environment it runs with."""
+
+    prefix: list[str]
+    env: dict[str, str]
+    version: str
+
+    def run(self, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix, *args],
+            env=self.env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=COMPOSE_TIMEOUT_S,
+            check=False,
+        )
+
+
+def probe_compose(prefix: list[str], env: dict[str, str]) -> ComposeCLI | None:
+    """``prefix`` as a ComposeCLI if ``prefix version`` answers with a version 2 or later, else None."""
+    try:
+        out = subprocess.run(
+            [*prefix, "version", "--short"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMPOSE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    version = out.stdout.strip().removeprefix("v")
+    major = version.split(".", 1)[0]
+    if out.returncode != 0 or not major.isdigit() or int(major) < 2:
+        return None
+    return ComposeCLI(prefix, env, version)
+
+
+def installed_compose(docker: str | None, env: dict[str, str]) -> ComposeCLI | None:
+    if not COMPOSE_PLUGIN.exists():
+        return None
+    if docker:
+        return probe_compose([docker, "compose"], {**env, "DOCKER_CONFIG": str(COMPOSE_PLUGIN.parent.parent)})
+    return probe_compose([str(COMPOSE_PLUGIN)], env)
+
+
+def _fetch(url: str, dest: Path, deadline: float) -> str:
+    """Download ``url`` to ``dest``; returns its SHA256."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response, dest.open("wb") as out:
+            while chunk := response.read(1 << 20):
+                if time.monotonic() > deadline:
+                    raise ComposeInstallError(f"fetching {url}: still downloading after {INSTALL_TIMEOUT_S}s")
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, timeouts, short reads
+        raise ComposeInstallError(f"fetching {url}: {exc}") from None
+    return digest.hexdigest()
+
+
+def _checked(url: str, dest: Path, sha256: str, deadline: float) -> None:
+    got = _fetch(url, dest, deadline)
+    if got != sha256:
+        raise ComposeInstallError(f"{url} has SHA256 {got}, the signed index says {sha256}")
+
+
+def _verified_release(work: Path, deadline: float) -> str:
+    """The text of the suite's InRelease, once gpgv has checked its signature against Debian's keyring."""
+    url = f"{DEBIAN_MIRROR}/dists/{COMPOSE_SUITE}/InRelease"
+    gpgv = shutil.which("gpgv")
+    if not gpgv or not DEBIAN_KEYRING.exists():
+        raise ComposeInstallError(
+            f"checking {url} needs gpgv and {DEBIAN_KEYRING} (apt-get install gpgv debian-archive-keyring)"
+        )
+    _fetch(url, work / "InRelease", deadline)
+    out = subprocess.run(
+        [gpgv, "--keyring", str(DEBIAN_KEYRING), "--output", "-", str(work / "InRelease")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise ComposeInstallError(f"gpgv rejects {url}: {out.stderr.decode(errors='replace').strip()[-600:]}")
+    return out.stdout.decode()
+
+
+def _release_sha256(release: str, path: str) -> str:
+    in_sha256 = False
+    for line in release.splitlines():
+        if not line.startswith(" "):
+            in_sha256 = line.rstrip() == "SHA256:"
+        elif in_sha256:
+            digest, _size, name = line.split()
+            if name == path:
+                return digest
+    raise ComposeInstallError(f"{COMPOSE_SUITE}'s InRelease has no SHA256 for {path}")
+
+
+def _package_stanza(packages_gz: Path, package: str) -> dict[str, str] | None:
+    fields: dict[str, str] = {}
+    with gzip.open(packages_gz, "rt", encoding="utf-8", errors="replace") as lines:
+        for line in [*lines, "\n"]:
+            if not line.strip():
+                if fields.get("Package") == package:
+                    return fields
+                fields = {}
+            elif not line[0].isspace():
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    return None
+
+
+def install_compose() -> str:
+    """Fetch Debian trixie's docker-compose, check it and unpack its plugin to COMPOSE_PLUGIN.
+
+    Returns the package's version."""
+    deadline = time.monotonic() + INSTALL_TIMEOUT_S
+    arch = DEBIAN_ARCH.get(platform.machine().lower())
+    if arch is None:
+        raise ComposeInstallError(f"no Debian architecture known for {platform.machine()!r}")
+    if not shutil.which("dpkg-deb"):
+        raise ComposeInstallError("there is no dpkg-deb on this machine")
+    TOOLS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="compose-", dir=TOOLS) as tmp:
+        work = Path(tmp)
+        release = _verified_release(work, deadline)
+        index = f"main/binary-{arch}/Packages.gz"
+        _checked(
+            f"{DEBIAN_MIRROR}/dists/{COMPOSE_SUITE}/{index}",
+            work / "Packages.gz",
+            _release_sha256(release, index),
+            deadline,
+        )
+        stanza = _package_stanza(work / "Packages.gz", COMPOSE_PACKAGE)
+        if stanza is None and arch == "amd64":
+            stanza = COMPOSE_PINNED_DEB
+        if stanza is None:
+            raise ComposeInstallError(f"{COMPOSE_SUITE}'s {index} does not list {COMPOSE_PACKAGE}")
+        deb = work / "docker-compose.deb"
+        _checked(f"{DEBIAN_MIRROR}/{stanza['Filename']}", deb, stanza["SHA256"], deadline)
+        out = subprocess.run(
+            ["dpkg-deb", "-x", str(deb), str(work / "root")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise ComposeInstallError(f"dpkg-deb -x exited {out.returncode}: {out.stderr.strip()[-600:]}")
+        plugin = work / "root" / COMPOSE_PLUGIN_IN_DEB
+        if not plugin.is_file():
+            raise ComposeInstallError(f"{stanza['Filename']} has no /{COMPOSE_PLUGIN_IN_DEB}")
+        COMPOSE_PLUGIN.parent.mkdir(parents=True, exist_ok=True)
+        staged = COMPOSE_PLUGIN.with_name(f".{COMPOSE_PLUGIN.name}.new")
+        shutil.copyfile(plugin, staged)
+        staged.chmod(0o755)
+        os.replace(staged, COMPOSE_PLUGIN)
+        return stanza["Version"]
+
+
+@pytest.fixture(scope="session")
+def compose_cli() -> ComposeCLI:
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    docker = shutil.which("docker")
+    found = (docker and probe_compose([docker, "compose"], env)) or installed_compose(docker, env)
+    if found:
+        return found
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if not (in_ci or as_root):
+        pytest.skip(
+            f"the compose tests need docker compose v2 (Docker's compose plugin, or Debian "
+            f"{COMPOSE_SUITE}'s {COMPOSE_PACKAGE}); CI=true or a root shell makes them fetch it into "
+            f"{TOOLS.relative_to(ROOT)} themselves"
+        )
+    try:
+        version = install_compose()
+    except ComposeInstallError as exc:
+        problem = str(exc)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    else:
+        found = installed_compose(docker, env)
+        if found:
+            return found
+        problem = f"installed {COMPOSE_PACKAGE} {version} at {COMPOSE_PLUGIN}, but `compose version` fails"
+    reason = f"could not install docker compose v2 from Debian {COMPOSE_SUITE}: {problem}"
+    if in_ci:
+        pytest.fail(reason)  # in CI a missing compose is a broken setup, not a reason to skip silently
+    pytest.skip(reason)
+
+
+def go_seconds(duration: str) -> float:
+    """Seconds in a Go duration as compose prints it ("11m0s", "1h0m0s", "500ms")."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.fixture(scope="module")
+def compose_model(compose_cli: ComposeCLI) -> dict[str, Any]:
+    """The file as compose resolves it with deploy/.env.example's values: anchors merged, variables set."""
+    out = compose_cli.run(
+        "-f", "deploy/docker-compose.yml", "--env-file", "deploy/.env.example", "config", "--format", "json"
+    )
+    assert out.returncode == 0, out.stderr
+    assert not out.stderr.strip(), f"compose warns: {out.stderr}"
+    return json.loads(out.stdout)
+
+
+def test_docker_compose_config_quiet_as_documented(compose_cli: ComposeCLI, tmp_path: Path) -> None:
+    """OPERATIONS.md's steps: cp deploy/.env.example deploy/.env, then compose reads it by itself."""
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(DEPLOY / "docker-compose.yml", tmp_path / "deploy")
+    shutil.copy(DEPLOY / ".env.example", tmp_path / "deploy" / ".env")
+    out = compose_cli.run("-f", "deploy/docker-compose.yml", "config", "--quiet", cwd=tmp_path)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+@pytest.mark.parametrize("variable", ["POSTGRES_PASSWORD", "FARM_FLOWER_AUTH"])
+def test_docker_compose_config_refuses_without_a_secret(
+    compose_cli: ComposeCLI, tmp_path: Path, variable: str, value: str | None
+) -> None:
+    env = {k: v for k, v in dotenv(DEPLOY / ".env.example").items() if k != variable}
+    if value is not None:
+        env[variable] = value
+    env_file = tmp_path / "env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    out = compose_cli.run("-f", "deploy/docker-compose.yml", "--env-file", str(env_file), "config", "--quiet")
+    assert out.returncode != 0
+    assert f"required variable {variable} is missing a value" in out.stderr, out.stderr
+    assert f"set {variable}" in out.stderr and "deploy/.env" in out.stderr, out.stderr
+
+
+def test_docker_compose_config_services_and_ports(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    assert compose_model["name"] == "farm"
+    assert set(services) == {
+        "redis",
+        "postgres",
+        "migrate",
+        "web",
+        "worker-cuda0",
+        "worker-cuda1",
+        "control",
+        "flower",
+    }
+    published = {
+        name: [(p["host_ip"], int(p["published"]), p["target"], p["protocol"]) for p in svc["ports"]]
+        for name, svc in services.items()
+        if svc.get("ports")
+    }
+    assert published == {
+        "web": [("127.0.0.1", 8000, 8000, "tcp")],
+        "flower": [("127.0.0.1", 5555, 5555, "tcp")],
+    }
+    example = dotenv(DEPLOY / ".env.example")
+    for name, svc in farm_services(compose_model).items():
+        assert svc["image"] == "farm:latest"
+        assert Path(svc["build"]["context"]).resolve() == ROOT, name
+        assert svc["build"]["dockerfile"] == "deploy/Dockerfile", name
+        env = svc["environment"]
+        assert env["FARM_DATABASE_URL"] == (
+            f"postgresql+psycopg2://farm:{example['POSTGRES_PASSWORD']}@postgres:5432/farm"
+        ), name
+        assert env["FARM_FLOWER_AUTH"] == example["FARM_FLOWER_AUTH"], name
+        assert env["FARM_SLICE_SIZE"] == example["FARM_SLICE_SIZE"], name
+        mounts = {v["target"]: v["source"] for v in svc["volumes"] if v["type"] == "volume"}
+        assert mounts[f"{env['FARM_HOME']}/artifacts"] == "artifacts", name
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == example["POSTGRES_PASSWORD"]
+    assert services["web"]["environment"]["FARM_WEB_HOST"] == "0.0.0.0"
+
+
+def test_docker_compose_config_gpu_reservations(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    for index, queue in enumerate(("cuda0", "cuda1")):
+        svc = services[f"worker-{queue}"]
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert (device["driver"], device["device_ids"], device["capabilities"]) == (
+            "nvidia",
+            [str(index)],
+            ["gpu"],
+        )
+        assert not device.get("count"), "count and device_ids exclude each other"
+        assert parse_devices(svc["environment"]["FARM_DEVICES"]) == {queue: "cuda:0"}
+        assert svc["stop_signal"] == "SIGTERM"
+        assert go_seconds(svc["stop_grace_period"]) > int(svc["environment"]["FARM_DRAIN_TIMEOUT"])
+    others = {name for name, svc in services.items() if "deploy" in svc}
+    assert others == {"worker-cuda0", "worker-cuda1"}, "only the workers reserve a GPU"
+
+
+def test_docker_compose_config_redis_healthchecks_and_order(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    command = services["redis"]["command"]
+    pairs = dict(zip(command[1::2], command[2::2], strict=True))
+    assert command[0] == "redis-server"
+    assert pairs["--appendonly"] == "yes" and pairs["--maxmemory-policy"] == "noeviction"
+    for name, svc in services.items():
+        if name == "migrate":
+            assert svc["healthcheck"].get("disable") is True and svc["restart"] == "no"
+            continue
+        health = svc["healthcheck"]
+        assert health["test"][0] in ("CMD", "CMD-SHELL") and len(health["test"]) > 1, name
+        assert go_seconds(health["timeout"]) < go_seconds(health["interval"]), name
+        assert svc["restart"] == "unless-stopped", name
+    conditions = {
+        name: {dep: spec["condition"] for dep, spec in svc.get("depends_on", {}).items()}
+        for name, svc in services.items()
+    }
+    after_migrate = {
+        "migrate": "service_completed_successfully",
+        "redis": "service_healthy",
+        "postgres": "service_healthy",
+    }
+    assert conditions == {
+        "redis": {},
+        "postgres": {},
+        "migrate": {"postgres": "service_healthy"},
+        **{name: after_migrate for name in ("web", "worker-cuda0", "worker-cuda1", "control")},
+        "flower": {"redis": "service_healthy"},
+    }
 
 
 def test_dockerfile() -> None:
@@ -376,12 +768,22 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         if src.suffix in (".service", ".target"):
             text = src.read_text().replace("/opt/farm/venv/bin/", f"{bin_dir}/")
             (tmp_path / src.name).write_text(text.replace("EnvironmentFile=/", "EnvironmentFile=-/"))
-    units = [str(tmp_path / n) for n in ("farm-web.service", "farm-control.service", "farm-flower.service",
-                                          "farm-worker@cuda0.service", "farm.target")]
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True,
-                         timeout=60)
-    noise = [line for line in (out.stdout + out.stderr).splitlines()
-             if str(tmp_path) in line or "farm" in line]
+    units = [
+        str(tmp_path / n)
+        for n in (
+            "farm-web.service",
+            "farm-control.service",
+            "farm-flower.service",
+            "farm-worker@cuda0.service",
+            "farm.target",
+        )
+    ]
+    out = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True, timeout=60
+    )
+    noise = [
+        line for line in (out.stdout + out.stderr).splitlines() if str(tmp_path) in line or "farm" in line
+    ]
     assert out.returncode == 0 and not noise, out.stdout + out.stderr
 
 
@@ -414,9 +816,15 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def test_k8s_kinds() -> None:
     kinds = set(by_kind_name(k8s_docs()))
     assert kinds == {
-        ("Namespace", "farm"), ("ConfigMap", "farm-config"), ("PersistentVolumeClaim", "farm-store"),
-        ("Deployment", "farm-web"), ("Service", "farm-web"), ("StatefulSet", "farm-worker"),
-        ("Service", "farm-worker"), ("Deployment", "farm-control"), ("Deployment", "farm-flower"),
+        ("Namespace", "farm"),
+        ("ConfigMap", "farm-config"),
+        ("PersistentVolumeClaim", "farm-store"),
+        ("Deployment", "farm-web"),
+        ("Service", "farm-web"),
+        ("StatefulSet", "farm-worker"),
+        ("Service", "farm-worker"),
+        ("Deployment", "farm-control"),
+        ("Deployment", "farm-flower"),
     }
 
 
@@ -433,8 +841,9 @@ def test_k8s_validates_against_the_kubernetes_schemas() -> None:
 def test_k8s_one_image_everywhere() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert [i["name"] for i in kustomization["images"]] == ["farm"]
-    images = {c["image"] for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")
-              for c in containers(d)}
+    images = {
+        c["image"] for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet") for c in containers(d)
+    }
     assert images == {"farm"}
 
 
@@ -448,8 +857,13 @@ def test_k8s_settings_and_secrets() -> None:
     config = by_kind_name(k8s_docs())[("ConfigMap", "farm-config")]["data"]
     known = known_farm_vars()
     assert {k for k in [*example, *config] if k.startswith("FARM_")} <= known
-    secrets = {"FARM_BROKER_URL", "FARM_DATABASE_URL", "FARM_FLOWER_AUTH", "FARM_WEB_TOKEN",
-               "FARM_WEB_SECRET"}
+    secrets = {
+        "FARM_BROKER_URL",
+        "FARM_DATABASE_URL",
+        "FARM_FLOWER_AUTH",
+        "FARM_WEB_TOKEN",
+        "FARM_WEB_SECRET",
+    }
     assert not secrets & set(config), "secrets belong in the Secret, not the ConfigMap"
     for doc in k8s_docs():
         if doc["kind"] in ("Deployment", "StatefulSet"):
@@ -473,9 +887,14 @@ def test_k8s_gpu_workers() -> None:
 
 def _run_worker_script(script: str, hostname: str, prefix: str) -> list[str]:
     fake = script.replace("exec farm worker", "printf '%s\\n' \"$FARM_DEVICES\" farm worker")
-    out = subprocess.run(["/bin/sh", "-c", fake], env={"PATH": "/usr/bin:/bin", "HOSTNAME": hostname,
-                                                       "QUEUE_PREFIX": prefix},
-                         capture_output=True, text=True, timeout=10, check=True)
+    out = subprocess.run(
+        ["/bin/sh", "-c", fake],
+        env={"PATH": "/usr/bin:/bin", "HOSTNAME": hostname, "QUEUE_PREFIX": prefix},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
     return out.stdout.split()
 
 
@@ -494,7 +913,10 @@ def test_k8s_worker_queue_follows_the_pod_ordinal() -> None:
     printed = subprocess.run(
         ["/bin/sh", "-c", probe[2].replace("celery -A", "printf '%s\\n' celery -A")],
         env={"PATH": "/usr/bin:/bin", "HOSTNAME": "farm-worker-3", "QUEUE_PREFIX": prefix},
-        capture_output=True, text=True, timeout=10, check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     ).stdout.split()
     assert printed[printed.index("-d") + 1] == f"{prefix}3@farm-worker-3"
 
@@ -542,7 +964,10 @@ def test_k8s_shared_artifact_store() -> None:
     home = docs[("ConfigMap", "farm-config")]["data"]["FARM_HOME"]
     for key in (("Deployment", "farm-web"), ("Deployment", "farm-control"), ("StatefulSet", "farm-worker")):
         spec = pod_spec(docs[key])
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
-                  if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
         assert claims.get(mounts.get(f"{home}/artifacts")) == "farm-store", key

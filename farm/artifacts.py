@@ -48,11 +48,6 @@ def sidecar_bytes(recipe: dict[str, Any]) -> bytes:
     return (json.dumps(recipe, sort_keys=True) + "\n").encode()
 
 
-def save_png(image: Image.Image, path: Path, recipe: dict[str, Any]) -> None:
-    """Write ``path`` and its sidecar in a local folder (what the local store does for each image)."""
-    LocalStore(Path(path).parent).save_png(Path(path).name, image, recipe)
-
-
 def read_recipe(path: Path) -> dict[str, Any]:
     with Image.open(path) as im:
         return json.loads(im.text["farm:recipe"])
@@ -116,9 +111,15 @@ class ArtifactStore(ABC):
 
 
 class LocalStore(ArtifactStore):
+    """A folder. Files are written under ``.tmp/`` in it and renamed into place (same filesystem, so the
+    rename is atomic); a writer killed mid-write leaves its temporary file there, named after its host and
+    pid, and later writes remove those of dead writers. Keeping them in one small folder makes that sweep
+    cheap however many images a batch folder holds."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.description = str(self.root)
+        self._tmp = self.root / TMP_DIR
 
     def local_path(self, name: str) -> Path:
         return resolve_inside(self.root, safe_name(name))
@@ -126,8 +127,8 @@ class LocalStore(ArtifactStore):
     def put(self, name: str, data: bytes, content_type: str) -> None:
         path = self.local_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        mine = f".{path.name}.{_HOST}.{os.getpid()}."
-        fd, tmp = tempfile.mkstemp(prefix=mine, suffix=".tmp", dir=path.parent)
+        self._tmp.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_HOST}.{os.getpid()}.", suffix=".tmp", dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -137,7 +138,7 @@ class LocalStore(ArtifactStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _remove_orphans(path)
+        _remove_orphans(self._tmp)
 
     def read_bytes(self, name: str) -> bytes:
         return self.local_path(name).read_bytes()
@@ -157,18 +158,22 @@ class LocalStore(ArtifactStore):
 
 
 _HOST = socket.gethostname().replace(".", "_")
+TMP_DIR = ".tmp"
 
 
-def _remove_orphans(path: Path) -> None:
-    """Delete temporary files of ``path`` left by writers on this host that were killed mid-write.
+def _remove_orphans(folder: Path) -> None:
+    """Delete temporary files in ``folder`` left by writers on this host that were killed mid-write.
 
     A temporary name carries its writer's host and pid; one whose pid is gone can never be renamed. Live
     writers' files and other hosts' (on a shared mount) are left alone.
     """
-    for tmp in path.parent.glob(f".{path.name}.{_HOST}.*.tmp"):
-        pid = tmp.name[len(path.name) + len(_HOST) + 3 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+    mine = f".{_HOST}."
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(mine) and entry.name.endswith(".tmp"):
+                pid = entry.name[len(mine) :].split(".", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    Path(entry.path).unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

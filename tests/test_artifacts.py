@@ -133,16 +133,16 @@ def test_a_batch_through_real_workers_stores_every_image_in_the_bucket(s3, tmp_p
 def test_a_write_removes_temporary_files_left_by_a_writer_killed_mid_write(tmp_path):
     import subprocess
 
-    from farm.artifacts import _HOST
+    from farm.artifacts import _HOST, TMP_DIR
 
     store = LocalStore(tmp_path)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    folder = tmp_path / "b1"
+    folder = tmp_path / TMP_DIR
     folder.mkdir()
-    orphan = folder / f".c1.png.{_HOST}.{dead.pid}.abc123.tmp"
-    live = folder / f".c1.png.{_HOST}.{os.getpid()}.def456.tmp"
-    other_host = folder / ".c1.png.otherhost.1.xyz.tmp"
+    orphan = folder / f".{_HOST}.{dead.pid}.abc123.tmp"
+    live = folder / f".{_HOST}.{os.getpid()}.def456.tmp"
+    other_host = folder / ".otherhost.1.xyz.tmp"
     for f in (orphan, live, other_host):
         f.write_bytes(b"half an image")
     store.save_png("b1/c1.png", _image(), RECIPE)

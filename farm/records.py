@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Executable, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
@@ -33,13 +33,18 @@ class StageStart:
     cancelled: bool = False
 
 
-def begin_stage(url: str, candidate_ids: list[str], stage: str, *, max_attempts: int) -> StageStart:
+def begin_stage(
+    url: str, candidate_ids: list[str], stage: str, *, max_attempts: int, also: Executable | None = None
+) -> StageStart:
     """Count this delivery against each candidate and pick the ones the stage still has to do.
 
     A candidate delivered more than ``max_attempts`` times to the same stage (it keeps killing its worker)
-    is failed here with the reason, so poison input cannot loop for ever.
+    is failed here with the reason, so poison input cannot loop for ever. ``also`` (the worker's heartbeat)
+    is written in the same transaction.
     """
     with session_scope(url) as s:
+        if also is not None:
+            s.execute(also)
         cands = _ordered(s, candidate_ids)
         item = s.get(Item, cands[0].item_id)
         batch = s.get(Batch, cands[0].batch_id)
@@ -84,24 +89,37 @@ def _cancel(cands: Iterable[Candidate]) -> None:
             c.status = "cancelled"
 
 
-def apply_stage(url: str, stage: str, updates: dict[str, dict[str, Any]], timing: dict[str, Any]) -> None:
+def apply_stage(
+    url: str,
+    stage: str,
+    updates: dict[str, dict[str, Any]],
+    timing: dict[str, Any],
+    *,
+    started: dict[str, Candidate],
+    also: Executable | None = None,
+) -> None:
     """Write one slice's stage results in one transaction (batched, not one commit per row).
 
-    Only candidates still at the stage's input status are touched, so a redelivered stage that finishes
-    after another delivery already advanced them changes nothing.
+    ``started`` holds the candidates as ``begin_stage`` read them (their timings are extended, not reread).
+    Each update is guarded by the stage's input status, so a redelivered stage that finishes after another
+    delivery already advanced a candidate changes nothing. ``also`` (the heartbeat) rides in the same
+    transaction.
     """
-    if not updates:
+    if not updates and also is None:
         return
+    table = Candidate.__table__
+    guarded = update(table).where(table.c.id == bindparam("b_id"), table.c.status == STAGE_INPUT[stage])
+    rows: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for cid, result in updates.items():
+        row = {"status": STAGE_OUTPUT[stage], "stage": stage, **result, "b_id": cid}
+        row["timings"] = {**(started[cid].timings or {}), stage: timing}
+        rows.setdefault(frozenset(row), []).append(row)
     with session_scope(url) as s:
-        for c in _ordered(s, list(updates)):
-            if c.status != STAGE_INPUT[stage]:
-                continue
-            values = dict(updates[c.id])
-            values.setdefault("status", STAGE_OUTPUT[stage])
-            values.setdefault("stage", stage)
-            for key, value in values.items():
-                setattr(c, key, value)
-            c.timings = {**(c.timings or {}), stage: timing}
+        conn = s.connection()
+        for same_columns in rows.values():
+            conn.execute(guarded, same_columns)
+        if also is not None:
+            conn.execute(also)
 
 
 def batch_hashes(

@@ -7,6 +7,7 @@ its own ``torch.Generator`` so a candidate's image depends on its seed, not on t
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -56,8 +57,10 @@ def compatible_schedulers(scheduler_class: str) -> list[str]:
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide the pixels, for provenance."""
+    """Versions of the packages that decide the pixels, for provenance (read once: they cannot change under
+    a running process, and reading package metadata costs milliseconds per slice)."""
     versions: dict[str, str] = {}
     for name in ("torch", "diffusers", "transformers"):
         try:
@@ -194,5 +197,5 @@ class Generator:
             "device": self.device,
             "dtype": self.dtype,
             **self.options,
-            "versions": package_versions(),
+            "versions": dict(package_versions()),
         }

@@ -16,13 +16,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
-    task_postrun,
-    task_prerun,
-    worker_process_init,
-)
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from sqlalchemy import Executable, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from farm.artifacts import store_for
@@ -142,8 +137,9 @@ class Runtime:
         self.nudenet()
         self.opennsfw()
 
-    def heartbeat(self, current: str | None = None) -> None:
-        """Upsert this worker's row: loaded models with load counts, what it runs now."""
+    def heartbeat_statement(self, current: str | None = None) -> Executable:
+        """The upsert of this worker's row (loaded models with load counts, what it runs now). Stages run it
+        inside their own transactions, so a heartbeat costs no commit of its own."""
         values = {
             "name": self.name,
             "queue": self.queue,
@@ -160,9 +156,22 @@ class Runtime:
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         stmt = dialect.insert(Worker).values(**values)
         keep = {k: stmt.excluded[k] for k in values if k not in ("name", "started_at")}
-        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
-        with engine.begin() as conn:
-            conn.execute(stmt)
+        return stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
+
+    def idle_statement(self) -> Executable:
+        """The heartbeat at the end of a task: nothing running, one more task done (the row exists)."""
+        return (
+            update(Worker)
+            .where(Worker.name == self.name)
+            .values(
+                current=None, tasks_done=self.tasks_done, models=self.registry.loads(), heartbeat_at=utcnow()
+            )
+        )
+
+    def heartbeat(self, current: str | None = None) -> None:
+        """Write the heartbeat in a transaction of its own (at start, and where no stage write happens)."""
+        with get_engine(self.settings.database_url).begin() as conn:
+            conn.execute(self.heartbeat_statement(current))
 
 
 def _budget_bytes(device: str) -> int | None:
@@ -208,21 +217,7 @@ def _on_process_init(**_kwargs: Any) -> None:
     log.info("worker %s on %s loaded %s", rt.name, rt.device, rt.registry.loads())
 
 
-@task_prerun.connect
-def _on_prerun(task: Any = None, args: Any = None, **_kwargs: Any) -> None:
-    if _runtime is not None:
-        _runtime.heartbeat(current=describe_task(task.name if task else "?", args))
-
-
-def describe_task(name: str, args: Any) -> str:
+def describe_task(name: str, payload: Any) -> str:
     """``farm.generate <first candidate id> (+N)``: what a worker is busy with (`farm workers`, tests)."""
-    payload = args[0] if args and isinstance(args[0], dict) else {}
-    ids = payload.get("candidates") or []
+    ids = (payload.get("candidates") if isinstance(payload, dict) else None) or []
     return f"{name} {ids[0]} (+{len(ids) - 1})" if ids else name
-
-
-@task_postrun.connect
-def _on_postrun(**_kwargs: Any) -> None:
-    if _runtime is not None:
-        _runtime.tasks_done += 1
-        _runtime.heartbeat(current=None)

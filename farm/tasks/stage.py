@@ -65,11 +65,16 @@ def run_stage(
     after: Callable[[StageStart, list[Candidate]], None] | None = None,
 ) -> dict[str, Any]:
     """Run one stage on a slice; ``after`` runs once its results are committed (cross-slice checks)."""
-    from farm.tasks.runtime import runtime
+    from farm.tasks.runtime import describe_task, runtime
 
     settings = load_settings()
+    rt = runtime()
     start = records.begin_stage(
-        settings.database_url, payload["candidates"], stage, max_attempts=settings.max_attempts
+        settings.database_url,
+        payload["candidates"],
+        stage,
+        max_attempts=settings.max_attempts,
+        also=rt.heartbeat_statement(describe_task(task.name, payload)),
     )
 
     def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -87,12 +92,24 @@ def run_stage(
     # A slice seen before may hold input that kills its worker: go one candidate at a time, committing each,
     # so the others finish and only the poison one runs into the attempt cap.
     parts = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
-    for part in parts:
+    started_as = {c.id: c for c in start.todo}
+    rt.tasks_done += 1
+    for n, part in enumerate(parts, 1):
         t0 = perf_counter()
         part_updates = isolate(stage, guarded, part)
         updates.update(part_updates)
-        timing = {"s": round((perf_counter() - t0) / len(part), 5), "queue": runtime().queue}
-        records.apply_stage(settings.database_url, stage, part_updates, timing)
+        timing = {"s": round((perf_counter() - t0) / len(part), 5), "queue": rt.queue}
+        last = n == len(parts)
+        records.apply_stage(
+            settings.database_url,
+            stage,
+            part_updates,
+            timing,
+            started=started_as,
+            also=rt.idle_statement() if last else None,
+        )
+    if not parts:
+        rt.heartbeat(None)
     if start.todo and after is not None:
         after(start, start.todo)
     if start.todo:
@@ -104,12 +121,12 @@ def run_stage(
             batch=payload["batch_id"],
             item=payload["item_id"],
             candidates=[c.id for c in start.todo],
-            queue=runtime().queue,
+            queue=rt.queue,
             outcome=dict(outcome),
             seconds=round(perf_counter() - started, 4),
         )
     if stage == "generate":
-        pin_rest_of_chain(task, runtime().queue)
+        pin_rest_of_chain(task, rt.queue)
     return payload
 
 

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Executable, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+
+#: A write that rides in a stage's transaction (the worker's heartbeat).
+Also = Callable[[Connection], None]
 
 # The status a candidate must have for each stage to work on it.
 STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "moderated", "score": "validated"}
@@ -34,7 +37,7 @@ class StageStart:
 
 
 def begin_stage(
-    url: str, candidate_ids: list[str], stage: str, *, max_attempts: int, also: Executable | None = None
+    url: str, candidate_ids: list[str], stage: str, *, max_attempts: int, also: Also | None = None
 ) -> StageStart:
     """Count this delivery against each candidate and pick the ones the stage still has to do.
 
@@ -44,10 +47,19 @@ def begin_stage(
     """
     with session_scope(url) as s:
         if also is not None:
-            s.execute(also)
-        cands = _ordered(s, candidate_ids)
-        item = s.get(Item, cands[0].item_id)
-        batch = s.get(Batch, cands[0].batch_id)
+            also(s.connection())
+        rows = s.execute(
+            select(Candidate, Item, Batch)
+            .join(Item, Item.id == Candidate.item_id)
+            .join(Batch, Batch.id == Candidate.batch_id)
+            .where(Candidate.id.in_(candidate_ids))
+        ).all()
+        found = {c.id: c for c, _item, _batch in rows}
+        missing = [i for i in candidate_ids if i not in found]
+        if missing:
+            raise LookupError(f"candidates not in the database: {missing[:5]}")
+        cands = [found[i] for i in candidate_ids]
+        _first, item, batch = rows[0]
         start = StageStart(batch=batch, item=item)
         if batch.status in BATCH_STOPPED:
             _cancel(cands)
@@ -75,14 +87,6 @@ def begin_stage(
         return start
 
 
-def _ordered(s: Session, ids: list[str]) -> list[Candidate]:
-    rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
-    missing = [i for i in ids if i not in rows]
-    if missing:
-        raise LookupError(f"candidates not in the database: {missing[:5]}")
-    return [rows[i] for i in ids]
-
-
 def _cancel(cands: Iterable[Candidate]) -> None:
     for c in cands:
         if c.status not in CANDIDATE_FINAL:
@@ -96,7 +100,7 @@ def apply_stage(
     timing: dict[str, Any],
     *,
     started: dict[str, Candidate],
-    also: Executable | None = None,
+    also: Also | None = None,
 ) -> None:
     """Write one slice's stage results in one transaction (batched, not one commit per row).
 
@@ -119,7 +123,7 @@ def apply_stage(
         for same_columns in rows.values():
             conn.execute(guarded, same_columns)
         if also is not None:
-            conn.execute(also)
+            also(conn)
 
 
 def batch_hashes(

@@ -13,11 +13,12 @@ import os
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
-from sqlalchemy import Executable, update
+from sqlalchemy import Connection, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from farm.artifacts import store_for
@@ -48,6 +49,7 @@ class Runtime:
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
         self.threads = int(pinned_threads) if pinned_threads else None
         self._lock = threading.Lock()
+        self._upsert: Any = None
 
     def _resolve(self, ref: str, kind: str) -> Any:
         from farm.ml.presets import resolve_model
@@ -137,41 +139,46 @@ class Runtime:
         self.nudenet()
         self.opennsfw()
 
-    def heartbeat_statement(self, current: str | None = None) -> Executable:
-        """The upsert of this worker's row (loaded models with load counts, what it runs now). Stages run it
-        inside their own transactions, so a heartbeat costs no commit of its own."""
-        values = {
+    def _heartbeat_values(self) -> dict[str, Any]:
+        return {
             "name": self.name,
             "queue": self.queue,
             "device": self.device,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "models": self.registry.loads(),
-            "current": current,
             "tasks_done": self.tasks_done,
-            "started_at": utcnow(),
             "heartbeat_at": utcnow(),
         }
-        engine = get_engine(self.settings.database_url)
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(Worker).values(**values)
-        keep = {k: stmt.excluded[k] for k in values if k not in ("name", "started_at")}
-        return stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
 
-    def idle_statement(self) -> Executable:
-        """The heartbeat at the end of a task: nothing running, one more task done (the row exists)."""
-        return (
-            update(Worker)
-            .where(Worker.name == self.name)
-            .values(
-                current=None, tasks_done=self.tasks_done, models=self.registry.loads(), heartbeat_at=utcnow()
+    def busy(self, current: str | None) -> Callable[[Connection], None]:
+        """The heartbeat at the start of a task: upsert this worker's row (loaded models with load counts,
+        what it runs now). Stages write it inside their own transactions, so it costs no commit of its own;
+        the statement is built once per process."""
+        if self._upsert is None:
+            dialect = (
+                postgresql if get_engine(self.settings.database_url).dialect.name == "postgresql" else sqlite
             )
-        )
+            stmt = dialect.insert(Worker)
+            keep = {k: stmt.excluded[k] for k in (*self._heartbeat_values(), "current") if k != "name"}
+            self._upsert = stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
+        values = {**self._heartbeat_values(), "current": current, "started_at": utcnow()}
+        upsert = self._upsert
+        return lambda conn: conn.execute(upsert, values) and None
+
+    def idle(self) -> Callable[[Connection], None]:
+        """The heartbeat at the end of a task: nothing running, one more task done (the row exists)."""
+        values = {**self._heartbeat_values(), "current": None}
+        values["w_name"] = values.pop("name")
+        return lambda conn: conn.execute(_IDLE, values) and None
 
     def heartbeat(self, current: str | None = None) -> None:
         """Write the heartbeat in a transaction of its own (at start, and where no stage write happens)."""
         with get_engine(self.settings.database_url).begin() as conn:
-            conn.execute(self.heartbeat_statement(current))
+            self.busy(current)(conn)
+
+
+_IDLE = update(Worker.__table__).where(Worker.__table__.c.name == bindparam("w_name"))
 
 
 def _budget_bytes(device: str) -> int | None:

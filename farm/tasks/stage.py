@@ -74,7 +74,7 @@ def run_stage(
         payload["candidates"],
         stage,
         max_attempts=settings.max_attempts,
-        also=rt.heartbeat_statement(describe_task(task.name, payload)),
+        also=rt.busy(describe_task(task.name, payload)),
     )
 
     def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
@@ -106,7 +106,7 @@ def run_stage(
             part_updates,
             timing,
             started=started_as,
-            also=rt.idle_statement() if last else None,
+            also=rt.idle() if last else None,
         )
     if not parts:
         rt.heartbeat(None)

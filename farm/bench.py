@@ -250,7 +250,9 @@ def _tree_peak_rss_mb(pid: int) -> float:
 # ----------------------------------------------------------------------------------------------- the report
 
 
-def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu") -> dict[str, Any]:
+def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: int = 1) -> dict[str, Any]:
+    """Runs A, A2, B and C in turn, ``repeat`` rounds of them; each keeps its fastest round, so a noisy
+    moment on a shared machine penalises neither the baseline nor the farm (every round is reported)."""
     from farm.config import parse_devices
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
@@ -287,16 +289,25 @@ def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu") -> dict[s
                 "FARM_DEVICES": ",".join(f"{q}={d}" for q, d in devices.items()),
             }
 
-        env_a = env_for("a", one)
-        a = run_bare(workload, env_a, [next(iter(one))], one, "A bare loop")
-        a2 = (
-            run_bare(workload, env_for("a2", two), list(two), two, "A2 2 bare loops")
-            if len(two) > 1
-            else None
-        )
-        b = run_farm("B farm, 1 device", workload, env_for("b", one))
-        c = run_farm("C farm, 2 devices", workload, env_for("c", two)) if len(two) > 1 else None
-    return report(workload, a, b, c, threads=per_device_threads, a2=a2)
+        runs: dict[str, list[RunResult]] = {"A": [], "A2": [], "B": [], "C": []}
+        for n in range(repeat):
+            runs["A"].append(run_bare(workload, env_for(f"a{n}", one), list(one), one, "A bare loop"))
+            if len(two) > 1:
+                runs["A2"].append(
+                    run_bare(workload, env_for(f"a2{n}", two), list(two), two, "A2 2 bare loops")
+                )
+            runs["B"].append(run_farm("B farm, 1 device", workload, env_for(f"b{n}", one)))
+            if len(two) > 1:
+                runs["C"].append(run_farm("C farm, 2 devices", workload, env_for(f"c{n}", two)))
+    best = {k: min(v, key=lambda r: r.seconds) for k, v in runs.items() if v}
+    data = report(
+        workload, best["A"], best["B"], best.get("C"), threads=per_device_threads, a2=best.get("A2")
+    )
+    data["repeat"] = repeat
+    for key, results in runs.items():
+        if results:
+            data["runs"][key]["seconds_each"] = [round(r.seconds, 3) for r in results]
+    return data
 
 
 def report(
@@ -375,6 +386,14 @@ def format_report(data: dict[str, Any]) -> str:
                 f"devices); C/A2 = {data['ratios']['C/A2']:.3f}"
             ]
             if "A2/A" in data["ratios"]
+            else []
+        ),
+        *(
+            [
+                f"each run repeated {data['repeat']} times, fastest kept: "
+                + "; ".join(f"{k} {r['seconds_each']}" for k, r in data["runs"].items())
+            ]
+            if data.get("repeat", 1) > 1
             else []
         ),
         f"B against a loop that only generates = {data['ratios']['B/A_generate_only']:.3f}   "

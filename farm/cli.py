@@ -434,6 +434,9 @@ def demo(manifest: Path) -> None:
 @click.option(
     "--scale", is_flag=True, help="Measure submit/enqueue/page latency and memory at 100 and 10,000 items."
 )
+@click.option(
+    "--repeat", default=2, show_default=True, help="Rounds of the runs; each run keeps its fastest round."
+)
 @click.option("--inner-loop", hidden=True, help="Internal: run the bare loop A in this (pinned) process.")
 def bench(
     items: int,
@@ -446,6 +449,7 @@ def bench(
     devices: str,
     as_json: bool,
     scale: bool,
+    repeat: int,
     inner_loop: str | None,
 ) -> None:
     """Measure the farm against a bare loop of the same stages (A), with one device (B) and two (C)."""
@@ -472,7 +476,7 @@ def bench(
         f"C farm on two devices (if --devices names two)...",
         err=True,
     )
-    data = b.bench(workload, devices=devices)
+    data = b.bench(workload, devices=devices, repeat=repeat)
     click.echo(json.dumps(data, indent=2) if as_json else b.format_report(data))
 
 

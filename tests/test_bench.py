@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_farm_bench_reports_each_run_its_ratios_and_where_the_candidates_ran(tmp_path):
+def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_round(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
     run = subprocess.run(
         [
@@ -27,6 +27,8 @@ def test_farm_bench_reports_each_run_its_ratios_and_where_the_candidates_ran(tmp
             "--steps",
             "1",
             "--slice-size",
+            "2",
+            "--repeat",
             "2",
             "--json",
         ],
@@ -45,3 +47,6 @@ def test_farm_bench_reports_each_run_its_ratios_and_where_the_candidates_ran(tmp
     assert sum(data["runs"]["C"]["devices"].values()) == 4
     assert {"B/A", "C/A", "A2/A", "C/A2", "B/A_generate_only"} <= set(data["ratios"])
     assert "overhead_ms_per_candidate" in data
+    assert data["repeat"] == 2
+    for r in data["runs"].values():
+        assert len(r["seconds_each"]) == 2 and r["seconds"] == min(r["seconds_each"]), "the fastest round"

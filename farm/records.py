@@ -8,15 +8,16 @@ changes to done, so redelivered tasks never double-count.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, Row, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, get_engine, session_scope, utcnow
 
 #: A write that rides in a stage's transaction (the worker's heartbeat).
 Also = Callable[[Connection], None]
@@ -26,14 +27,24 @@ STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "mode
 STAGE_OUTPUT = {"generate": "generated", "moderate": "moderated", "validate": "validated", "score": "scored"}
 
 
+class StagedCandidate(SimpleNamespace):
+    """A candidate as a stage works on it: its row, read-only, attributes named like ``Candidate``'s columns
+    (read with SQL Core: a stage runs this for every slice, and ORM loading cost more than the SQL)."""
+
+
 @dataclass
 class StageStart:
-    """What a stage delivery should work on: the candidates at its input status, in slice order."""
+    """What a stage delivery should work on: the candidates at its input status, in slice order, with their
+    item and batch rows."""
 
-    batch: Batch
-    item: Item
-    todo: list[Candidate] = field(default_factory=list)
+    batch: Row[Any]
+    item: Row[Any]
+    todo: list[StagedCandidate] = field(default_factory=list)
     cancelled: bool = False
+
+
+_C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
+_COUNT = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
 
 
 def begin_stage(
@@ -45,52 +56,58 @@ def begin_stage(
     is failed here with the reason, so poison input cannot loop for ever. ``also`` (the worker's heartbeat)
     is written in the same transaction.
     """
-    with session_scope(url) as s:
+    with get_engine(url).begin() as conn:
         if also is not None:
-            also(s.connection())
-        rows = s.execute(
-            select(Candidate, Item, Batch)
-            .join(Item, Item.id == Candidate.item_id)
-            .join(Batch, Batch.id == Candidate.batch_id)
-            .where(Candidate.id.in_(candidate_ids))
-        ).all()
-        found = {c.id: c for c, _item, _batch in rows}
-        missing = [i for i in candidate_ids if i not in found]
+            also(conn)
+        rows = {r.id: r for r in conn.execute(select(_C).where(_C.c.id.in_(candidate_ids)))}
+        missing = [i for i in candidate_ids if i not in rows]
         if missing:
             raise LookupError(f"candidates not in the database: {missing[:5]}")
-        cands = [found[i] for i in candidate_ids]
-        _first, item, batch = rows[0]
+        first = rows[candidate_ids[0]]
+        item = conn.execute(select(_I).where(_I.c.id == first.item_id)).one()
+        batch = conn.execute(select(_B).where(_B.c.id == first.batch_id)).one()
         start = StageStart(batch=batch, item=item)
         if batch.status in BATCH_STOPPED:
-            _cancel(cands)
+            conn.execute(
+                update(_C)
+                .where(_C.c.id.in_(candidate_ids), _C.c.status.not_in(CANDIDATE_FINAL))
+                .values(status="cancelled")
+            )
             start.cancelled = True
             return start
         if batch.started_at is None:
-            batch.started_at = utcnow()
-            if batch.status == "queued":
-                batch.status = "running"
-        for c in cands:
+            conn.execute(
+                update(_B)
+                .where(_B.c.id == batch.id, _B.c.started_at.is_(None))
+                .values(
+                    started_at=utcnow(), status=case((_B.c.status == "queued", "running"), else_=_B.c.status)
+                )
+            )
+        writes: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        for cid in candidate_ids:
+            c = rows[cid]
             if c.status != STAGE_INPUT[stage]:
                 continue
-            counts = dict(c.stage_attempts or {})
+            counts = {**(c.stage_attempts or {})}
             counts[stage] = counts.get(stage, 0) + 1
-            c.stage_attempts = counts
-            c.attempts += 1
-            if counts[stage] > max_attempts:
-                c.status, c.stage = "failed", stage
-                c.error = (
-                    f"{stage} was started {counts[stage] - 1} times without finishing (its worker died each "
-                    f"time); gave up after FARM_MAX_ATTEMPTS={max_attempts}"
+            row = {"b_id": cid, "b_status": c.status, "stage_attempts": counts, "attempts": c.attempts + 1}
+            gave_up = counts[stage] > max_attempts
+            if gave_up:
+                row.update(
+                    status="failed",
+                    stage=stage,
+                    error=f"{stage} was started {counts[stage] - 1} times without finishing (its worker died "
+                    f"each time); gave up after FARM_MAX_ATTEMPTS={max_attempts}",
                 )
-                continue
-            start.todo.append(c)
+            else:
+                start.todo.append(
+                    StagedCandidate(**{**c._mapping, "stage_attempts": counts, "attempts": c.attempts + 1})
+                )
+            writes[gave_up].append(row)
+        for same_columns in writes.values():
+            if same_columns:
+                conn.execute(_COUNT, same_columns)
         return start
-
-
-def _cancel(cands: Iterable[Candidate]) -> None:
-    for c in cands:
-        if c.status not in CANDIDATE_FINAL:
-            c.status = "cancelled"
 
 
 def apply_stage(
@@ -99,7 +116,7 @@ def apply_stage(
     updates: dict[str, dict[str, Any]],
     timing: dict[str, Any],
     *,
-    started: dict[str, Candidate],
+    started: dict[str, StagedCandidate],
     also: Also | None = None,
 ) -> None:
     """Write one slice's stage results in one transaction (batched, not one commit per row).

@@ -8,12 +8,11 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
-from farm.db import Candidate
-from farm.records import StageStart
+from farm.records import StagedCandidate, StageStart
 from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
 
 
-def generate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     from farm.ml.moderation import check_prompt_terms
     from farm.tasks.runtime import runtime
 

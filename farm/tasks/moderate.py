@@ -10,18 +10,17 @@ from PIL import Image
 
 from farm import records
 from farm.celery_app import app
-from farm.db import Candidate
-from farm.records import StageStart
+from farm.records import StagedCandidate, StageStart
 from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
 
 
-def load_images(cands: list[Candidate]) -> list[Image.Image]:
+def load_images(cands: list[StagedCandidate]) -> list[Image.Image]:
     from farm.tasks.runtime import runtime
 
     return [runtime().image(c.image_path) for c in cands]
 
 
-def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     from farm.ml import moderation as mod
     from farm.tasks.runtime import runtime
 
@@ -56,7 +55,7 @@ def moderate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[
     return out
 
 
-def flag_near_duplicates(start: StageStart, cands: list[Candidate]) -> None:
+def flag_near_duplicates(start: StageStart, cands: list[StagedCandidate]) -> None:
     """Flag, on both sides, every candidate of the batch within the near-duplicate distance of this slice.
 
     Runs after the slice's own hashes are committed and reads the committed hashes again, so of two slices

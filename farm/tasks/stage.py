@@ -17,12 +17,12 @@ from celery import Task
 
 from farm import faults, logs, records
 from farm.config import load_settings
-from farm.db import TRANSIENT_DB_ERRORS, Candidate
-from farm.records import StageStart
+from farm.db import TRANSIENT_DB_ERRORS
+from farm.records import StagedCandidate, StageStart
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[StageStart, list[Candidate]], dict[str, dict[str, Any]]]
+Work = Callable[[StageStart, list[StagedCandidate]], dict[str, dict[str, Any]]]
 
 #: Options of every stage task: retry on transient database errors. Only the last stage of a slice's chain
 #: (score) keeps its result in Redis, where the chord counts it; the others pass theirs on in the message.
@@ -36,7 +36,9 @@ MIDDLE_STAGE_OPTIONS: dict[str, Any] = {**STAGE_OPTIONS, "ignore_result": True}
 
 
 def isolate(
-    stage: str, work: Callable[[list[Candidate]], dict[str, dict[str, Any]]], cands: list[Candidate]
+    stage: str,
+    work: Callable[[list[StagedCandidate]], dict[str, dict[str, Any]]],
+    cands: list[StagedCandidate],
 ) -> dict[str, dict[str, Any]]:
     """Run ``work`` on the whole slice; if it raises, once per candidate, failing only those that raise."""
     try:
@@ -62,7 +64,7 @@ def run_stage(
     payload: dict[str, Any],
     stage: str,
     work: Work,
-    after: Callable[[StageStart, list[Candidate]], None] | None = None,
+    after: Callable[[StageStart, list[StagedCandidate]], None] | None = None,
 ) -> dict[str, Any]:
     """Run one stage on a slice; ``after`` runs once its results are committed (cross-slice checks)."""
     from farm.tasks.runtime import describe_task, runtime
@@ -77,7 +79,7 @@ def run_stage(
         also=rt.busy(describe_task(task.name, payload)),
     )
 
-    def guarded(cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+    def guarded(cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
         faults.trigger(
             stage,
             start.item.prompt,

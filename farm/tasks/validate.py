@@ -7,13 +7,12 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
-from farm.db import Candidate
-from farm.records import StageStart
+from farm.records import StagedCandidate, StageStart
 from farm.tasks.moderate import load_images
 from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
 
 
-def validate_slice(start: StageStart, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     from farm.tasks.runtime import runtime
 
     rt = runtime()

@@ -512,6 +512,29 @@ def scale(sizes: tuple[int, ...] = (100, 10_000)) -> dict[str, Any]:
     return results
 
 
+def worker_memory(sizes: tuple[int, ...] = (100, 10_000)) -> dict[str, Any]:
+    """Peak memory of every farm process after a batch of each size through two CPU device workers.
+
+    A light workload (32x32, one step, slices of 4) so that 10,000 candidates take minutes; what grows with
+    the batch (caches, hashes kept for near-duplicates, SQL rows read) shows as a higher peak at 10,000.
+    """
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    base.update({"HF_HUB_OFFLINE": "1", "FARM_SLICE_SIZE": "4", "FARM_PRELOAD_GENERATOR": "tiny"})
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="farm-memory-") as tmp:
+        for n in sizes:
+            workload = Workload(items=max(1, n // 4), candidates=4, size=32, steps=1)
+            env = {**base, "FARM_HOME": str(Path(tmp) / str(n)), "FARM_DEVICES": "cuda0=cpu,cuda1=cpu"}
+            run = run_farm(f"memory-{n}", workload, env)
+            out[str(n)] = {
+                "candidates": run.candidates,
+                "seconds": round(run.seconds, 1),
+                "peak_rss_mb": run.peak_rss_mb,
+                "devices": run.devices,
+            }
+    return out
+
+
 def _children(pid: int) -> list[int]:
     """``pid`` and its direct children (the control worker's pool processes)."""
     out = [pid]

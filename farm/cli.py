@@ -432,7 +432,10 @@ def demo(manifest: Path) -> None:
 )
 @click.option("--json", "as_json", is_flag=True)
 @click.option(
-    "--scale", is_flag=True, help="Measure submit/enqueue/page latency and memory at 100 and 10,000 items."
+    "--scale",
+    is_flag=True,
+    help="Measure submit/enqueue/page latency at 100 and 10,000 items, and every process's memory after "
+    "batches of 100 and 10,000 candidates.",
 )
 @click.option(
     "--repeat", default=2, show_default=True, help="Rounds of the runs; each run keeps its fastest round."
@@ -456,7 +459,7 @@ def bench(
     from farm import bench as b
 
     if scale:
-        click.echo(json.dumps(b.scale(), indent=2))
+        click.echo(json.dumps({"enqueue": b.scale(), "device_workers": b.worker_memory()}, indent=2))
         return
     if inner_loop:
         workload = b.Workload(**json.loads(inner_loop))

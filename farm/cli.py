@@ -110,7 +110,11 @@ def worker(queue: str | None, control: bool, loglevel: str) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from None
         apply_pinning(pin)
-        argv = ["worker", "-Q", f"{queue},{SLICES_QUEUE}", "-n", f"{queue}@%h", "-c", "1"]
+        from farm.placement import preload_queue
+
+        # The preloaded generator's model queue from the start (farm.placement); the others follow loads.
+        queues = f"{queue},{SLICES_QUEUE},{preload_queue(settings.preload_generator)}"
+        argv = ["worker", "-Q", queues, "-n", f"{queue}@%h", "-c", "1"]
     from farm.celery_app import app
     from farm.db import migrate
 
@@ -219,7 +223,7 @@ def _take_slices(device: str, *, take: bool) -> list[str]:
     from farm.celery_app import app
     from farm.worker import set_taking_slices
 
-    names = set_taking_slices(app, device, take)
+    names = set_taking_slices(app, device, take, database_url=_settings().database_url)
     if not names:
         raise click.ClickException(f"no live worker serves {device}")
     return names
@@ -312,7 +316,8 @@ def status(batch_id: str | None, as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def workers(as_json: bool) -> None:
-    """Device workers: their device, the models they loaded and how many times, what they run now."""
+    """Device workers: their device, the models they loaded and how many times, what they hold and consume
+    now, what they run now."""
     from sqlalchemy import select
 
     from farm.db import Worker, migrate, session_scope
@@ -327,6 +332,8 @@ def workers(as_json: bool) -> None:
                 "device": w.device,
                 "pid": w.pid,
                 "models": w.models,
+                "loaded": w.loaded or [],
+                "queues": w.queues or [],
                 "current": w.current,
                 "tasks_done": w.tasks_done,
                 "heartbeat_at": w.heartbeat_at.isoformat() + "Z",
@@ -339,6 +346,8 @@ def workers(as_json: bool) -> None:
     for w in rows:
         models = ", ".join(f"{k} x{v}" for k, v in w["models"].items())
         click.echo(f"{w['name']:<30} {w['device']:<8} tasks={w['tasks_done']:<5} {models}")
+        if w["queues"]:
+            click.echo(f"{'':<30} consumes {', '.join(w['queues'])}")
 
 
 def print_ranked(settings: Settings, batch_id: str) -> None:

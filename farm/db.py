@@ -138,6 +138,10 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     hostname: Mapped[str] = mapped_column(String(200))
     models: Mapped[dict] = mapped_column(JSON, default=dict)
+    #: Registry keys loaded now (written by the pool child); ``models`` counts loads, evicted ones included.
+    loaded: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    #: Queues the worker consumes now (written by its main process; farm.placement).
+    queues: Mapped[list | None] = mapped_column(JSON, nullable=True)
     current: Mapped[str | None] = mapped_column(String(200), nullable=True)
     tasks_done: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

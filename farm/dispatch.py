@@ -5,9 +5,11 @@ Submitting writes the whole batch (batch, items, candidates) in one transaction 
 not keep the caller waiting while its chords are built. The control worker builds, for each item, one chord
 whose header is one chain per slice (generate -> moderate -> validate -> score) and whose body ranks the item.
 
-Placement: a slice's first task goes to the shared ``slices`` queue that every device worker consumes, so
-whichever device is free takes the next slice (a faster device takes more of them). The generate task then
-pins the rest of its chain to its own device queue, where the slice's images are.
+Placement (farm.placement): a slice's first task goes to the queue of the batch's generator when a live
+worker consumes it (it has that model loaded, so nothing is reloaded), otherwise to the shared ``slices``
+queue that every device worker consumes; either way whichever device is free takes the next slice (a faster
+device takes more of them), and an idle worker steals from a model queue that has work waiting. The
+generate task then pins the rest of its chain to its own device queue, where the slice's images are.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from celery import Celery, chain, chord
 from celery.canvas import Signature
 from sqlalchemy import select, update
 
+from farm import placement
 from farm.celery_app import app_for
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
@@ -175,20 +178,30 @@ def slices(candidate_ids: list[str], size: int) -> list[list[str]]:
     return [candidate_ids[i : i + size] for i in range(0, len(candidate_ids), size)]
 
 
-def slice_chain(batch_id: str, iid: str, ids: list[str], *, priority: int, app: Celery) -> Signature:
-    """generate -> moderate -> validate -> score for one slice; generate pins the rest to its device."""
+def slice_chain(
+    batch_id: str, iid: str, ids: list[str], *, priority: int, app: Celery, queue: str = SLICES_QUEUE
+) -> Signature:
+    """generate -> moderate -> validate -> score for one slice, sent to ``queue`` (``slices`` or a model
+    queue); generate pins the rest to its device."""
     payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
     first, *rest = STAGE_TASKS
-    sigs = [app.signature(first, args=(payload,), queue=SLICES_QUEUE, priority=priority)]
-    sigs += [app.signature(name, queue=SLICES_QUEUE, priority=priority) for name in rest]
+    sigs = [app.signature(first, args=(payload,), queue=queue, priority=priority)]
+    sigs += [app.signature(name, queue=queue, priority=priority) for name in rest]
     return chain(*sigs)
 
 
 def item_chord(
-    batch_id: str, iid: str, candidate_ids: list[str], *, slice_size: int, priority: int, app: Celery
+    batch_id: str,
+    iid: str,
+    candidate_ids: list[str],
+    *,
+    slice_size: int,
+    priority: int,
+    app: Celery,
+    queue: str = SLICES_QUEUE,
 ) -> Signature:
     header = [
-        slice_chain(batch_id, iid, ids, priority=priority, app=app)
+        slice_chain(batch_id, iid, ids, priority=priority, app=app, queue=queue)
         for ids in slices(candidate_ids, slice_size)
     ]
     body = app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority, immutable=True)
@@ -206,6 +219,7 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
         if batch is None or batch.status not in ("queued", "running"):
             return 0
         priority = celery_priority(batch.priority)
+        model, batch_settings = batch.model, batch.settings
         pending = (
             s.execute(
                 select(Item.id)
@@ -215,6 +229,8 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
             .scalars()
             .all()
         )
+    # One routing choice for the whole batch: idle workers steal from a model queue, so it never strands work.
+    queue = placement.route(settings.database_url, model, batch_settings) if pending else SLICES_QUEUE
     sent = 0
     for iid in pending:
         with session_scope(settings.database_url) as s:
@@ -232,19 +248,36 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
             )
         if not flipped:
             continue
-        send_item(batch_id, iid, list(ids), settings=settings, priority=priority)
+        send_item(batch_id, iid, list(ids), settings=settings, priority=priority, queue=queue)
         sent += 1
     return sent
 
 
 def send_item(
-    batch_id: str, iid: str, candidate_ids: list[str], *, settings: Settings, priority: int
+    batch_id: str,
+    iid: str,
+    candidate_ids: list[str],
+    *,
+    settings: Settings,
+    priority: int,
+    queue: str | None = None,
 ) -> None:
-    """One chord for these candidates of the item (or, with none left to do, just its rank)."""
+    """One chord for these candidates of the item (or, with none left to do, just its rank).
+
+    Its slices go to ``queue``, or where farm.placement routes the batch now (re-sends by the reaper, top-up
+    rounds, retry and resume)."""
     app = app_for(settings)
     if candidate_ids:
+        if queue is None:
+            queue = placement.route_batch(settings.database_url, batch_id)
         item_chord(
-            batch_id, iid, candidate_ids, slice_size=settings.slice_size, priority=priority, app=app
+            batch_id,
+            iid,
+            candidate_ids,
+            slice_size=settings.slice_size,
+            priority=priority,
+            app=app,
+            queue=queue,
         ).apply_async()
     else:
         app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority).apply_async()

@@ -48,12 +48,20 @@ def live_queues(app: object) -> set[str]:
 
 
 def queued_messages(app: object, settings: Settings) -> int:
-    """Messages waiting where a live worker will take them: the shared and control queues, and the queues of
-    devices whose worker answers. Work stranded in the queue of a device that is gone does not count: it is
-    stalled, and the reaper re-sends it through the shared queue."""
+    """Messages waiting where a live worker will take them: the shared and control queues, the model queues
+    of open batches (a worker holding the model takes them, and any idle worker steals them, as it would
+    take from the shared queue), and the queues of devices whose worker answers. Work stranded in the queue
+    of a device that is gone does not count: it is stalled, and the reaper re-sends it (routed as dispatch
+    routes, farm.placement)."""
+    from farm.placement import active_model_queues
     from farm.worker import queue_length
 
-    queues = {SLICES_QUEUE, CONTROL_QUEUE, *(live_queues(app) - {CONTROL_QUEUE})}
+    queues = {
+        SLICES_QUEUE,
+        CONTROL_QUEUE,
+        *active_model_queues(settings.database_url),
+        *(live_queues(app) - {CONTROL_QUEUE}),
+    }
     return sum(queue_length(app, q) for q in queues if q)
 
 

@@ -2,9 +2,14 @@
 
 Celery's own warm shutdown finishes the task in hand, but a slice is a chain: its later stages wait in this
 device's own queue and would be stranded until the worker came back. So SIGTERM here first stops taking new
-slices from the shared queue (the same as `farm drain`), keeps serving the device queue until no slice of
-this device is in flight, and only then sets Celery's warm-shutdown flag. A second SIGTERM, or
+slices from the shared and model queues (the same as `farm drain`), keeps serving the device queue until no
+slice of this device is in flight, and only then sets Celery's warm-shutdown flag. A second SIGTERM, or
 FARM_DRAIN_TIMEOUT, stops at once (what is left stays queued in Redis for the next worker of this device).
+
+The main process also keeps the worker's model queues (farm.placement) in step: it consumes the queue of
+each generator its pool child holds (the child announces them when it loads or evicts one), steals a
+waiting model queue when it has nothing to do, and writes what it consumes to the ``workers`` table, which
+is what dispatch routes by. A drained worker consumes only its device queue.
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ import time
 from typing import Any
 
 from celery.signals import worker_ready
-from sqlalchemy import func, select
+from celery.worker.control import control_command, ok
+from sqlalchemy import func, select, update
 
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
-from farm.db import Candidate, session_scope
+from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
+from farm.placement import (
+    BEAT_S,
+    STEAL_HOLD_S,
+    TICK_S,
+    ActiveModelQueues,
+    generator_queues,
+    is_model_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +71,268 @@ def device_workers(app: Any, queue: str, timeout: float = 2.0) -> list[str]:
     return sorted(n for n in names if n.split("@", 1)[0] == queue)
 
 
-def set_taking_slices(app: Any, queue: str, take: bool) -> list[str]:
-    """Start or stop the device's workers taking new slices (`farm undrain` / `farm drain`); in-flight slices
-    finish either way. Returns the workers told."""
+def set_taking_slices(
+    app: Any, queue: str, take: bool, *, database_url: str | None = None, wait: float = 5.0
+) -> list[str]:
+    """Start or stop the device's workers taking new slices (`farm undrain` / `farm drain`): the shared
+    queue and the model queues; in-flight slices finish either way. Returns the workers told.
+
+    With ``database_url``, also waits (up to ``wait`` seconds) until the workers' rows show the change, so
+    a batch dispatched right after a drain is not routed to a model queue of a drained worker.
+    """
     names = device_workers(app, queue)
     if names:
         with app.connection_for_write() as conn:
-            control = app.control.add_consumer if take else app.control.cancel_consumer
-            control(SLICES_QUEUE, destination=names, reply=True, timeout=5, connection=conn)
+            app.control.broadcast(
+                "farm_take_slices",
+                arguments={"take": take},
+                destination=names,
+                reply=True,
+                timeout=5,
+                connection=conn,
+            )
+        if database_url:
+            _wait_for_rows(database_url, names, take, wait)
     return names
 
 
-def drain(app: Any, queue: str) -> list[str]:
-    return set_taking_slices(app, queue, take=False)
+def _wait_for_rows(database_url: str, names: list[str], take: bool, wait: float) -> None:
+    def shown(queues: list[str] | None) -> bool:
+        if queues is None:
+            return False
+        if take:
+            return SLICES_QUEUE in queues
+        return SLICES_QUEUE not in queues and not any(is_model_queue(q) for q in queues)
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with session_scope(database_url) as s:
+            rows = s.execute(select(Worker.queues).where(Worker.name.in_(names))).scalars().all()
+        if len(rows) == len(names) and all(shown(q) for q in rows):
+            return
+        time.sleep(0.1)
+    log.warning("the workers table does not show %s %s yet", names, "undrained" if take else "drained")
 
 
-def undrain(app: Any, queue: str) -> list[str]:
-    return set_taking_slices(app, queue, take=True)
+def drain(app: Any, queue: str, *, database_url: str | None = None) -> list[str]:
+    return set_taking_slices(app, queue, take=False, database_url=database_url)
+
+
+def undrain(app: Any, queue: str, *, database_url: str | None = None) -> list[str]:
+    return set_taking_slices(app, queue, take=True, database_url=database_url)
+
+
+class ModelQueues:
+    """The model queues a device worker's main process consumes, kept in step by a thread of its own.
+
+    Wanted: the queues of the generators the pool child holds (``held``: announced by the child with the
+    ``farm_models`` control command, and re-read from its heartbeat's ``loaded`` when the worker is idle, in
+    case an announcement was lost), plus a queue stolen for STEAL_HOLD_S when the worker had nothing to do
+    while that queue had messages. A drained worker (not consuming ``slices``) wants none. Consumers change
+    only in the event loop (``consumer.call_soon``); the thread reads Redis and SQL without blocking the
+    loop, and writes what the worker consumes to its ``workers`` row (with a heartbeat) when that changes and
+    every BEAT_S seconds.
+    """
+
+    RESYNC_S = 10.0
+
+    def __init__(self, consumer: Any, device_queue: str, database_url: str) -> None:
+        self.consumer = consumer
+        self.app = consumer.app
+        self.hostname = consumer.hostname
+        self.device_queue = device_queue
+        self.database_url = database_url
+        self.active = ActiveModelQueues(database_url)
+        self._lock = threading.Lock()
+        self.held: set[str] = {q for q in self.consuming() if is_model_queue(q)}
+        self.stolen: dict[str, float] = {}
+        self._wake = threading.Event()
+        self._conn: Any = None
+        self._written: list[str] | None = None
+        self._written_at = 0.0
+        self._resynced_at = 0.0
+
+    # -- state
+    def consuming(self) -> set[str]:
+        return set(self.app.amqp.queues.consume_from or ())
+
+    def wanted(self, consuming: set[str]) -> set[str]:
+        if SLICES_QUEUE not in consuming:
+            return set()
+        now = time.monotonic()
+        with self._lock:
+            self.stolen = {q: until for q, until in self.stolen.items() if until > now}
+            return self.held | set(self.stolen)
+
+    def set_held(self, queues: list[str] | set[str]) -> None:
+        with self._lock:
+            self.held = {q for q in queues if is_model_queue(q)}
+            self.stolen = {q: t for q, t in self.stolen.items() if q not in self.held}
+        self.consumer.call_soon(self.apply)
+
+    # -- in the event loop
+    def apply(self) -> None:
+        consuming = self.consuming()
+        want = self.wanted(consuming)
+        for q in sorted(want - consuming):
+            self.consumer.add_task_queue(q)
+        for q in sorted(consuming - want):
+            if is_model_queue(q):
+                self.consumer.cancel_task_queue(q)
+        self._wake.set()
+
+    def take_slices(self, take: bool) -> None:
+        if take:
+            self.consumer.add_task_queue(SLICES_QUEUE)
+        else:
+            self.consumer.cancel_task_queue(SLICES_QUEUE)
+        self.apply()
+
+    # -- the thread
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True, name="farm-model-queues").start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception as exc:  # the broker or the database is away; try again next tick
+                log.debug("model queues of %s: %s", self.hostname, exc)
+                self._close()
+
+    def tick(self) -> None:
+        from celery.worker import state
+
+        consuming = self.consuming()
+        if SLICES_QUEUE in consuming and not (state.active_requests or state.reserved_requests):
+            self._resync()
+            self._steal(consuming)
+        mine = {q for q in consuming if is_model_queue(q)}
+        if self.wanted(consuming) != mine:
+            self.consumer.call_soon(self.apply)
+        self._write(consuming)
+
+    def _resync(self) -> None:
+        """Idle: take what the child holds from its last heartbeat (committed with its last task)."""
+        from celery.worker import state
+
+        now = time.monotonic()
+        if now - self._resynced_at < self.RESYNC_S:
+            return
+        self._resynced_at = now
+        with session_scope(self.database_url) as s:
+            row = s.execute(
+                select(Worker.pid, Worker.loaded).where(Worker.name == self.hostname)
+            ).one_or_none()
+        if row is None or row.loaded is None or row.pid not in self._child_pids():
+            return
+        if state.active_requests or state.reserved_requests:
+            return  # a task started meanwhile: the row may be outdated already
+        held = generator_queues(row.loaded)
+        with self._lock:
+            if held == self.held:
+                return
+        log.info("%s holds %s (from its heartbeat)", self.hostname, sorted(held))
+        self.set_held(held)
+
+    def _child_pids(self) -> set[int]:
+        try:
+            return {p.pid for p in self.consumer.pool._pool._pool}
+        except AttributeError:
+            return set()
+
+    def _steal(self, consuming: set[str]) -> None:
+        """Nothing running and nothing waiting for this worker: take a model queue that has messages."""
+        if any(self._lengths(consuming).values()):
+            return
+        others = self.active() - consuming
+        if not others:
+            return
+        waiting = {q: n for q, n in self._lengths(others).items() if n}
+        if not waiting:
+            return
+        queue = max(sorted(waiting), key=waiting.__getitem__)
+        with self._lock:
+            self.stolen[queue] = time.monotonic() + STEAL_HOLD_S
+        log.info(
+            "%s is idle while %s has %d slices waiting: takes from it", self.hostname, queue, waiting[queue]
+        )
+        self.consumer.call_soon(self.apply)
+
+    def _lengths(self, queues: set[str]) -> dict[str, int]:
+        """Messages waiting in each queue (all priority lists), in one round trip."""
+        if self._conn is None:
+            self._conn = self.app.connection_for_write()
+        client = self._conn.default_channel.client
+        pipe = client.pipeline(transaction=False)
+        order = sorted(queues)
+        for q in order:
+            for key in queue_keys(q):
+                pipe.llen(key)
+        counts = pipe.execute()
+        step = len(queue_keys(""))
+        return {q: sum(counts[i * step : (i + 1) * step]) for i, q in enumerate(order)}
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # already broken: nothing to give back
+                pass
+
+    def _write(self, consuming: set[str]) -> None:
+        queues = sorted(consuming)
+        now = time.monotonic()
+        if queues == self._written and now - self._written_at < BEAT_S:
+            return
+        with get_engine(self.database_url).begin() as conn:
+            found = conn.execute(
+                update(Worker)
+                .where(Worker.name == self.hostname)
+                .values(queues=queues, heartbeat_at=utcnow())
+            ).rowcount
+        if found:  # before the child's first heartbeat there is no row: try again next tick
+            self._written, self._written_at = queues, now
+
+
+#: The device worker's ModelQueues, in its main process (None elsewhere).
+MODEL_QUEUES: ModelQueues | None = None
+
+
+@control_command(args=[("queues", list)], signature="<queue> [queue ...]")
+def farm_models(state: Any, queues: list[str] | None = None, **_kwargs: Any) -> dict:
+    """Consume the model queues of these generators (sent by the worker's own pool child)."""
+    if MODEL_QUEUES is None:
+        return {"error": "not a device worker"}
+    MODEL_QUEUES.set_held(queues or [])
+    return ok(f"model queues {sorted(queues or [])}")
+
+
+@control_command(args=[("take", bool)], signature="<true|false>")
+def farm_take_slices(state: Any, take: bool = True, **_kwargs: Any) -> dict:
+    """Start (true) or stop (false) taking new slices: the shared queue and the model queues."""
+    take = take not in (False, "false", "False", "0", 0)
+    if MODEL_QUEUES is not None:
+        state.consumer.call_soon(MODEL_QUEUES.take_slices, take)
+    elif take:
+        state.consumer.call_soon(state.consumer.add_task_queue, SLICES_QUEUE)
+    else:
+        state.consumer.call_soon(state.consumer.cancel_task_queue, SLICES_QUEUE)
+    return ok("taking slices" if take else "drained")
 
 
 def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll: float = 0.5) -> None:
     from celery.worker import state
 
-    app.control.cancel_consumer(SLICES_QUEUE, destination=[hostname], reply=True, timeout=5)
+    if MODEL_QUEUES is not None:
+        MODEL_QUEUES.consumer.call_soon(MODEL_QUEUES.take_slices, False)
+    else:
+        app.control.broadcast(
+            "farm_take_slices", arguments={"take": False}, destination=[hostname], reply=True, timeout=5
+        )
     database_url = load_settings().database_url
     deadline = time.monotonic() + timeout
     quiet = 0
@@ -99,7 +352,8 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
 
 
 @worker_ready.connect
-def _install_graceful_term(sender: Any = None, **_kwargs: Any) -> None:
+def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
+    """Control worker: reap once. Device worker: follow its model queues, and drain on SIGTERM."""
     if sender is None:
         return
     queue = os.environ.get("FARM_PINNED_QUEUE")
@@ -110,8 +364,12 @@ def _install_graceful_term(sender: Any = None, **_kwargs: Any) -> None:
         return
     from celery import platforms
 
+    global MODEL_QUEUES
     app, hostname = sender.app, sender.hostname
-    timeout = float(load_settings().drain_timeout)
+    settings = load_settings()
+    MODEL_QUEUES = ModelQueues(sender, queue, settings.database_url)
+    MODEL_QUEUES.start()
+    timeout = float(settings.drain_timeout)
     celery_handler = platforms.signals["SIGTERM"]
     started = threading.Event()
 

@@ -8,9 +8,9 @@ web app reports the same figures. What it exposes:
   and ``farm_stage_duration_samples``: per-stage time per candidate, from the ``timings`` of the most recently
   updated STAGE_WINDOW candidates. They describe a sliding window, so they are gauges, not a histogram's
   counters: graph them as they are, never ``rate()`` them.
-- ``farm_queue_length{queue}``: messages waiting in Redis for the shared ``slices`` queue, ``control`` and
-  each device queue (configured or seen in the workers table); ``farm_broker_up`` is 0 when Redis did not
-  answer.
+- ``farm_queue_length{queue}``: messages waiting in Redis for the shared ``slices`` queue, ``control``, the
+  model queue of each open batch (farm.placement) and each device queue (configured or seen in the workers
+  table); ``farm_broker_up`` is 0 when Redis did not answer.
 - ``farm_workers_live`` (and ``farm_workers_live_by_queue{queue}``): workers whose heartbeat is younger than
   WORKER_LIVE_SECONDS.
 - ``farm_candidates_finished_last_minute``: candidates that reached a final status in the last 60 s.
@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import CANDIDATE_FINAL, Batch, Candidate, Worker, session_scope, utcnow
+from farm.placement import active_model_queues
 
 STAGE_WINDOW = 5000
 QUANTILES = (0.5, 0.9, 0.99)
@@ -120,7 +121,8 @@ class FarmCollector(Collector):
         yield n
 
         device_queues = {queue for queue, _ in workers}
-        queues = sorted({SLICES_QUEUE, CONTROL_QUEUE, *self.settings.devices, *device_queues})
+        models = active_model_queues(self.settings.database_url)
+        queues = sorted({SLICES_QUEUE, CONTROL_QUEUE, *self.settings.devices, *device_queues, *models})
         depths = queue_depths(self.settings, queues)
         up = GaugeMetricFamily("farm_broker_up", "1 if the broker answered this scrape, else 0.")
         up.add_metric([], 0 if depths is None else 1)

@@ -185,6 +185,8 @@ def worker_rows(s: Session, *, now: datetime | None = None) -> list[dict[str, An
                 "pid": w.pid,
                 "hostname": w.hostname,
                 "models": dict(w.models or {}),
+                "loaded": list(w.loaded or []),
+                "queues": list(w.queues or []),
                 "current": w.current,
                 "tasks_done": w.tasks_done,
                 "started_at": _iso(w.started_at),

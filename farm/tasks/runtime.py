@@ -25,6 +25,7 @@ from farm.artifacts import store_for
 from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
 from farm.gpu_pinning.pinning import limit_torch_threads, pinned
+from farm.placement import generator_key, generator_queues
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Runtime:
         self.threads = int(pinned_threads) if pinned_threads else None
         self._lock = threading.Lock()
         self._upsert: Any = None
+        self._announced: list[str] | None = None
 
     def _resolve(self, ref: str, kind: str) -> Any:
         from farm.ml.presets import resolve_model
@@ -60,10 +62,8 @@ class Runtime:
         from farm.ml.generator import Generator
 
         memory = memory or {}
-        flags = f"{int(bool(memory.get('attention_slicing')))}{int(bool(memory.get('cpu_offload')))}"
-        key = f"generator:{ref}:{dtype}:{flags}"
-        return self.registry.get(
-            key,
+        gen = self.registry.get(
+            generator_key(ref, dtype=dtype, memory=memory),
             lambda: Generator.load(
                 self._resolve(ref, "generator"),
                 device=self.device,
@@ -73,6 +73,31 @@ class Runtime:
             ),
             evictable=True,
         )
+        self.announce_generators()
+        return gen
+
+    def announce_generators(self) -> None:
+        """Tell this worker's main process which model queues to consume: those of the generators held now.
+
+        Sent only when the set changed since the last announcement (a load or an eviction), as a remote
+        control message to this worker alone; the main process also reads ``loaded`` from the heartbeat
+        when idle, so a lost message is corrected (farm.worker.ModelQueues).
+        """
+        if not self.queue:
+            return
+        queues = sorted(generator_queues(self.registry.loaded()))
+        if queues == self._announced:
+            return
+        from farm.celery_app import app
+
+        try:
+            app.control.broadcast(
+                "farm_models", arguments={"queues": queues}, destination=[self.name], reply=False
+            )
+        except Exception as exc:  # the broker is away: the next load, or the idle re-read, catches up
+            log.warning("could not tell %s its model queues %s: %s", self.name, queues, exc)
+            return
+        self._announced = queues
 
     def validator(self, ref: str) -> Any:
         from farm.ml.validation import ClipAlignment
@@ -147,6 +172,7 @@ class Runtime:
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "models": self.registry.loads(),
+            "loaded": self.registry.loaded(),
             "tasks_done": self.tasks_done,
             "heartbeat_at": utcnow(),
         }
@@ -221,6 +247,7 @@ def _on_process_init(**_kwargs: Any) -> None:
     rt = runtime()
     rt.preload()
     rt.heartbeat()
+    rt.announce_generators()  # a restarted child holds only what it preloaded
     log.info("worker %s on %s loaded %s", rt.name, rt.device, rt.registry.loads())
 
 

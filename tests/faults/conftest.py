@@ -129,11 +129,11 @@ class FaultFarm:
 
     def drain_all(self) -> None:
         for queue in self.settings.devices:
-            assert drain(self.app, queue)
+            assert drain(self.app, queue, database_url=self.settings.database_url)
 
     def undrain_all(self) -> None:
         for queue in self.settings.devices:
-            assert undrain(self.app, queue)
+            assert undrain(self.app, queue, database_url=self.settings.database_url)
 
     # -- the promises every fault test checks
     def assert_accounted_for(self, batch_id: str, expected: int) -> list[Candidate]:

@@ -48,6 +48,11 @@ def sidecar_bytes(recipe: dict[str, Any]) -> bytes:
     return (json.dumps(recipe, sort_keys=True) + "\n").encode()
 
 
+def save_png(image: Image.Image, path: Path, recipe: dict[str, Any]) -> None:
+    """Write ``path`` and its sidecar in a local folder, as the local store writes each image."""
+    LocalStore(Path(path).parent).save_png(Path(path).name, image, recipe)
+
+
 def read_recipe(path: Path) -> dict[str, Any]:
     with Image.open(path) as im:
         return json.loads(im.text["farm:recipe"])

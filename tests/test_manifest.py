@@ -190,7 +190,9 @@ def test_recursive_alias_is_refused(yaml_loader: str) -> None:
 
 def test_deep_nesting_is_refused_without_recursion_error(yaml_loader: str) -> None:
     text = "name: t\nitems: " + "[" * 5_000 + "]" * 5_000 + "\n"
-    assert "nesting deeper" in errors_of(text)["(root)"]
+    # The farm's own limit, or libyaml's (PyYAML >= 6.0.3's C loader stops at 1,000 flow levels first).
+    message = errors_of(text)["(root)"]
+    assert "nesting deeper" in message or "exceeded maximum nesting depth" in message, message
 
 
 def test_bad_explicit_tag_value_is_a_yaml_error(yaml_loader: str) -> None:

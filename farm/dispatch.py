@@ -20,6 +20,7 @@ from pathlib import Path
 
 from celery import Celery, chain, chord
 from celery.canvas import Signature
+from celery.result import AsyncResult
 from sqlalchemy import select, update
 
 from farm import placement
@@ -270,7 +271,7 @@ def send_item(
     if candidate_ids:
         if queue is None:
             queue = placement.route_batch(settings.database_url, batch_id)
-        item_chord(
+        sent = item_chord(
             batch_id,
             iid,
             candidate_ids,
@@ -279,8 +280,25 @@ def send_item(
             app=app,
             queue=queue,
         ).apply_async()
+        release_results(app, sent)
     else:
         app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority).apply_async()
+
+
+def release_results(app: Celery, sent: AsyncResult) -> None:
+    """Stop tracking a sent chord's header results in this process.
+
+    Building a chord registers each header result with the Redis result backend as something this process
+    awaits (a strong reference and a pub/sub subscription each), and nothing releases them unless it waits.
+    Nothing here ever waits (the chord body ranks), so the control worker grew by about 6 KB per item for
+    good: 225 -> 285 MB over a second 10,000-item batch, measured with `farm bench --scale`.
+    """
+    # The registered objects are not the ones ``sent`` links to, so they are found by id (celery 5.5).
+    pending = getattr(app.backend, "_pending_results", None) or ()
+    for result in getattr(sent.parent, "results", None) or ():
+        for mapping in pending:
+            for waiter in list((mapping.get(result.id) or {}).values()):
+                app.backend.remove_pending_result(waiter)
 
 
 def cancel(batch_id: str, *, settings: Settings) -> bool:

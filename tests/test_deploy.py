@@ -175,22 +175,16 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
     return _INTERP.sub(one, value)
 
 
+SERVICES = {"redis", "postgres", "migrate", "web", "worker-cuda0", "worker-cuda1", "control", "flower"}
+
+
 def farm_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: s for n, s in doc["services"].items() if s.get("image", "").startswith("farm")}
 
 
 def test_compose_has_every_service() -> None:
     services = compose()["services"]
-    assert set(services) == {
-        "redis",
-        "postgres",
-        "migrate",
-        "web",
-        "worker-cuda0",
-        "worker-cuda1",
-        "control",
-        "flower",
-    }
+    assert set(services) == SERVICES
     assert set(farm_services(compose())) == set(services) - {"redis", "postgres"}
 
 
@@ -608,16 +602,7 @@ def test_docker_compose_config_refuses_without_a_secret(
 def test_docker_compose_config_services_and_ports(compose_model: dict[str, Any]) -> None:
     services = compose_model["services"]
     assert compose_model["name"] == "farm"
-    assert set(services) == {
-        "redis",
-        "postgres",
-        "migrate",
-        "web",
-        "worker-cuda0",
-        "worker-cuda1",
-        "control",
-        "flower",
-    }
+    assert set(services) == SERVICES
     published = {
         name: [(p["host_ip"], int(p["published"]), p["target"], p["protocol"]) for p in svc["ports"]]
         for name, svc in services.items()

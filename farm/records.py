@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, get_engine, session_scope, utcnow
 
 #: A write that rides in a stage's transaction (the worker's heartbeat).
-Also = Callable[[Connection], None]
+Also = Callable[[Connection], object]
 
 # The status a candidate must have for each stage to work on it.
 STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "moderated", "score": "validated"}
@@ -44,7 +44,17 @@ class StageStart:
 
 
 _C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
-_COUNT = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
+#: Update candidate ``b_id`` only while it still has status ``b_status`` (what makes redeliveries harmless).
+_GUARDED = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
+
+
+def _write_guarded(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """The guarded updates of a slice as one executemany per set of columns written."""
+    by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_columns.setdefault(frozenset(row), []).append(row)
+    for same_columns in by_columns.values():
+        conn.execute(_GUARDED, same_columns)
 
 
 def begin_stage(
@@ -83,7 +93,7 @@ def begin_stage(
                     started_at=utcnow(), status=case((_B.c.status == "queued", "running"), else_=_B.c.status)
                 )
             )
-        writes: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        writes: list[dict[str, Any]] = []
         for cid in candidate_ids:
             c = rows[cid]
             if c.status != STAGE_INPUT[stage]:
@@ -91,8 +101,7 @@ def begin_stage(
             counts = {**(c.stage_attempts or {})}
             counts[stage] = counts.get(stage, 0) + 1
             row = {"b_id": cid, "b_status": c.status, "stage_attempts": counts, "attempts": c.attempts + 1}
-            gave_up = counts[stage] > max_attempts
-            if gave_up:
+            if counts[stage] > max_attempts:
                 row.update(
                     status="failed",
                     stage=stage,
@@ -103,10 +112,8 @@ def begin_stage(
                 start.todo.append(
                     StagedCandidate(**{**c._mapping, "stage_attempts": counts, "attempts": c.attempts + 1})
                 )
-            writes[gave_up].append(row)
-        for same_columns in writes.values():
-            if same_columns:
-                conn.execute(_COUNT, same_columns)
+            writes.append(row)
+        _write_guarded(conn, writes)
         return start
 
 
@@ -128,17 +135,19 @@ def apply_stage(
     """
     if not updates and also is None:
         return
-    table = Candidate.__table__
-    guarded = update(table).where(table.c.id == bindparam("b_id"), table.c.status == STAGE_INPUT[stage])
-    rows: dict[frozenset[str], list[dict[str, Any]]] = {}
-    for cid, result in updates.items():
-        row = {"status": STAGE_OUTPUT[stage], "stage": stage, **result, "b_id": cid}
-        row["timings"] = {**(started[cid].timings or {}), stage: timing}
-        rows.setdefault(frozenset(row), []).append(row)
-    with session_scope(url) as s:
-        conn = s.connection()
-        for same_columns in rows.values():
-            conn.execute(guarded, same_columns)
+    rows = [
+        {
+            "status": STAGE_OUTPUT[stage],
+            "stage": stage,
+            **result,
+            "timings": {**(started[cid].timings or {}), stage: timing},
+            "b_id": cid,
+            "b_status": STAGE_INPUT[stage],
+        }
+        for cid, result in updates.items()
+    ]
+    with get_engine(url).begin() as conn:
+        _write_guarded(conn, rows)
         if also is not None:
             also(conn)
 

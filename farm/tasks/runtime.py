@@ -177,7 +177,7 @@ class Runtime:
             "heartbeat_at": utcnow(),
         }
 
-    def busy(self, current: str | None) -> Callable[[Connection], None]:
+    def busy(self, current: str | None) -> Callable[[Connection], object]:
         """The heartbeat at the start of a task: upsert this worker's row (loaded models with load counts,
         what it runs now). Stages write it inside their own transactions, so it costs no commit of its own;
         the statement is built once per process."""
@@ -190,13 +190,13 @@ class Runtime:
             self._upsert = stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
         values = {**self._heartbeat_values(), "current": current, "started_at": utcnow()}
         upsert = self._upsert
-        return lambda conn: conn.execute(upsert, values) and None
+        return lambda conn: conn.execute(upsert, values)
 
-    def idle(self) -> Callable[[Connection], None]:
+    def idle(self) -> Callable[[Connection], object]:
         """The heartbeat at the end of a task: nothing running, one more task done (the row exists)."""
         values = {**self._heartbeat_values(), "current": None}
         values["w_name"] = values.pop("name")
-        return lambda conn: conn.execute(_IDLE, values) and None
+        return lambda conn: conn.execute(_IDLE, values)
 
     def heartbeat(self, current: str | None = None) -> None:
         """Write the heartbeat in a transaction of its own (at start, and where no stage write happens)."""

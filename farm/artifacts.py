@@ -19,6 +19,7 @@ import os
 import socket
 import tempfile
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -100,6 +101,18 @@ class ArtifactStore(ABC):
         name = safe_name(name)
         self.put(name, png_bytes(image, recipe), "image/png")
         self.put(str(PurePosixPath(name).with_suffix(".json")), sidecar_bytes(recipe), "application/json")
+
+    def save_pngs(self, entries: list[tuple[str, Image.Image, dict[str, Any]]]) -> None:
+        """Save a slice's images at once: ``save_png`` for each ``(name, image, recipe)`` on a small thread
+        pool, since PNG encoding, fsync and uploads all release the GIL (a slice's files cost about as much
+        as one); raises the first error after all have finished."""
+        if len(entries) <= 1:
+            for entry in entries:
+                self.save_png(*entry)
+            return
+        futures = [_writers().submit(self.save_png, *entry) for entry in entries]
+        for future in futures:
+            future.result()
 
     def open_image(self, name: str) -> Image.Image:
         with Image.open(io.BytesIO(self.read_bytes(name))) as im:
@@ -228,6 +241,17 @@ class S3Store(ArtifactStore):
 
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _writers() -> ThreadPoolExecutor:
+    """This process's writer threads, made after any fork (a pool is not inherited usefully)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="farm-store"))
+    return _pool[1]
 
 
 def store_for(settings: Any) -> ArtifactStore:

@@ -11,9 +11,7 @@ from farm.config import CONTROL_QUEUE, Settings, load_settings
 TASK_MODULES = [
     "farm.tasks.dispatch",
     "farm.tasks.generate",
-    "farm.tasks.moderate",
-    "farm.tasks.validate",
-    "farm.tasks.score",
+    "farm.tasks.check",
     "farm.tasks.rank",
 ]
 

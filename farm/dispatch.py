@@ -29,7 +29,8 @@ from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ItemPlan, Manifest, expand, parse_manifest, summary
 
-STAGE_TASKS = ("farm.generate", "farm.moderate", "farm.validate", "farm.score")
+#: A slice's chain: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
+SLICE_TASKS = ("farm.generate", "farm.check")
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,10 @@ def slices(candidate_ids: list[str], size: int) -> list[list[str]]:
 def slice_chain(
     batch_id: str, iid: str, ids: list[str], *, priority: int, app: Celery, queue: str = SLICES_QUEUE
 ) -> Signature:
-    """generate -> moderate -> validate -> score for one slice, sent to ``queue`` (``slices`` or a model
-    queue); generate pins the rest to its device."""
+    """generate -> check for one slice, sent to ``queue`` (``slices`` or a model queue); generate pins
+    check to its own device."""
     payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
-    first, *rest = STAGE_TASKS
+    first, *rest = SLICE_TASKS
     sigs = [app.signature(first, args=(payload,), queue=queue, priority=priority)]
     sigs += [app.signature(name, queue=queue, priority=priority) for name in rest]
     return chain(*sigs)

@@ -25,6 +25,8 @@ Also = Callable[[Connection], object]
 # The status a candidate must have for each stage to work on it.
 STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "moderated", "score": "validated"}
 STAGE_OUTPUT = {"generate": "generated", "moderate": "moderated", "validate": "validated", "score": "scored"}
+#: The stage a candidate at each status goes through next.
+NEXT_STAGE = {status: stage for stage, status in STAGE_INPUT.items()}
 
 
 class StagedCandidate(SimpleNamespace):
@@ -48,23 +50,26 @@ _C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
 _GUARDED = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
 
 
-def _write_guarded(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """The guarded updates of a slice as one executemany per set of columns written."""
-    by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
-    for row in rows:
-        by_columns.setdefault(frozenset(row), []).append(row)
-    for same_columns in by_columns.values():
-        conn.execute(_GUARDED, same_columns)
+def _write_guarded(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """The guarded updates of a slice, one statement per row; returns the ids whose update applied (the
+    others had moved on: another delivery of the same slice got there first)."""
+    return {row["b_id"] for row in rows if conn.execute(_GUARDED, row).rowcount}
 
 
-def begin_stage(
-    url: str, candidate_ids: list[str], stage: str, *, max_attempts: int, also: Also | None = None
+def begin_stages(
+    url: str,
+    candidate_ids: list[str],
+    stages: tuple[str, ...],
+    *,
+    max_attempts: int,
+    also: Also | None = None,
 ) -> StageStart:
-    """Count this delivery against each candidate and pick the ones the stage still has to do.
+    """Count this delivery against the stage each candidate enters next and pick the ones still to do.
 
-    A candidate delivered more than ``max_attempts`` times to the same stage (it keeps killing its worker)
-    is failed here with the reason, so poison input cannot loop for ever. ``also`` (the worker's heartbeat)
-    is written in the same transaction.
+    ``stages`` are the stages this task runs, in order; a candidate is to do when its status is the input of
+    one of them. A candidate started more than ``max_attempts`` times in the same stage (it keeps killing
+    its worker) is failed here with the reason, so poison input cannot loop for ever. ``also`` (the
+    worker's heartbeat) is written in the same transaction.
     """
     with get_engine(url).begin() as conn:
         if also is not None:
@@ -96,7 +101,8 @@ def begin_stage(
         writes: list[dict[str, Any]] = []
         for cid in candidate_ids:
             c = rows[cid]
-            if c.status != STAGE_INPUT[stage]:
+            stage = NEXT_STAGE.get(c.status)
+            if stage not in stages:
                 continue
             counts = {**(c.stage_attempts or {})}
             counts[stage] = counts.get(stage, 0) + 1
@@ -124,32 +130,49 @@ def apply_stage(
     timing: dict[str, Any],
     *,
     started: dict[str, StagedCandidate],
+    entering: str | None = None,
     also: Also | None = None,
-) -> None:
+) -> list[StagedCandidate]:
     """Write one slice's stage results in one transaction (batched, not one commit per row).
 
-    ``started`` holds the candidates as ``begin_stage`` read them (their timings are extended, not reread).
-    Each update is guarded by the stage's input status, so a redelivered stage that finishes after another
-    delivery already advanced a candidate changes nothing. ``also`` (the heartbeat) rides in the same
-    transaction.
+    ``started`` holds the candidates as this task knows them: their timings are extended, not reread, and
+    those written are updated in place and returned, so the next stage of the same task works on them
+    without reading them again. ``entering`` is that next stage: a candidate that passed is counted as
+    started there in the same update, as ``begin_stages`` counts a delivery. Each update is guarded by the
+    stage's input status, so a redelivered stage that finishes after another delivery already advanced a
+    candidate changes nothing (and that candidate is not returned). ``also`` (the heartbeat) rides in the
+    same transaction.
     """
     if not updates and also is None:
-        return
-    rows = [
-        {
+        return []
+    rows = []
+    for cid, result in updates.items():
+        c = started[cid]
+        row = {
             "status": STAGE_OUTPUT[stage],
             "stage": stage,
             **result,
-            "timings": {**(started[cid].timings or {}), stage: timing},
-            "b_id": cid,
-            "b_status": STAGE_INPUT[stage],
+            "timings": {**(c.timings or {}), stage: timing},
         }
-        for cid, result in updates.items()
-    ]
+        if entering and row["status"] == STAGE_OUTPUT[stage]:
+            counts = {**(c.stage_attempts or {})}
+            counts[entering] = counts.get(entering, 0) + 1
+            row["stage_attempts"] = counts
+            row["attempts"] = c.attempts + 1
+        rows.append({**row, "b_id": cid, "b_status": STAGE_INPUT[stage]})
     with get_engine(url).begin() as conn:
-        _write_guarded(conn, rows)
+        applied = _write_guarded(conn, rows)
         if also is not None:
             also(conn)
+    written = []
+    for row in rows:
+        if row["b_id"] in applied:
+            c = started[row["b_id"]]
+            for key, value in row.items():
+                if not key.startswith("b_"):
+                    setattr(c, key, value)
+            written.append(c)
+    return written
 
 
 def batch_hashes(

@@ -47,6 +47,7 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
     assert sum(data["runs"]["C"]["devices"].values()) == 4
     assert {"B/A", "C/A", "A2/A", "C/A2", "B/A_generate_only"} <= set(data["ratios"])
     assert "overhead_ms_per_candidate" in data
+    assert 0 < data["b_outside_models_ms_per_candidate"] < data["runs"]["B"]["seconds"] * 1000 / 4
     assert data["repeat"] == 2
     for r in data["runs"].values():
         assert len(r["seconds_each"]) == 2 and r["seconds"] == min(r["seconds_each"]), "the fastest round"

@@ -9,7 +9,7 @@ from celery import Task
 
 from farm.celery_app import app
 from farm.records import StagedCandidate, StageStart
-from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
+from farm.tasks.stage import FIRST_STAGE_OPTIONS, Stage, run_stages
 
 
 def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -43,7 +43,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         scheduler=p["scheduler"],
     )
     base = gen.recipe()
-    out = {}
+    out, files = {}, []
     for c, image in zip(cands, images, strict=True):
         rel = f"{batch.id}/{c.id}.png"
         recipe = {
@@ -59,15 +59,19 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
             "height": p["height"],
             "scheduler": p["scheduler"] or base.get("scheduler"),
         }
-        rt.store.save_png(rel, image, recipe)
-        rt.remember_image(rel, image.convert("RGB"))
+        files.append((rel, image, recipe))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
+    rt.store.save_pngs(files)
+    for rel, image, _recipe in files:
+        rt.remember_image(rel, image.convert("RGB"))
     return out
 
 
-@app.task(name="farm.generate", **MIDDLE_STAGE_OPTIONS)
+GENERATE = Stage("generate", generate_slice)
+
+
+@app.task(name="farm.generate", **FIRST_STAGE_OPTIONS)
 def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: candidate ids and seeds are fixed in SQL, the PNG is written to a temporary name and
-    renamed,
-    and only candidates still pending are generated, so a redelivery rewrites nothing that is done."""
-    return run_stage(self, payload, "generate", generate_slice)
+    """Idempotent: candidate ids and seeds are fixed in SQL, each PNG is written to a temporary name and
+    renamed, and only candidates still pending are generated, so a redelivery rewrites nothing done."""
+    return run_stages(self, payload, [GENERATE])

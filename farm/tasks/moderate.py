@@ -1,17 +1,18 @@
-"""farm.moderate: PDQ blocklist, NudeNet, OpenNSFW and near-duplicates on a slice's images."""
+"""The moderate stage: PDQ blocklist, NudeNet, OpenNSFW and near-duplicates on a slice's images.
+
+Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
 
-from celery import Task
 from PIL import Image
 
 from farm import records
-from farm.celery_app import app
 from farm.records import StagedCandidate, StageStart
-from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
+from farm.tasks.stage import Stage
 
 
 def load_images(cands: list[StagedCandidate]) -> list[Image.Image]:
@@ -75,7 +76,4 @@ def flag_near_duplicates(start: StageStart, cands: list[StagedCandidate]) -> Non
     records.add_near_duplicate_flags(rt.settings.database_url, {k: v for k, v in pairs.items() if v}, limit)
 
 
-@app.task(name="farm.moderate", **MIDDLE_STAGE_OPTIONS)
-def moderate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'."""
-    return run_stage(self, payload, "moderate", moderate_slice, after=flag_near_duplicates)
+MODERATE = Stage("moderate", moderate_slice, after=flag_near_duplicates)

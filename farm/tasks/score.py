@@ -1,15 +1,15 @@
-"""farm.score: the preference score of each surviving candidate."""
+"""The score stage: the preference score of each surviving candidate.
+
+Idempotent: the scorer is deterministic and writes only onto 'validated' candidates.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
-
-from farm.celery_app import app
 from farm.records import StagedCandidate, StageStart
 from farm.tasks.moderate import load_images
-from farm.tasks.stage import STAGE_OPTIONS, run_stage
+from farm.tasks.stage import Stage
 
 
 def score_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -21,7 +21,4 @@ def score_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, di
     return {c.id: {"preference": float(s)} for c, s in zip(cands, scores, strict=True)}
 
 
-@app.task(name="farm.score", **STAGE_OPTIONS)
-def score(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: the scorer is deterministic and writes only onto 'validated' candidates."""
-    return run_stage(self, payload, "score", score_slice)
+SCORE = Stage("score", score_slice)

@@ -1,15 +1,15 @@
-"""farm.validate: prompt alignment and required attributes with a CLIP-type model."""
+"""The validate stage: prompt alignment and required attributes with a CLIP-type model.
+
+Idempotent: scores are recomputed from the image, written only onto 'moderated' candidates.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
-
-from farm.celery_app import app
 from farm.records import StagedCandidate, StageStart
 from farm.tasks.moderate import load_images
-from farm.tasks.stage import MIDDLE_STAGE_OPTIONS, run_stage
+from farm.tasks.stage import Stage
 
 
 def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -42,7 +42,4 @@ def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     return out
 
 
-@app.task(name="farm.validate", **MIDDLE_STAGE_OPTIONS)
-def validate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: scores are recomputed from the stored image, written only onto 'moderated' candidates."""
-    return run_stage(self, payload, "validate", validate_slice)
+VALIDATE = Stage("validate", validate_slice)

@@ -84,13 +84,16 @@ def test_a_redis_restart_mid_batch_loses_no_queued_work(farm: FaultFarm):
     farm.assert_accounted_for(batch_id, 24)
 
 
-def test_a_poison_candidate_is_failed_after_the_attempt_cap_and_the_item_still_ranks(farm: FaultFarm):
-    batch_id = farm.submit(manifest("poison", ["a cursed teapot [[fault:generate:kill:1]]"]))
+# validate runs inside farm.check after moderate, whose write counted it as started.
+@pytest.mark.parametrize("stage", ["generate", "validate"])
+def test_a_poison_candidate_is_failed_after_the_attempt_cap_and_the_item_still_ranks(farm: FaultFarm, stage):
+    batch_id = farm.submit(manifest(f"poison-{stage}", [f"a cursed teapot [[fault:{stage}:kill:1]]"]))
     assert farm.wait(batch_id, timeout=400) == "done"
     rows = {c.index: c for c in farm.assert_accounted_for(batch_id, 4)}
     poison = rows[1]
     assert poison.status == "failed" and "gave up after FARM_MAX_ATTEMPTS=3" in poison.error
-    assert poison.stage_attempts["generate"] == 4
+    assert poison.stage == stage and poison.stage_attempts[stage] == 4
+    assert all(n == 1 for st, n in poison.stage_attempts.items() if st != stage), poison.stage_attempts
     assert rows[0].status in ("passed", "rejected"), "its slice-mate finished on the one-by-one retry"
     assert all(rows[i].status in ("passed", "rejected") for i in (2, 3))
     item = farm.items(batch_id)[0]

@@ -1,0 +1,105 @@
+"""The stage records a device task writes: delivery counts, guarded results, one stage handing to the next."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, update
+
+from farm import dispatch, records
+from farm.config import load_settings
+from farm.db import Candidate, migrate, session_scope
+
+MANIFEST = """
+name: records
+model: tiny
+defaults: {candidates: 3, steps: 1, size: 32x32}
+items:
+  - "a kite"
+"""
+CHECKS = ("moderate", "validate", "score")
+
+
+@pytest.fixture
+def slice_ids(monkeypatch, tmp_path) -> tuple[str, list[str]]:
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    url = load_settings().database_url
+    migrate(url)
+    manifest, items = dispatch.plan(MANIFEST, settings=load_settings())
+    done = dispatch.create_batch(manifest, items, MANIFEST, settings=load_settings())
+    with session_scope(url) as s:
+        ids = list(s.scalars(select(Candidate.id).where(Candidate.batch_id == done.batch_id)))
+    return url, sorted(ids)
+
+
+def _rows(url: str, ids: list[str]) -> dict[str, Candidate]:
+    with session_scope(url) as s:
+        return {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
+
+
+def test_a_delivery_counts_each_candidate_against_the_stage_it_enters(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id == ids[1]).values(status="moderated"))
+        s.execute(update(Candidate).where(Candidate.id == ids[2]).values(status="failed"))
+    start = records.begin_stages(url, ids, ("generate",), max_attempts=3)
+    assert [c.id for c in start.todo] == [ids[0]]
+    start = records.begin_stages(url, ids, CHECKS, max_attempts=3)
+    assert [c.id for c in start.todo] == [ids[1]]
+    rows = _rows(url, ids)
+    assert rows[ids[0]].stage_attempts == {"generate": 1} and rows[ids[0]].attempts == 1
+    assert rows[ids[1]].stage_attempts == {"validate": 1}
+    assert rows[ids[2]].stage_attempts == {} and rows[ids[2]].status == "failed"
+
+
+def test_a_stage_write_counts_the_next_stage_as_started_and_updates_the_candidates_in_hand(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
+    start = records.begin_stages(url, ids, CHECKS, max_attempts=3)
+    cands = {c.id: c for c in start.todo}
+    results = {
+        ids[0]: {"status": "moderated", "verdict": "passed", "pdq_hash": "ab"},
+        ids[1]: {"status": "rejected", "verdict": "rejected", "reasons": ["nudenet: too much"]},
+        ids[2]: records.failure("moderate", "boom"),
+    }
+    written = records.apply_stage(url, "moderate", results, {"s": 0.5}, started=cands, entering="validate")
+    assert {c.id for c in written} == set(ids)
+    passed = cands[ids[0]]
+    assert (passed.status, passed.pdq_hash) == ("moderated", "ab")
+    assert passed.stage_attempts == {"moderate": 1, "validate": 1} and passed.attempts == 2
+    assert passed.timings == {"moderate": {"s": 0.5}}
+    rows = _rows(url, ids)
+    assert rows[ids[0]].stage_attempts == {"moderate": 1, "validate": 1} and rows[ids[0]].attempts == 2
+    # Only a candidate that goes on is counted in the next stage.
+    assert rows[ids[1]].stage_attempts == {"moderate": 1} and rows[ids[1]].status == "rejected"
+    assert rows[ids[2]].stage_attempts == {"moderate": 1} and rows[ids[2]].error == "moderate: boom"
+
+
+def test_a_result_for_a_candidate_another_delivery_advanced_is_not_written_nor_handed_on(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
+    start = records.begin_stages(url, ids, CHECKS, max_attempts=3)
+    cands = {c.id: c for c in start.todo}
+    with session_scope(url) as s:  # the other delivery finished moderating ids[0] meanwhile
+        s.execute(update(Candidate).where(Candidate.id == ids[0]).values(status="moderated", verdict="flag"))
+    results = {cid: {"status": "moderated", "verdict": "passed"} for cid in ids}
+    written = records.apply_stage(url, "moderate", results, {"s": 0.1}, started=cands, entering="validate")
+    assert {c.id for c in written} == set(ids[1:])
+    assert cands[ids[0]].status == "generated"
+    assert _rows(url, ids)[ids[0]].verdict == "flag"
+
+
+def test_a_candidate_started_past_the_cap_in_a_later_stage_is_failed_naming_that_stage(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(
+            update(Candidate)
+            .where(Candidate.id == ids[0])
+            .values(status="moderated", stage_attempts={"moderate": 1, "validate": 2})
+        )
+    start = records.begin_stages(url, [ids[0]], CHECKS, max_attempts=2)
+    assert start.todo == []
+    row = _rows(url, ids)[ids[0]]
+    assert (row.status, row.stage) == ("failed", "validate")
+    assert "validate was started 2 times" in row.error and "FARM_MAX_ATTEMPTS=2" in row.error

@@ -64,7 +64,8 @@ class Batch(Base):
     model: Mapped[str] = mapped_column(String(500))
     priority: Mapped[int] = mapped_column(Integer, default=5)
     tags: Mapped[list] = mapped_column(JSON, default=list)
-    manifest_yaml: Mapped[str] = mapped_column(Text)
+    #: Loaded only when read (an export): a 10,000-item manifest is large, and every stage reads its batch.
+    manifest_yaml: Mapped[str] = mapped_column(Text, deferred=True)
     settings: Mapped[dict] = mapped_column(JSON)
     items_total: Mapped[int] = mapped_column(Integer)
     items_done: Mapped[int] = mapped_column(Integer, default=0)
@@ -149,6 +150,7 @@ class Worker(Base):
 
 
 _engines: dict[tuple[int, str], Engine] = {}
+READ_ONLY = "farm_read_only"
 _lock = threading.Lock()
 
 
@@ -165,7 +167,9 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front (no upgrade deadlock); readers never wait for a writer in WAL.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def get_engine(url: str) -> Engine:
@@ -197,9 +201,15 @@ os.register_at_fork(after_in_child=_forget_inherited_engines)
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    maker = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+def session_scope(url: str, *, read_only: bool = False) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error.
+
+    ``read_only`` sessions (that must not write) do not take SQLite's write lock, so a reader neither waits
+    for a stage's write nor makes one wait (stages, rank and the dashboard read often)."""
+    engine = get_engine(url)
+    maker = sessionmaker(
+        bind=engine.execution_options(**{READ_ONLY: True}) if read_only else engine, expire_on_commit=False
+    )
     session = maker()
     try:
         yield session

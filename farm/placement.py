@@ -100,7 +100,7 @@ def route(database_url: str, model: str, batch_settings: dict[str, Any] | None) 
     """The queue the first task of a slice of this batch goes to (see the module's doc)."""
     model_q = batch_model_queue(model, batch_settings)
     now = utcnow()
-    with session_scope(database_url) as s:
+    with session_scope(database_url, read_only=True) as s:
         rows = s.execute(
             select(Worker.queues, Worker.heartbeat_at).where(
                 Worker.heartbeat_at >= now - timedelta(seconds=FRESH_S)
@@ -110,7 +110,7 @@ def route(database_url: str, model: str, batch_settings: dict[str, Any] | None) 
 
 
 def route_batch(database_url: str, batch_id: str) -> str:
-    with session_scope(database_url) as s:
+    with session_scope(database_url, read_only=True) as s:
         row = s.execute(select(Batch.model, Batch.settings).where(Batch.id == batch_id)).one_or_none()
     if row is None:
         return SLICES_QUEUE
@@ -125,7 +125,7 @@ class ActiveModelQueues:
         self._by_batch: dict[str, str] = {}
 
     def __call__(self) -> set[str]:
-        with session_scope(self.database_url) as s:
+        with session_scope(self.database_url, read_only=True) as s:
             ids = s.scalars(select(Batch.id).where(Batch.status.in_(ACTIVE_BATCH))).all()
             new = [i for i in ids if i not in self._by_batch]
             if new:

@@ -46,6 +46,8 @@ class StageStart:
 
 
 _C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
+#: What a stage reads of its batch: all but the manifest's text, which can be large.
+_BATCH_COLUMNS = [c for c in _B.c if c.name != "manifest_yaml"]
 #: Update candidate ``b_id`` only while it still has status ``b_status`` (what makes redeliveries harmless).
 _GUARDED = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
 
@@ -80,7 +82,7 @@ def begin_stages(
             raise LookupError(f"candidates not in the database: {missing[:5]}")
         first = rows[candidate_ids[0]]
         item = conn.execute(select(_I).where(_I.c.id == first.item_id)).one()
-        batch = conn.execute(select(_B).where(_B.c.id == first.batch_id)).one()
+        batch = conn.execute(select(*_BATCH_COLUMNS).where(_B.c.id == first.batch_id)).one()
         start = StageStart(batch=batch, item=item)
         if batch.status in BATCH_STOPPED:
             conn.execute(
@@ -185,7 +187,7 @@ def batch_hashes(
     )
     if since is not None:
         query = query.where(Candidate.updated_at >= since)
-    with session_scope(url) as s:
+    with session_scope(url, read_only=True) as s:
         rows = s.execute(query).all()
     newest = max((r[2] for r in rows), default=since)
     return {cid: h for cid, h, _ in rows}, newest
@@ -339,7 +341,7 @@ def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
 
 def unsettled(url: str, item_id: str) -> tuple[int, str]:
     """(candidates of the item not yet final nor scored, the batch status)."""
-    with session_scope(url) as s:
+    with session_scope(url, read_only=True) as s:
         item = s.get(Item, item_id)
         batch_status = s.get(Batch, item.batch_id).status
         n = s.scalar(

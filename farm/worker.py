@@ -54,7 +54,7 @@ def queue_length(app: Any, queue: str) -> int:
 
 def in_flight(database_url: str, queue: str) -> int:
     """Candidates generated on this device whose later stages have not finished."""
-    with session_scope(database_url) as s:
+    with session_scope(database_url, read_only=True) as s:
         return s.scalar(
             select(func.count())
             .select_from(Candidate)
@@ -222,7 +222,7 @@ class ModelQueues:
         if now - self._resynced_at < self.RESYNC_S:
             return
         self._resynced_at = now
-        with session_scope(self.database_url) as s:
+        with session_scope(self.database_url, read_only=True) as s:
             row = s.execute(
                 select(Worker.pid, Worker.loaded).where(Worker.name == self.hostname)
             ).one_or_none()

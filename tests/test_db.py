@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select, text
 
-from farm.db import downgrade, get_engine, migrate
+from farm.db import Batch, downgrade, get_engine, migrate, session_scope
 from tests import pgutil
 
 TABLES = {"batches", "items", "candidates", "workers"}
@@ -68,3 +68,13 @@ def test_the_migrations_build_exactly_the_schema_the_models_declare(tmp_path):
     migrate(url)
     with get_engine(url).connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_a_read_only_session_does_not_wait_for_a_writer_on_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'farm.db'}"
+    migrate(url)
+    with get_engine(url).begin() as writer:  # holds SQLite's write lock until the block ends
+        writer.execute(text("UPDATE workers SET pid = 1"))
+        # A writing session would wait for the lock here until the busy timeout and then fail.
+        with session_scope(url, read_only=True) as s:
+            assert s.scalar(select(func.count()).select_from(Batch)) == 0

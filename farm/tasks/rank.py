@@ -39,7 +39,7 @@ def rank_item(self: Task, item_id: str) -> dict:
         if self.request.retries * SETTLE_POLL_S < settings.stall_seconds:
             raise self.retry(countdown=SETTLE_POLL_S, exc=None)
         return {"item": item_id, "winners": [], "batch_closed": False, "waiting": waiting}
-    with session_scope(settings.database_url) as s:
+    with session_scope(settings.database_url, read_only=True) as s:
         item = s.get(Item, item_id)
         cfg = s.get(Batch, item.batch_id).settings
         prompt = item.prompt

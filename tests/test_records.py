@@ -36,6 +36,13 @@ def _rows(url: str, ids: list[str]) -> dict[str, Candidate]:
         return {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
 
 
+def _checks_started(url: str, ids: list[str]) -> dict[str, records.StagedCandidate]:
+    """The slice generated, then delivered to farm.check: its candidates as the task holds them."""
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
+    return {c.id: c for c in records.begin_stages(url, ids, CHECKS, max_attempts=3).todo}
+
+
 def test_a_delivery_counts_each_candidate_against_the_stage_it_enters(slice_ids):
     url, ids = slice_ids
     with session_scope(url) as s:
@@ -53,10 +60,7 @@ def test_a_delivery_counts_each_candidate_against_the_stage_it_enters(slice_ids)
 
 def test_a_stage_write_counts_the_next_stage_as_started_and_updates_the_candidates_in_hand(slice_ids):
     url, ids = slice_ids
-    with session_scope(url) as s:
-        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
-    start = records.begin_stages(url, ids, CHECKS, max_attempts=3)
-    cands = {c.id: c for c in start.todo}
+    cands = _checks_started(url, ids)
     results = {
         ids[0]: {"status": "moderated", "verdict": "passed", "pdq_hash": "ab"},
         ids[1]: {"status": "rejected", "verdict": "rejected", "reasons": ["nudenet: too much"]},
@@ -77,10 +81,7 @@ def test_a_stage_write_counts_the_next_stage_as_started_and_updates_the_candidat
 
 def test_a_result_for_a_candidate_another_delivery_advanced_is_not_written_nor_handed_on(slice_ids):
     url, ids = slice_ids
-    with session_scope(url) as s:
-        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
-    start = records.begin_stages(url, ids, CHECKS, max_attempts=3)
-    cands = {c.id: c for c in start.todo}
+    cands = _checks_started(url, ids)
     with session_scope(url) as s:  # the other delivery finished moderating ids[0] meanwhile
         s.execute(update(Candidate).where(Candidate.id == ids[0]).values(status="moderated", verdict="flag"))
     results = {cid: {"status": "moderated", "verdict": "passed"} for cid in ids}

@@ -403,7 +403,7 @@ def format_report(data: dict[str, Any]) -> str:
         f"orchestration overhead per candidate (B - A): {data['overhead_ms_per_candidate']:.1f} ms"
         "   (target <= 5)",
         f"B's own time outside model calls per candidate: {data['b_outside_models_ms_per_candidate']:.1f} ms"
-        "   (the same overhead measured inside one run, free of drift between runs)",
+        "   (the farm's own cost inside one run: free of drift between runs)",
         "",
         "peak memory (MB):",
     ]

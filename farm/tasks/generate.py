@@ -9,7 +9,7 @@ from celery import Task
 
 from farm.celery_app import app
 from farm.records import StagedCandidate, StageStart
-from farm.tasks.stage import FIRST_STAGE_OPTIONS, Stage, run_stages
+from farm.tasks.stage import FIRST_STAGE_OPTIONS, Stage, pin_rest_of_chain, run_stages
 
 
 def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -74,4 +74,8 @@ GENERATE = Stage("generate", generate_slice)
 def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: candidate ids and seeds are fixed in SQL, each PNG is written to a temporary name and
     renamed, and only candidates still pending are generated, so a redelivery rewrites nothing done."""
-    return run_stages(self, payload, [GENERATE])
+    from farm.tasks.runtime import runtime
+
+    run_stages(self, payload, [GENERATE])
+    pin_rest_of_chain(self, runtime().queue)
+    return payload

@@ -23,7 +23,6 @@ from typing import Any
 from celery import Task
 
 from farm import faults, logs, records
-from farm.config import load_settings
 from farm.db import TRANSIENT_DB_ERRORS
 from farm.records import StagedCandidate, StageStart
 
@@ -80,13 +79,12 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     """Run ``stages`` in order on a slice, each as one batched call followed by one write of its results."""
     from farm.tasks.runtime import describe_task, runtime
 
-    settings = load_settings()
     rt = runtime()
     start = records.begin_stages(
-        settings.database_url,
+        rt.settings.database_url,
         payload["candidates"],
         tuple(s.name for s in stages),
-        max_attempts=settings.max_attempts,
+        max_attempts=rt.settings.max_attempts,
         also=rt.busy(describe_task(task.name, payload)),
     )
     rt.tasks_done += 1
@@ -106,8 +104,6 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
             idle = idle or last
     if not idle:
         rt.heartbeat(None)
-    if stages[0].name == "generate":
-        pin_rest_of_chain(task, rt.queue)
     return payload
 
 

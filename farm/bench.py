@@ -264,7 +264,8 @@ def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: i
             "FARM_SLICE_SIZE": str(workload.slice_size),
         }
     )
-    base["FARM_PRELOAD_GENERATOR"] = workload.model
+    # Workers preload the manifest's own generator, so B's first slice loads nothing that A loaded untimed.
+    base.update({"FARM_PRELOAD_GENERATOR": workload.model, "FARM_PRELOAD_DTYPE": workload.dtype})
     two = parse_devices(devices)
     one = dict(list(two.items())[:1])
     from farm.gpu_pinning.pinning import cpu_share

@@ -113,7 +113,7 @@ def worker(queue: str | None, control: bool, loglevel: str) -> None:
         from farm.placement import preload_queue
 
         # The preloaded generator's model queue from the start (farm.placement); the others follow loads.
-        queues = f"{queue},{SLICES_QUEUE},{preload_queue(settings.preload_generator)}"
+        queues = f"{queue},{SLICES_QUEUE},{preload_queue(settings.preload_generator, settings.preload_dtype)}"
         argv = ["worker", "-Q", queues, "-n", f"{queue}@%h", "-c", "1"]
     from farm.celery_app import app
     from farm.db import migrate

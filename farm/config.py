@@ -42,6 +42,7 @@ class Settings:
     worker_threads: int | None
     model_budget_mb: int | None
     preload_generator: str
+    preload_dtype: str
     stall_seconds: int
     drain_timeout: int
     artifact_store: str
@@ -182,6 +183,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         worker_threads=_int(env, "FARM_WORKER_THREADS", 0, minimum=0) or None,
         model_budget_mb=_int(env, "FARM_MODEL_BUDGET_MB", 0, minimum=0) or None,
         preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",
+        preload_dtype=_choice(env, "FARM_PRELOAD_DTYPE", ("fp32", "fp16", "bf16")),
         stall_seconds=_int(env, "FARM_STALL_SECONDS", task_time_limit + 120, minimum=1),
         drain_timeout=_int(env, "FARM_DRAIN_TIMEOUT", 600, minimum=1),
         artifact_store=_artifact_store(env),

@@ -77,9 +77,9 @@ def batch_model_queue(model: str, batch_settings: dict[str, Any] | None) -> str:
     return model_queue(generator_key(model, dtype=cfg.get("dtype") or "fp32", memory=cfg.get("memory")))
 
 
-def preload_queue(preload_generator: str) -> str:
+def preload_queue(preload_generator: str, dtype: str = "fp32") -> str:
     """The model queue of the generator every device worker preloads (it consumes it from the start)."""
-    return model_queue(generator_key(preload_generator))
+    return model_queue(generator_key(preload_generator, dtype=dtype))
 
 
 def choose_queue(

@@ -47,6 +47,9 @@ def test_dtype_and_memory_savers_make_a_different_model_and_queue():
     sliced = {"dtype": "fp32", "memory": {"attention_slicing": True, "cpu_offload": False}}
     assert placement.batch_model_queue("tiny", sliced) != plain
     assert placement.batch_model_queue("tiny", None) == plain
+    # A worker preloading fp16 consumes the queue that fp16 batches of that model are routed to.
+    half = placement.batch_model_queue("tiny", {"dtype": "fp16", "memory": {}})
+    assert placement.preload_queue("tiny", "fp16") == half != placement.preload_queue("tiny")
 
 
 def test_only_generators_have_model_queues():

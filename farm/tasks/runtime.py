@@ -158,7 +158,7 @@ class Runtime:
         from farm import faults
 
         faults.slow_load()
-        self.generator(self.settings.preload_generator)
+        self.generator(self.settings.preload_generator, dtype=self.settings.preload_dtype)
         self.validator(DEFAULT_PRELOAD["validator"])
         self.scorer(DEFAULT_PRELOAD["scorer"])
         self.nudenet()

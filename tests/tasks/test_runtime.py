@@ -1,0 +1,33 @@
+"""A device worker's runtime: what it preloads is what a batch in that precision uses, loaded once."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from farm import placement
+from farm.config import ConfigError, load_settings
+from farm.tasks.runtime import Runtime
+
+
+def test_the_preloaded_generator_takes_the_configured_dtype_and_serves_batches_of_it_without_a_reload(
+    settings,
+):
+    rt = Runtime(replace(settings, preload_dtype="bf16"))
+    rt.preload()
+    key = placement.generator_key("tiny", dtype="bf16")
+    assert key in rt.registry.loaded()
+    assert placement.generator_key("tiny") not in rt.registry.loaded(), "no fp32 copy loaded beside it"
+    assert rt.generator("tiny", dtype="bf16") is rt.generator("tiny", dtype="bf16")
+    assert rt.registry.loads()[key] == 1
+    assert rt.generator("tiny", dtype="bf16").pipe.unet.dtype.is_floating_point
+    assert str(rt.generator("tiny", dtype="bf16").pipe.unet.dtype) == "torch.bfloat16"
+
+
+def test_preload_dtype_defaults_to_fp32_and_rejects_other_names_by_variable(tmp_path):
+    base = {"FARM_HOME": str(tmp_path), "FARM_DEVICES": "cuda0=cpu"}
+    assert load_settings(base).preload_dtype == "fp32"
+    assert load_settings({**base, "FARM_PRELOAD_DTYPE": "fp16"}).preload_dtype == "fp16"
+    with pytest.raises(ConfigError, match="FARM_PRELOAD_DTYPE must be one of fp32, fp16, bf16, got 'half'"):
+        load_settings({**base, "FARM_PRELOAD_DTYPE": "half"})

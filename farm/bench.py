@@ -143,33 +143,48 @@ def run_bare(
 
     share = replace(workload, items=workload.items // len(queues))
     barrier = Path(tempfile.mkdtemp(prefix="farm-bench-go-"))
-    procs = []
+    procs, errs = [], []
     for queue in queues:
         child_env = {
             **env,
             **pinning_env(plan_pinning(queue, devices, _threads(env))),
             "FARM_BENCH_BARRIER": str(barrier),
         }
+        errs.append(barrier / f"stderr-{queue}.log")
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(share))],
                 env=child_env,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
+                stderr=errs[-1].open("w"),
                 text=True,
             )
         )
     while len(list(barrier.glob("ready-*"))) < len(procs):
         if any(p.poll() not in (None, 0) for p in procs):
-            raise RuntimeError("a bare-loop process failed before its loop started")
+            _fail_bare(procs, errs, "before its loop started")
         time.sleep(0.05)
     (barrier / "go").touch()
-    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        _fail_bare(procs, errs, "in its loop")
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     stage = {s: sum(r["stage_seconds"][s] for r in results) for s in STAGES}
     peaks = {f"loop-{q}": r["peak_rss_mb"]["loop"] for q, r in zip(queues, results, strict=True)}
     return RunResult(
         name, max(r["seconds"] for r in results), sum(r["candidates"] for r in results), stage, peaks
     )
+
+
+def _fail_bare(procs: list[subprocess.Popen], errs: list[Path], when: str) -> None:
+    """Stop the bare loops and raise with the failed one's own last words (its stderr's tail)."""
+    failed = next(i for i, p in enumerate(procs) if p.poll() not in (None, 0))
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    tail = errs[failed].read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"a bare-loop process failed {when} (exit {procs[failed].returncode}):\n{tail}")
 
 
 def _threads(env: dict[str, str]) -> int | None:

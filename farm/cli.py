@@ -488,7 +488,10 @@ def bench(
         f"C farm on two devices (if --devices names two)...",
         err=True,
     )
-    data = b.bench(workload, devices=devices, repeat=repeat)
+    try:
+        data = b.bench(workload, devices=devices, repeat=repeat)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(data, indent=2) if as_json else b.format_report(data))
 
 

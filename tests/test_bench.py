@@ -51,3 +51,17 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
     assert data["repeat"] == 2
     for r in data["runs"].values():
         assert len(r["seconds_each"]) == 2 and r["seconds"] == min(r["seconds_each"]), "the fastest round"
+
+
+def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "farm", "bench", "--model", str(tmp_path / "no-such-model"), "--items", "1"],
+        env={**env, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1
+    assert "Error: a bare-loop process failed before its loop started (exit 1)" in run.stderr
+    assert f"generator model folder '{tmp_path / 'no-such-model'}' does not exist" in run.stderr

@@ -19,7 +19,7 @@ import os
 import socket
 import tempfile
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -103,16 +103,20 @@ class ArtifactStore(ABC):
         self.put(str(PurePosixPath(name).with_suffix(".json")), sidecar_bytes(recipe), "application/json")
 
     def save_pngs(self, entries: list[tuple[str, Image.Image, dict[str, Any]]]) -> None:
-        """Save a slice's images side by side: ``save_png`` for each ``(name, image, recipe)`` on a small
-        thread pool, since PNG encoding, fsync and uploads release the GIL (4 images: 8-9.5 ms instead of
-        13-15 ms on 2 cores); raises the first error after all have finished."""
-        if len(entries) <= 1:
-            for entry in entries:
-                self.save_png(*entry)
-            return
-        futures = [_writers().submit(self.save_png, *entry) for entry in entries]
+        """Save a slice's images side by side (``start_pngs``) and wait; raises the first error after all
+        have finished."""
+        futures = self.start_pngs(entries)
+        for future in futures:
+            future.exception()
         for future in futures:
             future.result()
+
+    def start_pngs(self, entries: list[tuple[str, Image.Image, dict[str, Any]]]) -> list[Future[None]]:
+        """Start ``save_png`` for each ``(name, image, recipe)`` on this process's writer threads and return
+        at once, one future per entry: PNG encoding, fsync and uploads release the GIL, so the images are
+        written side by side (4 images: 8-9.5 ms instead of 13-15 ms on 2 cores) and behind whatever the
+        caller does next."""
+        return [_writers().submit(self.save_png, *entry) for entry in entries]
 
     def open_image(self, name: str) -> Image.Image:
         with Image.open(io.BytesIO(self.read_bytes(name))) as im:

@@ -10,8 +10,7 @@ from farm.config import CONTROL_QUEUE, Settings, load_settings
 
 TASK_MODULES = [
     "farm.tasks.dispatch",
-    "farm.tasks.generate",
-    "farm.tasks.check",
+    "farm.tasks.slice",
     "farm.tasks.rank",
 ]
 

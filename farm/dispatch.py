@@ -3,13 +3,13 @@
 Submitting writes the whole batch (batch, items, candidates) in one transaction and sends one small
 ``farm.dispatch_batch`` message to the control queue, then returns the batch id: a 10,000-item manifest does
 not keep the caller waiting while its chords are built. The control worker builds, for each item, one chord
-whose header is one chain per slice (generate -> moderate -> validate -> score) and whose body ranks the item.
+whose header is one task per slice (generate -> moderate -> validate -> score, in turn on the device that
+takes it) and whose body ranks the item.
 
-Placement (farm.placement): a slice's first task goes to the queue of the batch's generator when a live
+Placement (farm.placement): a slice's task goes to the queue of the batch's generator when a live
 worker consumes it (it has that model loaded, so nothing is reloaded), otherwise to the shared ``slices``
 queue that every device worker consumes; either way whichever device is free takes the next slice (a faster
-device takes more of them), and an idle worker steals from a model queue that has work waiting. The
-generate task then pins the rest of its chain to its own device queue, where the slice's images are.
+device takes more of them), and an idle worker steals from a model queue that has work waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from celery import Celery, chain, chord
+from celery import Celery, chord
 from celery.canvas import Signature
 from celery.result import AsyncResult
 from sqlalchemy import select, update
@@ -29,8 +29,8 @@ from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ItemPlan, Manifest, expand, parse_manifest, summary
 
-#: A slice's chain: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
-SLICE_TASKS = ("farm.generate", "farm.check")
+#: A slice's task: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
+SLICE_TASK = "farm.slice"
 
 
 @dataclass(frozen=True)
@@ -180,16 +180,12 @@ def slices(candidate_ids: list[str], size: int) -> list[list[str]]:
     return [candidate_ids[i : i + size] for i in range(0, len(candidate_ids), size)]
 
 
-def slice_chain(
+def slice_task(
     batch_id: str, iid: str, ids: list[str], *, priority: int, app: Celery, queue: str = SLICES_QUEUE
 ) -> Signature:
-    """generate -> check for one slice, sent to ``queue`` (``slices`` or a model queue); generate pins
-    check to its own device."""
+    """The task of one slice (all four stages), sent to ``queue`` (``slices`` or a model queue)."""
     payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
-    first, *rest = SLICE_TASKS
-    sigs = [app.signature(first, args=(payload,), queue=queue, priority=priority)]
-    sigs += [app.signature(name, queue=queue, priority=priority) for name in rest]
-    return chain(*sigs)
+    return app.signature(SLICE_TASK, args=(payload,), queue=queue, priority=priority)
 
 
 def item_chord(
@@ -203,7 +199,7 @@ def item_chord(
     queue: str = SLICES_QUEUE,
 ) -> Signature:
     header = [
-        slice_chain(batch_id, iid, ids, priority=priority, app=app, queue=queue)
+        slice_task(batch_id, iid, ids, priority=priority, app=app, queue=queue)
         for ids in slices(candidate_ids, slice_size)
     ]
     body = app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority, immutable=True)

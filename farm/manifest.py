@@ -1494,7 +1494,7 @@ def expand(manifest: Manifest) -> list[ItemPlan]:
 def summary(manifest: Manifest, *, slice_size: int = 4) -> dict[str, Any]:
     """What a run would cost, without running it: counts for the dry run and the upload preview.
 
-    ``slices`` is how many generate tasks the farm will send: each item's candidates in slices of
+    ``slices`` is how many slice tasks the farm will send: each item's candidates in slices of
     ``slice_size`` (the GPU batch). ``denoising_steps`` (candidates x steps) is the rough unit of GPU time.
     """
     if slice_size < 1:

@@ -1,10 +1,10 @@
 """A device worker's life beyond one task: draining and a SIGTERM that loses nothing.
 
-Celery's own warm shutdown finishes the task in hand, but a slice is a chain: its later stages wait in this
-device's own queue and would be stranded until the worker came back. So SIGTERM here first stops taking new
-slices from the shared and model queues (the same as `farm drain`), keeps serving the device queue until no
-slice of this device is in flight, and only then sets Celery's warm-shutdown flag. A second SIGTERM, or
-FARM_DRAIN_TIMEOUT, stops at once (what is left stays queued in Redis for the next worker of this device).
+Celery's own warm shutdown finishes the task in hand. SIGTERM here first stops taking new slices from the
+shared and model queues (the same as `farm drain`), keeps serving the device queue until no slice of this
+device is in flight (a slice dispatched by an older version may still have later stages waiting there), and
+only then sets Celery's warm-shutdown flag. A second SIGTERM, or FARM_DRAIN_TIMEOUT, stops at once (what is
+left stays queued in Redis for the next worker of this device).
 
 The main process also keeps the worker's model queues (farm.placement) in step: it consumes the queue of
 each generator its pool child holds (the child announces them when it loads or evicts one), steals a

@@ -21,17 +21,16 @@ items:
 """
 
 
-def test_item_chord_has_one_generate_then_check_chain_per_slice_and_ranks_on_control():
+def test_item_chord_has_one_slice_task_per_slice_and_ranks_on_control():
     from farm.celery_app import app
 
     sig = dispatch.item_chord("b", "b-00000", [f"c{i}" for i in range(5)], slice_size=2, priority=4, app=app)
     header = list(sig.tasks)
     assert len(header) == 3
-    for ch, ids in zip(header, (["c0", "c1"], ["c2", "c3"], ["c4"]), strict=True):
-        assert [t.task for t in ch.tasks] == ["farm.generate", "farm.check"]
-        assert ch.tasks[0].args[0]["candidates"] == ids
-        assert all(t.options["queue"] == SLICES_QUEUE for t in ch.tasks)
-        assert all(t.options["priority"] == 4 for t in ch.tasks)
+    for task, ids in zip(header, (["c0", "c1"], ["c2", "c3"], ["c4"]), strict=True):
+        assert task.task == "farm.slice"
+        assert task.args[0] == {"batch_id": "b", "item_id": "b-00000", "candidates": ids}
+        assert task.options["queue"] == SLICES_QUEUE and task.options["priority"] == 4
     assert sig.body.task == "farm.rank"
     assert sig.body.options["queue"] == CONTROL_QUEUE
     assert sig.body.immutable and sig.body.args == ("b-00000",)

@@ -37,7 +37,7 @@ def _rows(url: str, ids: list[str]) -> dict[str, Candidate]:
 
 
 def _checks_started(url: str, ids: list[str]) -> dict[str, records.StagedCandidate]:
-    """The slice generated, then delivered to farm.check: its candidates as the task holds them."""
+    """The slice generated, then delivered again: its candidates as the task holds them."""
     with session_scope(url) as s:
         s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
     return {c.id: c for c in records.begin_stages(url, ids, CHECKS, max_attempts=3).todo}

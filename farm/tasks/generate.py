@@ -1,15 +1,13 @@
-"""farm.generate: one batched forward pass for a slice, images written to the artifact store."""
+"""The generate stage: one batched forward pass for a slice, its images written behind the checks."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
 
-from celery import Task
-
-from farm.celery_app import app
+from farm import records
 from farm.records import StagedCandidate, StageStart
-from farm.tasks.stage import FIRST_STAGE_OPTIONS, Stage, pin_rest_of_chain, run_stages
+from farm.tasks.stage import Stage
 
 
 def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -61,21 +59,28 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         files.append((rel, image, recipe))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
-    rt.store.save_pngs(files)
+    for c, future in zip(cands, rt.store.start_pngs(files), strict=True):
+        rt.pending_writes[c.id] = future
     for rel, image, _recipe in files:
         rt.remember_image(rel, image.convert("RGB"))
     return out
 
 
-GENERATE = Stage("generate", generate_slice)
-
-
-@app.task(name="farm.generate", **FIRST_STAGE_OPTIONS)
-def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Idempotent: candidate ids and seeds are fixed in SQL, each PNG is written to a temporary name and
-    renamed, and only candidates still pending are generated, so a redelivery rewrites nothing done."""
+def settle_writes(cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
+    """Wait for the slice's PNG writes; a candidate whose image could not be stored fails (its row is
+    written only now, so it never names a missing file)."""
     from farm.tasks.runtime import runtime
 
-    run_stages(self, payload, [GENERATE])
-    pin_rest_of_chain(self, runtime().queue)
-    return payload
+    pending = runtime().pending_writes
+    failed = {}
+    for c in cands:
+        future = pending.pop(c.id, None)
+        error = future.exception() if future is not None else None
+        if error is not None:
+            failed[c.id] = records.failure(
+                "generate", f"could not store the image: {type(error).__name__}: {error}"
+            )
+    return failed
+
+
+GENERATE = Stage("generate", generate_slice, settle=settle_writes)

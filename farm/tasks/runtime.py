@@ -14,6 +14,7 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class Runtime:
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
         self.images: OrderedDict[str, Any] = OrderedDict()
+        self.pending_writes: dict[str, Future[None]] = {}
         self.store = store_for(settings)
         self.hashes: dict[str, tuple[dict[str, str], Any]] = {}
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
@@ -252,6 +254,6 @@ def _on_process_init(**_kwargs: Any) -> None:
 
 
 def describe_task(name: str, payload: Any) -> str:
-    """``farm.generate <first candidate id> (+N)``: what a worker is busy with (`farm workers`, tests)."""
+    """``farm.slice <first candidate id> (+N)``: what a worker is busy with (`farm workers`, tests)."""
     ids = (payload.get("candidates") if isinstance(payload, dict) else None) or []
     return f"{name} {ids[0]} (+{len(ids) - 1})" if ids else name

@@ -1,10 +1,10 @@
-"""The one way every device task runs its stages on a slice: count the delivery, work, record, pass it on.
+"""The one way a device task runs a slice's stages: count the delivery, work, record, pass it on.
 
-A slice is a chain of two tasks: ``farm.generate`` takes it from the shared (or a model) queue on whichever
-device is free, and ``farm.check`` runs moderate, validate and score back to back on that same device, where
-the images are, in memory. Each stage is still its own batched call with its own guarded write, attempt
-counter and timing; running the three checks in one task saves two broker round trips and two transactions
-per slice (the write of one stage also counts the next one as started).
+A slice is one task, ``farm.slice``, taken from the shared (or a model) queue by whichever device is free:
+it generates, moderates, validates and scores the slice in turn on that device, its images kept in memory
+between stages. Each stage is still its own batched call with its own guarded write, attempt counter and
+timing; one task per slice saves the broker round trips and transactions of a chain, and lets generate's
+PNG writes run behind the checks (``Stage.settle``).
 
 A stage never raises for a candidate's failure: the batched call is retried one candidate at a time so a
 single bad candidate is failed with its error and the rest of the slice goes on, and the chord always fires.
@@ -33,22 +33,57 @@ Work = Callable[[StageStart, list[StagedCandidate]], dict[str, dict[str, Any]]]
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage's work on a slice; ``after`` runs once its results are committed (cross-slice checks)."""
+    """One stage's work on a slice; ``after`` runs once its results are committed (cross-slice checks).
+
+    ``settle``, when set, lets the stage's side effects finish behind the next stage's work: its results are
+    written only after that work has run and ``settle`` has waited for them (generate's PNG writes: a row
+    never names a file that is not there). It returns failures for candidates whose side effect failed.
+    A crash in the next stage's work then repeats this stage on redelivery, and is counted against it.
+    """
 
     name: str
     work: Work
     after: Callable[[StageStart, list[StagedCandidate]], None] | None = None
+    settle: Callable[[list[StagedCandidate]], dict[str, dict[str, Any]]] | None = None
 
 
-#: Options of the device tasks: retry on transient database errors. Only the last task of a slice's chain
-#: (check) keeps its result in Redis, where the chord counts it; generate passes its on in the message.
+#: Options of the slice task: retry on transient database errors; its result is kept in Redis, where the
+#: item's chord counts it.
 STAGE_OPTIONS: dict[str, Any] = {
     "bind": True,
     "autoretry_for": TRANSIENT_DB_ERRORS,
     "retry_backoff": True,
     "max_retries": 8,
 }
-FIRST_STAGE_OPTIONS: dict[str, Any] = {**STAGE_OPTIONS, "ignore_result": True}
+
+
+@dataclass
+class _Worked:
+    """A stage's results on some candidates, not yet written."""
+
+    stage: Stage
+    cands: list[StagedCandidate]
+    updates: dict[str, dict[str, Any]]
+    timing: dict[str, Any]
+    seconds: float
+
+    def status_of(self, c: StagedCandidate) -> str:
+        """The status ``c`` will have once these results are written."""
+        update = self.updates.get(c.id)
+        return c.status if update is None else update.get("status", records.STAGE_OUTPUT[self.stage.name])
+
+    def preview(self, cands: list[StagedCandidate]) -> None:
+        """Show the next stage these results (its image path, say) before they are written; the status
+        changes only with the write."""
+        for c in cands:
+            for key, value in self.updates.get(c.id, {}).items():
+                if key != "status":
+                    setattr(c, key, value)
+
+    def keep(self, status: str) -> None:
+        """Keep only the candidates now at ``status``: those whose earlier stage's write applied."""
+        self.cands = [c for c in self.cands if c.status == status]
+        self.updates = {c.id: self.updates[c.id] for c in self.cands}
 
 
 def isolate(
@@ -94,30 +129,34 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     groups = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
     idle = False
     for n, group in enumerate(groups, 1):
+        held: _Worked | None = None
         for k, stage in enumerate(stages):
-            cands = [c for c in group if c.status == records.STAGE_INPUT[stage.name]]
-            if not cands:
+            status = held.status_of if held else (lambda c: c.status)
+            cands = [c for c in group if status(c) == records.STAGE_INPUT[stage.name]]
+            if held is not None:
+                held.preview(cands)
+            worked = _work(start, stage, cands) if cands else None
+            if held is not None:
+                _commit(start, held, entering=stage.name, also=None)
+                held = None
+                if worked is not None:
+                    worked.keep(records.STAGE_INPUT[stage.name])
+            if worked is None or not worked.cands:
                 continue
             last = n == len(groups) and k == len(stages) - 1
+            if stage.settle is not None and k + 1 < len(stages):
+                held = worked
+                continue
             entering = stages[k + 1].name if k + 1 < len(stages) else None
-            _run_stage(start, stage, cands, entering=entering, also=rt.idle() if last else None)
+            _commit(start, worked, entering=entering, also=rt.idle() if last else None)
             idle = idle or last
     if not idle:
         rt.heartbeat(None)
     return payload
 
 
-def _run_stage(
-    start: StageStart,
-    stage: Stage,
-    cands: list[StagedCandidate],
-    *,
-    entering: str | None,
-    also: records.Also | None,
-) -> None:
+def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Worked:
     from farm.tasks.runtime import runtime
-
-    rt = runtime()
 
     def guarded(part: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
         faults.trigger(
@@ -130,13 +169,25 @@ def _run_stage(
 
     t0 = perf_counter()
     updates = isolate(stage.name, guarded, cands)
-    timing = {"s": round((perf_counter() - t0) / len(cands), 5), "queue": rt.queue}
+    seconds = perf_counter() - t0
+    timing = {"s": round(seconds / len(cands), 5), "queue": runtime().queue}
+    return _Worked(stage, cands, updates, timing, seconds)
+
+
+def _commit(start: StageStart, worked: _Worked, *, entering: str | None, also: records.Also | None) -> None:
+    """Write a stage's results (after its ``settle``), run its ``after``, and log the stage."""
+    from farm.tasks.runtime import runtime
+
+    stage, updates = worked.stage, worked.updates
+    t0 = perf_counter()
+    if stage.settle is not None:
+        updates = {**updates, **stage.settle(worked.cands)}
     written = records.apply_stage(
-        rt.settings.database_url,
+        runtime().settings.database_url,
         stage.name,
         updates,
-        timing,
-        started={c.id: c for c in cands},
+        worked.timing,
+        started={c.id: c for c in worked.cands},
         entering=entering,
         also=also,
     )
@@ -149,14 +200,8 @@ def _run_stage(
         stage=stage.name,
         batch=start.batch.id,
         item=start.item.id,
-        candidates=[c.id for c in cands],
-        queue=rt.queue,
+        candidates=[c.id for c in worked.cands],
+        queue=runtime().queue,
         outcome=dict(outcome),
-        seconds=round(perf_counter() - t0, 4),
+        seconds=round(worked.seconds + perf_counter() - t0, 4),
     )
-
-
-def pin_rest_of_chain(task: Task, queue: str) -> None:
-    """Send the rest of this slice's chain (check) to this worker's own device queue (its images are here)."""
-    for sig in task.request.chain or ():
-        sig.setdefault("options", {})["queue"] = queue

@@ -44,7 +44,7 @@ def test_retry_resets_failed_candidates_reopens_items_and_sends_them(client, set
         assert {(it.status, it.finished_at) for it in items} == {("running", None)}
 
     sent = _task_args(queued_messages(broker, "slices"))
-    assert [task for task, _ in sent] == ["farm.generate", "farm.generate"]
+    assert [task for task, _ in sent] == ["farm.slice", "farm.slice"]
     assert sorted(cid for _, args in sent for cid in failed if cid in args) == failed
 
 
@@ -95,7 +95,7 @@ def test_resume_resends_unsettled_candidates_of_running_items(client, settings, 
     r = client.post(f"/api/v1/batches/{made.batch_id}/resume")
     assert r.status_code == 202 and r.json == {"id": made.batch_id, "messages": 1}
     sent = _task_args(queued_messages(broker, "slices"))
-    assert sent and {task for task, _ in sent} == {"farm.generate"}
+    assert sent and {task for task, _ in sent} == {"farm.slice"}
     running_item = made.item_ids[1]
     resent = {cid for _, args in sent for cid in made.candidate_ids if cid in args}
     # Candidate 0 is scored (settled), 1 is generated and 2, 3 are pending: those three go again.

@@ -230,12 +230,12 @@ def test_export_of_a_batch_without_winners_is_an_empty_zip(client, make_batch):
 
 
 def test_workers_from_the_workers_table(client, make_worker):
-    make_worker("w-cuda0", current="farm.generate", age=5)
+    make_worker("w-cuda0", current="farm.slice", age=5)
     make_worker("w-cuda1", queue="cuda1", age=400, models={})
     r = client.get("/api/v1/workers")
     rows = {w["name"]: w for w in r.json["workers"]}
     assert rows["w-cuda0"]["models"] == {"generator:tiny": 1, "scorer:tiny": 2}
-    assert rows["w-cuda0"]["current"] == "farm.generate"
+    assert rows["w-cuda0"]["current"] == "farm.slice"
     assert rows["w-cuda0"]["heartbeat_age_seconds"] == pytest.approx(5, abs=3)
     assert rows["w-cuda1"]["heartbeat_age_seconds"] >= 400
 

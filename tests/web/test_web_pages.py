@@ -182,12 +182,12 @@ def test_candidate_page_shows_layers_recipe_scores_timings(client, make_batch):
 def test_workers_page_lists_models_and_links_flower(make_app, make_worker, monkeypatch):
     monkeypatch.setenv("FARM_FLOWER_PORT", "5999")
     client = make_app().test_client()
-    make_worker("w-cuda0", current="farm.generate")
+    make_worker("w-cuda0", current="farm.slice")
     make_worker("w-cuda1", queue="cuda1", age=500)
     html = client.get("/workers").get_data(as_text=True)
     assert "w-cuda0" in html and "w-cuda1" in html
     assert "generator:tiny</code> × 1" in html and "scorer:tiny</code> × 2" in html
-    assert "farm.generate" in html and "idle" in html
+    assert "farm.slice" in html and "idle" in html
     assert 'href="http://127.0.0.1:5999"' in html
     assert "8m" in html  # 500 s heartbeat age
 

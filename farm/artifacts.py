@@ -102,15 +102,6 @@ class ArtifactStore(ABC):
         self.put(name, png_bytes(image, recipe), "image/png")
         self.put(str(PurePosixPath(name).with_suffix(".json")), sidecar_bytes(recipe), "application/json")
 
-    def save_pngs(self, entries: list[tuple[str, Image.Image, dict[str, Any]]]) -> None:
-        """Save a slice's images side by side (``start_pngs``) and wait; raises the first error after all
-        have finished."""
-        futures = self.start_pngs(entries)
-        for future in futures:
-            future.exception()
-        for future in futures:
-            future.result()
-
     def start_pngs(self, entries: list[tuple[str, Image.Image, dict[str, Any]]]) -> list[Future[None]]:
         """Start ``save_png`` for each ``(name, image, recipe)`` on this process's writer threads and return
         at once, one future per entry: PNG encoding, fsync and uploads release the GIL, so the images are

@@ -89,6 +89,20 @@ def test_the_local_store_writes_the_png_with_its_recipe_and_a_sidecar(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_start_pngs_writes_a_slice_in_the_background_and_reports_each_failure_on_its_own_future(tmp_path):
+    store = LocalStore(tmp_path)
+    futures = store.start_pngs(
+        [
+            ("b1/c1.png", _image(), RECIPE),
+            ("../escape.png", _image(), RECIPE),
+            ("b1/c2.png", _image(), RECIPE),
+        ]
+    )
+    assert [type(f.exception(timeout=30)) for f in futures] == [type(None), ArtifactPathError, type(None)]
+    assert store.names("b1") == ["b1/c1.json", "b1/c1.png", "b1/c2.json", "b1/c2.png"]
+    assert not (tmp_path.parent / "escape.png").exists()
+
+
 def test_the_s3_store_round_trips_images_recipes_and_listings(s3):
     store = S3Store("s3://farm-test/unit", endpoint_url=s3["endpoint"])
     store.save_png("b1/c1.png", _image(), RECIPE)

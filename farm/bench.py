@@ -151,15 +151,16 @@ def run_bare(
             "FARM_BENCH_BARRIER": str(barrier),
         }
         errs.append(barrier / f"stderr-{queue}.log")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(share))],
-                env=child_env,
-                stdout=subprocess.PIPE,
-                stderr=errs[-1].open("w"),
-                text=True,
+        with errs[-1].open("w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(share))],
+                    env=child_env,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                )
             )
-        )
     while len(list(barrier.glob("ready-*"))) < len(procs):
         if any(p.poll() not in (None, 0) for p in procs):
             _fail_bare(procs, errs, "before its loop started")

@@ -59,10 +59,10 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         files.append((rel, image, recipe))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
-    for c, future in zip(cands, rt.store.start_pngs(files), strict=True):
-        rt.pending_writes[c.id] = future
     for rel, image, _recipe in files:
         rt.remember_image(rel, image.convert("RGB"))
+    for c, future in zip(cands, rt.store.start_pngs(files), strict=True):
+        rt.pending_writes[c.id] = future
     return out
 
 

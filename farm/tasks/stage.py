@@ -67,11 +67,6 @@ class _Worked:
     timing: dict[str, Any]
     seconds: float
 
-    def status_of(self, c: StagedCandidate) -> str:
-        """The status ``c`` will have once these results are written."""
-        update = self.updates.get(c.id)
-        return c.status if update is None else update.get("status", records.STAGE_OUTPUT[self.stage.name])
-
     def preview(self, cands: list[StagedCandidate]) -> None:
         """Show the next stage these results (its image path, say) before they are written; the status
         changes only with the write."""
@@ -84,6 +79,12 @@ class _Worked:
         """Keep only the candidates now at ``status``: those whose earlier stage's write applied."""
         self.cands = [c for c in self.cands if c.status == status]
         self.updates = {c.id: self.updates[c.id] for c in self.cands}
+
+
+def _status(c: StagedCandidate, held: _Worked | None) -> str:
+    """The status ``c`` has, or will have once ``held`` results are written."""
+    update = held.updates.get(c.id) if held is not None else None
+    return c.status if update is None else update.get("status", records.STAGE_OUTPUT[held.stage.name])
 
 
 def isolate(
@@ -131,8 +132,7 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     for n, group in enumerate(groups, 1):
         held: _Worked | None = None
         for k, stage in enumerate(stages):
-            status = held.status_of if held else (lambda c: c.status)
-            cands = [c for c in group if status(c) == records.STAGE_INPUT[stage.name]]
+            cands = [c for c in group if _status(c, held) == records.STAGE_INPUT[stage.name]]
             if held is not None:
                 held.preview(cands)
             worked = _work(start, stage, cands) if cands else None
@@ -178,12 +178,13 @@ def _commit(start: StageStart, worked: _Worked, *, entering: str | None, also: r
     """Write a stage's results (after its ``settle``), run its ``after``, and log the stage."""
     from farm.tasks.runtime import runtime
 
+    rt = runtime()
     stage, updates = worked.stage, worked.updates
     t0 = perf_counter()
     if stage.settle is not None:
         updates = {**updates, **stage.settle(worked.cands)}
     written = records.apply_stage(
-        runtime().settings.database_url,
+        rt.settings.database_url,
         stage.name,
         updates,
         worked.timing,
@@ -201,7 +202,7 @@ def _commit(start: StageStart, worked: _Worked, *, entering: str | None, also: r
         batch=start.batch.id,
         item=start.item.id,
         candidates=[c.id for c in worked.cands],
-        queue=runtime().queue,
+        queue=rt.queue,
         outcome=dict(outcome),
         seconds=round(worked.seconds + perf_counter() - t0, 4),
     )

@@ -87,7 +87,7 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
     gen = rt.generator(manifest.model, dtype=cfg["dtype"], memory=cfg["memory"])
     validator, scorer = rt.validator(cfg["validation"]["model"]), rt.scorer(cfg["scoring"]["model"])
     stage = dict.fromkeys(STAGES, 0.0)
-    hashes: dict[str, str] = {}
+    hashes = mod.HashIndex()
     barrier = os.environ.get("FARM_BENCH_BARRIER")
     if barrier:
         Path(barrier, f"ready-{os.getpid()}").touch()
@@ -112,8 +112,8 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
             t1 = time.perf_counter()
             for k, im in zip(seeds, images, strict=True):
                 h, _q = mod.pdq_hash(im.convert("RGB"))
-                _near = [o for o, other in hashes.items() if mod.hamming(h, other) <= 20]
-                hashes[f"{plan.index}-{k}"] = h
+                _near = hashes.within(h, 20)
+                hashes.update([(f"{plan.index}-{k}", h)])
             verdicts = [rt.nudenet().check(images), rt.opennsfw().check(images)]
             [mod.combine([v[i] for v in verdicts]) for i in range(len(images))]
             t2 = time.perf_counter()

@@ -62,17 +62,12 @@ def flag_near_duplicates(start: StageStart, cands: list[StagedCandidate]) -> Non
     Runs after the slice's own hashes are committed and reads the committed hashes again, so of two slices
     moderated at the same moment on two devices, the one that finishes second always sees the first.
     """
-    from farm.ml.moderation import hamming
     from farm.tasks.runtime import runtime
 
     rt = runtime()
     limit = start.batch.settings["moderation"]["near_duplicate_distance"]
     pool = rt.batch_hashes(start.batch.id)
-    pairs = {
-        c.id: [o for o, other in pool.items() if o != c.id and hamming(pool[c.id], other) <= limit]
-        for c in cands
-        if c.id in pool
-    }
+    pairs = {c.id: [o for o in pool.within(pool[c.id], limit) if o != c.id] for c in cands if c.id in pool}
     records.add_near_duplicate_flags(rt.settings.database_url, {k: v for k, v in pairs.items() if v}, limit)
 
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 from sqlalchemy import Connection, bindparam, update
@@ -27,6 +27,9 @@ from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
 from farm.gpu_pinning.pinning import limit_torch_threads, pinned
 from farm.placement import generator_key, generator_queues
+
+if TYPE_CHECKING:
+    from farm.ml.moderation import HashIndex
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class Runtime:
         self.images: OrderedDict[str, Any] = OrderedDict()
         self.pending_writes: dict[str, Future[None]] = {}
         self.store = store_for(settings)
-        self.hashes: dict[str, tuple[dict[str, str], Any]] = {}
+        self.hashes: dict[str, tuple[HashIndex, Any]] = {}
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
         self.threads = int(pinned_threads) if pinned_threads else None
         self._lock = threading.Lock()
@@ -140,20 +143,24 @@ class Runtime:
             return cached
         return self.store.open_image(rel)
 
-    def batch_hashes(self, batch_id: str) -> dict[str, str]:
+    def batch_hashes(self, batch_id: str) -> HashIndex:
         """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since."""
+        from farm.ml.moderation import HashIndex
         from farm.records import batch_hashes
 
-        known, since = self.hashes.get(batch_id, ({}, None))
+        known, since = self.hashes.get(batch_id, (None, None))
         fresh, newest = batch_hashes(self.settings.database_url, batch_id, since=since)
-        known.update(fresh)
+        known = known if known is not None else HashIndex()
+        known.update(fresh.items())
         self.hashes = {batch_id: (known, newest)}  # one batch at a time is what a worker works on
         return known
 
-    def blocklist(self, path: str) -> list[str]:
-        from farm.ml.moderation import load_blocklist
+    def blocklist(self, path: str) -> HashIndex:
+        from farm.ml.moderation import HashIndex, load_blocklist
 
-        return self.registry.get(f"blocklist:{path}", lambda: load_blocklist(Path(path)))
+        return self.registry.get(
+            f"blocklist:{path}", lambda: HashIndex((h, h) for h in load_blocklist(Path(path)))
+        )
 
     def preload(self) -> None:
         """Load what every slice needs before the first task arrives."""

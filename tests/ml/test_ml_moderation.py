@@ -10,6 +10,7 @@ from ml_images import grey, noise, skin_ellipse
 from PIL import Image
 
 from farm.ml.moderation import (
+    HashIndex,
     LayerVerdict,
     NudeNetLayer,
     OpenNsfwLayer,
@@ -107,6 +108,52 @@ def test_near_duplicates() -> None:
     near = find_near_duplicates(hashes, max_distance=31)
     assert near == {"c1": ["c2"], "c2": ["c1"]}
     assert find_near_duplicates(hashes, max_distance=256)["c3"] == ["c1", "c2"]
+
+
+def random_hashes(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [f"{rng.getrandbits(256):064x}" for _ in range(n)]
+
+
+def test_hash_index_distances_match_hamming_for_every_pair() -> None:
+    hashes = random_hashes(60, 1)
+    # Near neighbours too, so small distances are covered, not only the ~128 of unrelated hashes.
+    hashes += [f"{int(h, 16) ^ (1 << (7 * k)) ^ (1 << 255):064x}" for k, h in enumerate(hashes[:20])]
+    index = HashIndex((str(i), h) for i, h in enumerate(hashes))
+    for probe in hashes[:25]:
+        assert index.distances(probe).tolist() == [hamming(probe, h) for h in hashes]
+        for limit in (0, 2, 120, 256):
+            assert index.within(probe, limit) == [
+                str(i) for i, h in enumerate(hashes) if hamming(probe, h) <= limit
+            ]
+
+
+def test_hash_index_update_replaces_a_keys_hash_and_keeps_order() -> None:
+    a, b, c = random_hashes(3, 2)
+    index = HashIndex([("x", a), ("y", b)])
+    index.update([("z", c), ("x", c), ("z", b)])
+    assert len(index) == 3 and index["x"] == c and index["z"] == b and "w" not in index
+    assert index.within(c, 0) == ["x"]
+    assert index.within(b, 0) == ["y", "z"]
+    assert index.nearest(b) == (b, 0)
+    assert HashIndex().nearest(a) is None and HashIndex().within(a, 256) == []
+
+
+def test_hash_index_refuses_a_malformed_hash() -> None:
+    with pytest.raises(ValueError, match="not a 256-bit PDQ hash"):
+        HashIndex([("x", "ab" * 31)])
+
+
+def test_blocklist_check_takes_an_index_or_a_list_alike() -> None:
+    blocked = random_hashes(500, 3)
+    probe = f"{int(blocked[321], 16) ^ 0b1011:064x}"
+    as_list = check_pdq_blocklist(probe, blocked, max_distance=31)
+    as_index = check_pdq_blocklist(probe, HashIndex((h, h) for h in blocked), max_distance=31)
+    assert as_list == as_index
+    assert as_list.verdict == "reject" and as_list.details["nearest"] == blocked[321]
+    assert as_list.details["distance"] == 3 and as_list.details["entries"] == 500
 
 
 # ------------------------------------------------------------------------------------------ NudeNet

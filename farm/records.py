@@ -17,7 +17,17 @@ from typing import Any
 from sqlalchemy import Connection, Row, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, get_engine, session_scope, utcnow
+from farm.db import (
+    BATCH_STOPPED,
+    CANDIDATE_FINAL,
+    READ_ONLY,
+    Batch,
+    Candidate,
+    Item,
+    get_engine,
+    session_scope,
+    utcnow,
+)
 
 #: A write that rides in a stage's transaction (the worker's heartbeat).
 Also = Callable[[Connection], object]
@@ -339,17 +349,51 @@ def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
         return TopUp(batch.id, round_, [r["id"] for r in rows], batch.priority)
 
 
-def unsettled(url: str, item_id: str) -> tuple[int, str]:
-    """(candidates of the item not yet final nor scored, the batch status)."""
-    with session_scope(url, read_only=True) as s:
-        item = s.get(Item, item_id)
-        batch_status = s.get(Batch, item.batch_id).status
-        n = s.scalar(
-            select(func.count())
-            .select_from(Candidate)
-            .where(Candidate.item_id == item_id, Candidate.status.not_in((*CANDIDATE_FINAL, "scored")))
+@dataclass(frozen=True)
+class RankView:
+    """What ranking an item reads, in one read transaction: how many of its candidates are still in flight,
+    the batch's status and settings, and the scored candidates (id, index, preference, alignment, hash)."""
+
+    waiting: int
+    batch_status: str
+    settings: dict[str, Any]
+    prompt: str
+    rounds: int
+    scored: list[Row[Any]]
+
+    def topup_due(self) -> bool:
+        """Whether fewer passed than ``min_accepted`` and a top-up round is still allowed (decided again under
+        the write lock by ``add_topup_round``; this only spares the lock when none is due)."""
+        selection = self.settings["selection"]
+        return (
+            self.batch_status not in BATCH_STOPPED
+            and len(self.scored) < selection["min_accepted"]
+            and self.rounds < selection["max_topup_rounds"]
         )
-        return (0 if item.status in ("done", "cancelled") else n), batch_status
+
+
+def rank_view(url: str, item_id: str) -> RankView:
+    """The item as ``farm.rank`` needs it; ``waiting`` counts candidates not yet final nor scored, and is 0
+    once the item is closed."""
+    with get_engine(url).execution_options(**{READ_ONLY: True}).connect() as conn:
+        item = conn.execute(
+            select(_I.c.batch_id, _I.c.prompt, _I.c.rounds, _I.c.status).where(_I.c.id == item_id)
+        ).one()
+        batch = conn.execute(select(_B.c.status, _B.c.settings).where(_B.c.id == item.batch_id)).one()
+        rows = conn.execute(
+            select(_C.c.id, _C.c.index, _C.c.status, _C.c.preference, _C.c.alignment, _C.c.pdq_hash)
+            .where(_C.c.item_id == item_id)
+            .order_by(_C.c.index)
+        ).all()
+    waiting = sum(1 for r in rows if r.status not in (*CANDIDATE_FINAL, "scored"))
+    return RankView(
+        waiting=0 if item.status in ("done", "cancelled") else waiting,
+        batch_status=batch.status,
+        settings=batch.settings,
+        prompt=item.prompt,
+        rounds=item.rounds,
+        scored=[r for r in rows if r.status == "scored"],
+    )
 
 
 def progress(s: Session, batch_id: str) -> dict[str, int]:

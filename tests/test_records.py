@@ -104,3 +104,31 @@ def test_a_candidate_started_past_the_cap_in_a_later_stage_is_failed_naming_that
     row = _rows(url, ids)[ids[0]]
     assert (row.status, row.stage) == ("failed", "validate")
     assert "validate was started 2 times" in row.error and "FARM_MAX_ATTEMPTS=2" in row.error
+
+
+def test_rank_view_counts_the_unsettled_and_due_top_ups_in_one_read(slice_ids):
+    url, _ = slice_ids
+    text = MANIFEST.replace("items:", "selection: {min_accepted: 1}\nitems:")
+    manifest, items = dispatch.plan(text, settings=load_settings())
+    done = dispatch.create_batch(manifest, items, text, settings=load_settings())
+    with session_scope(url) as s:
+        ids = sorted(s.scalars(select(Candidate.id).where(Candidate.batch_id == done.batch_id)))
+    item_id = ids[0].rsplit("-", 1)[0]
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id == ids[0]).values(status="scored", preference=0.5))
+        s.execute(update(Candidate).where(Candidate.id == ids[1]).values(status="rejected"))
+    view = records.rank_view(url, item_id)
+    assert view.waiting == 1 and view.batch_status == "queued" and view.prompt == "a kite"
+    assert [(c.id, c.preference) for c in view.scored] == [(ids[0], 0.5)]
+    assert not view.topup_due()
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id == ids[0]).values(status="rejected"))
+    short = records.rank_view(url, item_id)
+    assert short.scored == [] and short.topup_due()
+    assert records.add_topup_round(url, item_id, passed=0) is not None
+    after_one = records.rank_view(url, item_id)
+    assert after_one.rounds == 1 and after_one.waiting == 1 + 2
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.item_id == item_id).values(status="rejected"))
+    assert records.add_topup_round(url, item_id, passed=0) is not None
+    assert not records.rank_view(url, item_id).topup_due()  # max_topup_rounds (2) reached

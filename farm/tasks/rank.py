@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 
 from celery import Task
-from sqlalchemy import select
 
 from farm import faults, logs, records
 from farm.celery_app import app
 from farm.config import load_settings
-from farm.db import BATCH_STOPPED, TRANSIENT_DB_ERRORS, Batch, Candidate, Item, session_scope
+from farm.db import BATCH_STOPPED, TRANSIENT_DB_ERRORS
 from farm.ranking import Contender, rank
 
 SETTLE_POLL_S = 5
@@ -34,20 +33,18 @@ def rank_item(self: Task, item_id: str) -> dict:
     item), it waits for them rather than ranking half an item; the reaper takes over if they never come.
     """
     settings = load_settings()
-    waiting, batch_status = records.unsettled(settings.database_url, item_id)
-    if waiting and batch_status not in BATCH_STOPPED:
+    view = records.rank_view(settings.database_url, item_id)
+    if view.waiting and view.batch_status not in BATCH_STOPPED:
         if self.request.retries * SETTLE_POLL_S < settings.stall_seconds:
             raise self.retry(countdown=SETTLE_POLL_S, exc=None)
-        return {"item": item_id, "winners": [], "batch_closed": False, "waiting": waiting}
-    with session_scope(settings.database_url, read_only=True) as s:
-        item = s.get(Item, item_id)
-        cfg = s.get(Batch, item.batch_id).settings
-        prompt = item.prompt
-        rows = s.scalars(
-            select(Candidate).where(Candidate.item_id == item_id, Candidate.status == "scored")
-        ).all()
-        contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in rows]
-    topup = records.add_topup_round(settings.database_url, item_id, passed=len(contenders))
+        return {"item": item_id, "winners": [], "batch_closed": False, "waiting": view.waiting}
+    cfg, prompt = view.settings, view.prompt
+    contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in view.scored]
+    topup = (
+        records.add_topup_round(settings.database_url, item_id, passed=len(contenders))
+        if view.topup_due()
+        else None
+    )
     if topup is not None:
         # Short of min_accepted: a round of new seeds goes through the same chord, whose rank comes back here.
         from farm import dispatch

@@ -255,36 +255,49 @@ def finish_item(
     The item flips to done only once (guarded update), and only that flip moves the batch counter, all in one
     transaction: a rank delivered twice cannot close a batch early or count an item twice.
     """
-    with session_scope(url) as s:
-        item = s.get(Item, item_id)
-        batch = s.get(Batch, item.batch_id)
-        cands = list(s.scalars(select(Candidate).where(Candidate.item_id == item_id)))
-        position = {cid: n for n, cid in enumerate(ranking, start=1)}
-        for c in cands:
-            if c.status == "scored":
-                c.status = "passed"
-            if c.status not in CANDIDATE_FINAL:
-                c.status = "cancelled" if batch.status in BATCH_STOPPED else "failed"
-                c.error = c.error or "the item was ranked before this candidate finished"
-            c.rank = position.get(c.id)
-            c.score = scores.get(c.id, c.score)
-            c.is_winner = c.id in winners
-        s.flush()
+    position = {cid: n for n, cid in enumerate(ranking, start=1)}
+    # SQL Core, not the ORM: the transaction holds SQLite's write lock, which the next slice's first write
+    # waits for, so it does only what must be read and written under it.
+    with get_engine(url).begin() as conn:
+        batch_id = conn.execute(select(_I.c.batch_id).where(_I.c.id == item_id)).scalar_one()
+        stopped = conn.execute(select(_B.c.status).where(_B.c.id == batch_id)).scalar_one() in BATCH_STOPPED
+        rows = []
+        for c in conn.execute(
+            select(_C.c.id, _C.c.status, _C.c.error, _C.c.score).where(_C.c.item_id == item_id)
+        ):
+            status, error = ("passed" if c.status == "scored" else c.status), c.error
+            if status not in CANDIDATE_FINAL:
+                status = "cancelled" if stopped else "failed"
+                error = error or "the item was ranked before this candidate finished"
+            rows.append(
+                {
+                    "b_id": c.id,
+                    "status": status,
+                    "error": error,
+                    "rank": position.get(c.id),
+                    "score": scores.get(c.id, c.score),
+                    "is_winner": c.id in winners,
+                }
+            )
+        if rows:
+            conn.execute(update(_C).where(_C.c.id == bindparam("b_id")), rows)
         if during is not None:
             during()
-        final = "cancelled" if batch.status in BATCH_STOPPED else "done"
-        flipped = s.execute(
-            update(Item)
-            .where(Item.id == item_id, Item.status.not_in(("done", "cancelled")))
-            .values(status=final, winners=winners, finished_at=utcnow())
+        flipped = conn.execute(
+            update(_I)
+            .where(_I.c.id == item_id, _I.c.status.not_in(("done", "cancelled")))
+            .values(status="cancelled" if stopped else "done", winners=winners, finished_at=utcnow())
         ).rowcount
         closed = False
         if flipped:
-            s.execute(update(Batch).where(Batch.id == batch.id).values(items_done=Batch.items_done + 1))
-            s.refresh(batch)
+            conn.execute(update(_B).where(_B.c.id == batch_id).values(items_done=_B.c.items_done + 1))
+            batch = conn.execute(select(_B.c.items_done, _B.c.items_total).where(_B.c.id == batch_id)).one()
             if batch.items_done >= batch.items_total:
-                batch.status = "cancelled" if batch.status in BATCH_STOPPED else "done"
-                batch.finished_at = utcnow()
+                conn.execute(
+                    update(_B)
+                    .where(_B.c.id == batch_id)
+                    .values(status="cancelled" if stopped else "done", finished_at=utcnow())
+                )
                 closed = True
         return Ranked(item_id, winners, ranking, closed)
 

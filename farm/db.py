@@ -96,7 +96,12 @@ class Item(Base):
 
 class Candidate(Base):
     __tablename__ = "candidates"
-    __table_args__ = (Index("ix_candidates_item_status", "item_id", "status"),)
+    # (batch_id, updated_at): each slice's near-duplicate check reads the batch's rows changed since its last
+    # read; with batch_id alone SQLite walked every candidate of the batch, every slice.
+    __table_args__ = (
+        Index("ix_candidates_item_status", "item_id", "status"),
+        Index("ix_candidates_batch_updated", "batch_id", "updated_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)

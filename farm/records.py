@@ -62,6 +62,12 @@ _BATCH_COLUMNS = [c for c in _B.c if c.name != "manifest_yaml"]
 _GUARDED = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
 
 
+def _reading(url: str) -> Connection:
+    """A read-only connection (no ORM session: these reads run for every slice): on SQLite it begins deferred,
+    so it neither waits for a writer nor holds one up."""
+    return get_engine(url).execution_options(**{READ_ONLY: True}).connect()
+
+
 def _write_guarded(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
     """The guarded updates of a slice, one statement per row; returns the ids whose update applied (the
     others had moved on: another delivery of the same slice got there first)."""
@@ -197,8 +203,8 @@ def batch_hashes(
     )
     if since is not None:
         query = query.where(Candidate.updated_at >= since)
-    with session_scope(url, read_only=True) as s:
-        rows = s.execute(query).all()
+    with _reading(url) as conn:
+        rows = conn.execute(query).all()
     newest = max((r[2] for r in rows), default=since)
     return {cid: h for cid, h, _ in rows}, newest
 
@@ -388,7 +394,7 @@ class RankView:
 def rank_view(url: str, item_id: str) -> RankView:
     """The item as ``farm.rank`` needs it; ``waiting`` counts candidates not yet final nor scored, and is 0
     once the item is closed."""
-    with get_engine(url).execution_options(**{READ_ONLY: True}).connect() as conn:
+    with _reading(url) as conn:
         item = conn.execute(
             select(_I.c.batch_id, _I.c.prompt, _I.c.rounds, _I.c.status).where(_I.c.id == item_id)
         ).one()

@@ -148,9 +148,8 @@ class Runtime:
         from farm.ml.moderation import HashIndex
         from farm.records import batch_hashes
 
-        known, since = self.hashes.get(batch_id, (None, None))
+        known, since = self.hashes.get(batch_id) or (HashIndex(), None)
         fresh, newest = batch_hashes(self.settings.database_url, batch_id, since=since)
-        known = known if known is not None else HashIndex()
         known.update(fresh.items())
         self.hashes = {batch_id: (known, newest)}  # one batch at a time is what a worker works on
         return known

@@ -4,7 +4,7 @@ Submitting writes the whole batch (batch, items, candidates) in one transaction 
 ``farm.dispatch_batch`` message to the control queue, then returns the batch id: a 10,000-item manifest does
 not keep the caller waiting while its chords are built. The control worker builds, for each item, one chord
 whose header is one task per slice (generate -> moderate -> validate -> score, in turn on the device that
-takes it) and whose body ranks the item.
+takes it) and whose body ranks the item; an item of one slice is the chain slice -> rank.
 
 Placement (farm.placement): a slice's task goes to the queue of the batch's generator when a live
 worker consumes it (it has that model loaded, so nothing is reloaded), otherwise to the shared ``slices``
@@ -198,11 +198,17 @@ def item_chord(
     app: Celery,
     queue: str = SLICES_QUEUE,
 ) -> Signature:
+    """The item's slice tasks with farm.rank after them: a chord whose body ranks, or, for an item of one
+    slice (the usual case: a prompt's candidates fit one batched forward pass), the chain slice -> rank. A
+    chord of one part cost a Lua script, a group lookup and a read of the results per item, about 1.4 ms, for
+    nothing (measured with timers in the worker child)."""
     header = [
         slice_task(batch_id, iid, ids, priority=priority, app=app, queue=queue)
         for ids in slices(candidate_ids, slice_size)
     ]
     body = app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority, immutable=True)
+    if len(header) == 1:
+        return header[0] | body
     return chord(header, body)
 
 

@@ -36,6 +36,20 @@ def test_item_chord_has_one_slice_task_per_slice_and_ranks_on_control():
     assert sig.body.immutable and sig.body.args == ("b-00000",)
 
 
+def test_an_item_of_one_slice_is_the_chain_slice_then_rank_not_a_one_part_chord():
+    from celery.canvas import _chain
+
+    from farm.celery_app import app
+
+    sig = dispatch.item_chord("b", "b-00000", ["c0", "c1"], slice_size=2, priority=4, app=app)
+    assert isinstance(sig, _chain)
+    first, then = sig.tasks
+    assert first.task == "farm.slice" and first.args[0]["candidates"] == ["c0", "c1"]
+    assert first.options["queue"] == SLICES_QUEUE and first.options["priority"] == 4
+    assert then.task == "farm.rank" and then.immutable and then.args == ("b-00000",)
+    assert then.options["queue"] == CONTROL_QUEUE and then.options["priority"] == 4
+
+
 def test_slices_cover_every_candidate_once_in_order():
     ids = [str(i) for i in range(11)]
     parts = dispatch.slices(ids, 4)

@@ -1,4 +1,5 @@
-"""farm.rank: the chord body; ranks one item from SQL and closes the batch when it is the last."""
+"""farm.rank: runs after an item's slices (a chord's body, or the link after a one-slice item's task); ranks
+the item from SQL and closes the batch when it is the last."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def rank_item(self: Task, item_id: str) -> dict:
     """Idempotent: ranks are recomputed from SQL with a deterministic tie-break, and the item flips to done
     (and the batch counter moves) only once, however often this runs.
 
-    If candidates of the item are still in flight (the chord fired early, or the reaper re-sent part of the
-    item), it waits for them rather than ranking half an item; the reaper takes over if they never come.
+    If candidates of the item are still in flight (the chord or chain fired early, or the reaper re-sent part
+    of the item), it waits for them rather than ranking half an item; the reaper takes over if they never
+    come.
     """
     settings = load_settings()
     view = records.rank_view(settings.database_url, item_id)

@@ -65,3 +65,23 @@ def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
     assert run.returncode == 1
     assert "Error: a bare-loop process failed before its loop started (exit 1)" in run.stderr
     assert f"generator model folder '{tmp_path / 'no-such-model'}' does not exist" in run.stderr
+
+
+def test_overhead_with_model_time_matched_is_each_runs_time_outside_its_models_subtracted():
+    from farm.bench import RunResult, Workload, format_report, report
+
+    workload = Workload(items=2, candidates=5)
+    stages = dict.fromkeys(("generate", "moderate", "validate", "score"), 0.0)
+    a = RunResult("A bare loop", 10.0, 10, {**stages, "generate": 9.9})
+    b = RunResult(
+        "B farm, 1 device", 10.5, 10, {**stages, "generate": 10.3}
+    )  # its model calls ran 0.4 s slower
+    data = report(workload, a, b, None, threads=1)
+    assert data["overhead_ms_per_candidate"] == 50.0
+    assert data["a_outside_models_ms_per_candidate"] == 10.0
+    assert data["b_outside_models_ms_per_candidate"] == 20.0
+    assert data["overhead_model_matched_ms_per_candidate"] == 10.0
+    assert (
+        "with model time matched (B's time outside model calls minus A's, 10.0 ms): 10.0 ms"
+        in format_report(data)
+    )

@@ -265,8 +265,10 @@ def finish_item(
     # SQL Core, not the ORM: the transaction holds SQLite's write lock, which the next slice's first write
     # waits for, so it does only what must be read and written under it.
     with get_engine(url).begin() as conn:
-        batch_id = conn.execute(select(_I.c.batch_id).where(_I.c.id == item_id)).scalar_one()
-        stopped = conn.execute(select(_B.c.status).where(_B.c.id == batch_id)).scalar_one() in BATCH_STOPPED
+        batch_id, batch_status = conn.execute(
+            select(_I.c.batch_id, _B.c.status).join(_B, _B.c.id == _I.c.batch_id).where(_I.c.id == item_id)
+        ).one()
+        stopped = batch_status in BATCH_STOPPED
         rows = []
         for c in conn.execute(
             select(_C.c.id, _C.c.status, _C.c.error, _C.c.score).where(_C.c.item_id == item_id)

@@ -120,6 +120,11 @@ class HashIndex:
         self._bits = np.zeros((0, 4), dtype=np.uint64)
         self.update(hashes)
 
+    @classmethod
+    def of(cls, hashes: Iterable[str]) -> HashIndex:
+        """An index keyed by the hashes themselves (a blocklist)."""
+        return cls((h, h) for h in hashes)
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -196,7 +201,7 @@ def check_pdq_blocklist(
 ) -> LayerVerdict:
     """Reject an image whose PDQ hash is within ``max_distance`` bits of any blocklisted hash."""
     if not isinstance(blocklist, HashIndex):
-        blocklist = HashIndex((h, h) for h in blocklist)
+        blocklist = HashIndex.of(blocklist)
     best = blocklist.nearest(hash_hex)
     details: dict[str, Any] = {"max_distance": max_distance, "entries": len(blocklist)}
     if best is not None:

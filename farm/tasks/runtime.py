@@ -157,9 +157,7 @@ class Runtime:
     def blocklist(self, path: str) -> HashIndex:
         from farm.ml.moderation import HashIndex, load_blocklist
 
-        return self.registry.get(
-            f"blocklist:{path}", lambda: HashIndex((h, h) for h in load_blocklist(Path(path)))
-        )
+        return self.registry.get(f"blocklist:{path}", lambda: HashIndex.of(load_blocklist(Path(path))))
 
     def preload(self) -> None:
         """Load what every slice needs before the first task arrives."""

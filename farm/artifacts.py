@@ -30,8 +30,13 @@ class ArtifactPathError(ValueError):
     """A path asked for lies outside the artifact store."""
 
 
+def image_name(batch_id: str, candidate_id: str) -> str:
+    """A candidate's image in the store: ``<batch>/<candidate>.png``."""
+    return f"{batch_id}/{candidate_id}.png"
+
+
 def candidate_png(root: Path, batch_id: str, candidate_id: str) -> Path:
-    return root / batch_id / f"{candidate_id}.png"
+    return root / image_name(batch_id, candidate_id)
 
 
 def png_bytes(image: Image.Image, recipe: dict[str, Any]) -> bytes:
@@ -247,6 +252,44 @@ def _writers() -> ThreadPoolExecutor:
     if _pool is None or _pool[0] != os.getpid():
         _pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="farm-store"))
     return _pool[1]
+
+
+class Handoff:
+    """Images on their way from a device's generating worker to its QC worker on that host (FARM_QC=worker).
+
+    Raw pixels (``.npy``) in a local folder, shared memory by default: writing a 1024x1024 image takes about
+    6 ms and reading it 2 ms, against about 100 ms to encode even an uncompressed PNG, so the generating
+    worker goes back to its GPU at once and the QC worker writes the PNG. Files are written under a temporary
+    name and renamed (the LocalStore below), named ``<batch>/<candidate>.npy``, and removed by the QC worker
+    once its task is done.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.folder = LocalStore(root)
+
+    @staticmethod
+    def name(image_path: str) -> str:
+        return str(PurePosixPath(image_path).with_suffix(".npy"))
+
+    def put(self, image_path: str, image: Image.Image) -> None:
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(image.convert("RGB")), allow_pickle=False)
+        self.folder.put(self.name(image_path), buf.getvalue(), "application/x-npy")
+
+    def open(self, image_path: str) -> Image.Image | None:
+        """The handed-off image, or None when there is none (already stored, or lost with the host)."""
+        import numpy as np
+
+        try:
+            data = self.folder.read_bytes(self.name(image_path))
+        except FileNotFoundError:
+            return None
+        return Image.fromarray(np.load(io.BytesIO(data), allow_pickle=False))
+
+    def delete(self, image_path: str) -> None:
+        self.folder.delete(self.name(image_path))
 
 
 def store_for(settings: Any) -> ArtifactStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -82,14 +83,26 @@ def up(no_web: bool, no_flower: bool) -> None:
 @cli.command()
 @click.option("--device", "queue", help="Queue name from FARM_DEVICES (e.g. cuda0) this worker serves.")
 @click.option("--control", is_flag=True, help="Run the control worker (ranking, dispatch) instead.")
+@click.option(
+    "--qc",
+    is_flag=True,
+    help="With --device and FARM_QC=worker: run that device's quality-control worker on this host.",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queue: str | None, control: bool, loglevel: str) -> None:
+def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
     """Run one Celery worker: pinned to one device, named after it, loading its models once."""
-    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning
+    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning, qc_queue
 
     settings = _settings()
     if control == bool(queue):
         raise click.UsageError("give exactly one of --device NAME or --control")
+    if qc and control:
+        raise click.UsageError("--qc goes with --device NAME: it runs that device's QC worker")
+    if qc and settings.qc != "worker":
+        raise click.UsageError(
+            "--qc runs a device's QC worker, which only FARM_QC=worker uses: set FARM_QC=worker for this "
+            "worker and the device's own one, or drop --qc"
+        )
     if control:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         argv = [
@@ -110,11 +123,16 @@ def worker(queue: str | None, control: bool, loglevel: str) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from None
         apply_pinning(pin)
-        from farm.placement import preload_queue
+        if qc:
+            os.environ["FARM_PINNED_ROLE"] = "qc"
+            name = qc_queue(queue)
+            argv = ["worker", "-Q", name, "-n", name, "-c", "1"]
+        else:
+            from farm.placement import preload_queue
 
-        # The preloaded generator's model queue from the start (farm.placement); the others follow loads.
-        queues = f"{queue},{SLICES_QUEUE},{preload_queue(settings.preload_generator, settings.preload_dtype)}"
-        argv = ["worker", "-Q", queues, "-n", f"{queue}@%h", "-c", "1"]
+            # The preloaded generator's model queue from the start (farm.placement); the others follow loads.
+            model_queue = preload_queue(settings.preload_generator, settings.preload_dtype)
+            argv = ["worker", "-Q", f"{queue},{SLICES_QUEUE},{model_queue}", "-n", f"{queue}@%h", "-c", "1"]
     from farm.celery_app import app
     from farm.db import migrate
 

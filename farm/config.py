@@ -50,6 +50,8 @@ class Settings:
     log_format: str
     reaper_interval: int
     max_resends: int
+    qc: str
+    handoff_dir: Path
 
     @property
     def embedded_broker(self) -> bool:
@@ -191,7 +193,18 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         log_format=_choice(env, "FARM_LOG_FORMAT", ("text", "json")),
         reaper_interval=_int(env, "FARM_REAPER_INTERVAL", 60, minimum=1),
         max_resends=_int(env, "FARM_MAX_RESENDS", 3, minimum=0),
+        qc=_choice(env, "FARM_QC", ("inline", "worker")),
+        handoff_dir=Path(env.get("FARM_HANDOFF_DIR") or _default_handoff(home)).expanduser().resolve(),
     )
+
+
+def _default_handoff(home: Path) -> Path:
+    """Where a generating worker leaves images for its QC worker (FARM_QC=worker): shared memory when the
+    host has it (nothing touches a disk), else under FARM_HOME. One folder per FARM_HOME."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / f"farm-handoff-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+    return home / "handoff"
 
 
 def _default_devices() -> dict[str, str]:

@@ -41,10 +41,14 @@ class ReapReport:
 
 
 def live_queues(app: object) -> set[str]:
-    """Device queues some live worker consumes (workers are named ``<queue>@<host>``)."""
+    """Device queues some live worker consumes (workers are named ``<queue>@<host>``; a QC worker is named
+    after its queue, ``qc-<device>@<host>``)."""
+    from farm.gpu_pinning.pinning import QC_PREFIX
+
     with app.connection_for_write() as conn:
         replies = app.control.ping(timeout=2.0, connection=conn) or []
-    return {name.split("@", 1)[0] for reply in replies for name in reply}
+    names = [name for reply in replies for name in reply]
+    return {name if name.startswith(QC_PREFIX) else name.split("@", 1)[0] for name in names}
 
 
 def queued_messages(app: object, settings: Settings) -> int:

@@ -357,6 +357,8 @@ def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
     if sender is None:
         return
     queue = os.environ.get("FARM_PINNED_QUEUE")
+    if queue and os.environ.get("FARM_PINNED_ROLE") == "qc":
+        return  # a QC worker takes only its own queue; Celery's warm shutdown finishes its slice
     if not queue:
         if CONTROL_QUEUE in sender.app.amqp.queues.consume_from:
             # Resume what a crash left half-done, rather than waiting for the first beat.

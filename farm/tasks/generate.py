@@ -1,4 +1,5 @@
-"""The generate stage: one batched forward pass for a slice, its images written behind the checks."""
+"""The generate stage: one batched forward pass for a slice, its images written behind the checks (or, with
+FARM_QC=worker, handed off to the device's QC worker, which writes them)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from farm import records
+from farm.artifacts import image_name
 from farm.records import StagedCandidate, StageStart
 from farm.tasks.stage import Stage
 
@@ -43,7 +45,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     base = gen.recipe()
     out, files = {}, []
     for c, image in zip(cands, images, strict=True):
-        rel = f"{batch.id}/{c.id}.png"
+        rel = image_name(batch.id, c.id)
         recipe = {
             **base,
             "batch": batch.id,
@@ -59,6 +61,10 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         files.append((rel, image, recipe))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
+    if rt.qc_queue:  # FARM_QC=worker: the device's QC worker stores the PNGs
+        for rel, image, _recipe in files:
+            rt.handoff.put(rel, image)
+        return out
     for rel, image, _recipe in files:
         rt.remember_image(rel, image.convert("RGB"))
     for c, future in zip(cands, rt.store.start_pngs(files), strict=True):
@@ -77,9 +83,10 @@ def settle_writes(cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
         future = pending.pop(c.id, None)
         error = future.exception() if future is not None else None
         if error is not None:
-            failed[c.id] = records.failure(
-                "generate", f"could not store the image: {type(error).__name__}: {error}"
-            )
+            failed[c.id] = {
+                **records.failure("generate", f"could not store the image: {type(error).__name__}: {error}"),
+                "image_path": None,
+            }
     return failed
 
 

@@ -14,11 +14,32 @@ from farm import records
 from farm.records import StagedCandidate, StageStart
 from farm.tasks.stage import Stage
 
+LOST = (
+    "the image is neither stored ({path}) nor handed off: the host that generated it restarted, or its "
+    "handoff folder (FARM_HANDOFF_DIR) was cleared, before its QC worker stored it"
+)
+
 
 def load_images(cands: list[StagedCandidate]) -> list[Image.Image]:
+    """The slice's images: kept in memory by the stage before, else read from the store."""
     from farm.tasks.runtime import runtime
 
     return [runtime().image(c.image_path) for c in cands]
+
+
+def _find(c: StagedCandidate) -> Image.Image | None:
+    """Moderate's image for ``c``: handed off by the generating worker (FARM_QC=worker; its PNG is stored
+    from here), in memory, in the store, or None when it is nowhere."""
+    from farm.tasks.runtime import runtime
+
+    rt = runtime()
+    image = rt.take_handoff(c)
+    if image is not None:
+        return image
+    try:
+        return rt.image(c.image_path)
+    except FileNotFoundError:
+        return None
 
 
 def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -27,7 +48,16 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
 
     rt = runtime()
     cfg = start.batch.settings["moderation"]
-    images = load_images(cands)
+    seen = {c.id: _find(c) for c in cands}
+    out = {
+        c.id: {**records.failure("moderate", LOST.format(path=c.image_path)), "image_path": None}
+        for c in cands
+        if seen[c.id] is None
+    }
+    cands = [c for c in cands if seen[c.id] is not None]
+    if not cands:
+        return out
+    images = [seen[c.id] for c in cands]
     hashes = [mod.pdq_hash(im) for im in images]
     layers: list[list[mod.LayerVerdict]] = [[] for _ in cands]
     if cfg.get("pdq_blocklist"):
@@ -42,7 +72,6 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         found = rt.opennsfw().check(images, threshold=cfg["nsfw_classifier"]["threshold"])
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
-    out = {}
     for c, verdicts, (h, quality) in zip(cands, layers, hashes, strict=True):
         final, reasons = mod.combine(verdicts)
         out[c.id] = {

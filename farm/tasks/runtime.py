@@ -22,10 +22,10 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 from sqlalchemy import Connection, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from farm.artifacts import store_for
+from farm.artifacts import Handoff, image_name, store_for
 from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
-from farm.gpu_pinning.pinning import limit_torch_threads, pinned
+from farm.gpu_pinning.pinning import limit_torch_threads, pinned, pinned_role, qc_queue
 from farm.placement import generator_key, generator_queues
 
 if TYPE_CHECKING:
@@ -38,14 +38,25 @@ DEFAULT_PRELOAD = {"validator": "tiny-clip", "scorer": "tiny-aesthetic"}
 
 
 class Runtime:
-    """Per-process models and identity of a device worker."""
+    """Per-process models and identity of a device worker.
+
+    With FARM_QC=worker a device has two workers on its host: the generating one (``cuda0@host``), which
+    holds only generators, hands each slice's images off in shared memory and passes the slice to
+    ``qc_queue``; and the QC worker (role ``qc``, ``qc-cuda0@host``), which holds the checking models, stores
+    the PNGs and runs the checks while the first generates the next slice.
+    """
 
     def __init__(self, settings: Settings) -> None:
         from farm.ml.registry import ModelRegistry
 
         self.settings = settings
         self.queue, self.device = pinned()
-        self.name = f"{self.queue or 'local'}@{socket.gethostname()}"
+        self.role = pinned_role()
+        split = settings.qc == "worker" and bool(self.queue)
+        host = socket.gethostname()
+        self.name = qc_queue(self.queue, host) if self.role == "qc" else f"{self.queue or 'local'}@{host}"
+        self.handoff = Handoff(settings.handoff_dir) if split else None
+        self.qc_queue = qc_queue(self.queue) if split and self.role != "qc" else None
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
         self.images: OrderedDict[str, Any] = OrderedDict()
@@ -88,7 +99,7 @@ class Runtime:
         control message to this worker alone; the main process also reads ``loaded`` from the heartbeat
         when idle, so a lost message is corrected (farm.worker.ModelQueues).
         """
-        if not self.queue:
+        if not self.queue or self.role == "qc":
             return
         queues = sorted(generator_queues(self.registry.loaded()))
         if queues == self._announced:
@@ -136,6 +147,26 @@ class Runtime:
         while len(self.images) > IMAGE_CACHE:
             self.images.popitem(last=False)
 
+    def take_handoff(self, c: Any) -> Any:
+        """QC worker: candidate ``c``'s image as its generating worker handed it off, with its PNG write
+        started (``settle_writes`` waits for it before the row moves on); None where there is no handoff."""
+        if self.handoff is None or self.role != "qc":
+            return None
+        if c.id in self.pending_writes:
+            return self.images.get(c.image_path)
+        image = self.handoff.open(c.image_path)
+        if image is None:
+            return None
+        self.remember_image(c.image_path, image)
+        self.pending_writes[c.id] = self.store.start_pngs([(c.image_path, image, c.recipe)])[0]
+        return image
+
+    def drop_handoff(self, batch_id: str, candidate_ids: list[str]) -> None:
+        """QC worker, its task done: the slice's handed-off images are stored or no longer wanted."""
+        if self.handoff is not None:
+            for cid in candidate_ids:
+                self.handoff.delete(image_name(batch_id, cid))
+
     def image(self, rel: str) -> Any:
         """The image at ``rel`` in the artifact store, from memory when this process made it."""
         cached = self.images.get(rel)
@@ -164,7 +195,10 @@ class Runtime:
         from farm import faults
 
         faults.slow_load()
-        self.generator(self.settings.preload_generator, dtype=self.settings.preload_dtype)
+        if self.role != "qc":
+            self.generator(self.settings.preload_generator, dtype=self.settings.preload_dtype)
+        if self.qc_queue:
+            return
         self.validator(DEFAULT_PRELOAD["validator"])
         self.scorer(DEFAULT_PRELOAD["scorer"])
         self.nudenet()

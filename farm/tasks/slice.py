@@ -1,19 +1,29 @@
-"""farm.slice: a slice generated, moderated, validated and scored in turn on the device that took it."""
+"""farm.slice: a slice generated, moderated, validated and scored in turn on the device that took it.
+
+With FARM_QC=worker the slice is split in two on its device's host: farm.slice generates and hands the images
+off, then replaces itself with farm.qc on that device's QC worker (``qc-cuda0@host``), which stores the PNGs
+and runs the checks while the device generates the next slice. ``Task.replace`` keeps the task id, the chord
+and the rest of the chain, so the item's rank still waits for the checks.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
 
 from farm.celery_app import app
-from farm.tasks.generate import GENERATE
+from farm.tasks.generate import GENERATE, settle_writes
 from farm.tasks.moderate import MODERATE
 from farm.tasks.score import SCORE
 from farm.tasks.stage import STAGE_OPTIONS, run_stages
 from farm.tasks.validate import VALIDATE
 
 STAGES = (GENERATE, MODERATE, VALIDATE, SCORE)
+QC_TASK = "farm.qc"
+#: The QC worker's stages: moderate stores the handed-off PNGs, and its results wait for those writes.
+QC_STAGES = (replace(MODERATE, settle=settle_writes), VALIDATE, SCORE)
 
 
 @app.task(name="farm.slice", **STAGE_OPTIONS)
@@ -21,5 +31,25 @@ def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: candidate ids and seeds are fixed in SQL; each stage works only on candidates still at its
     input status and writes with a guard on it, and each PNG is written to a temporary name and renamed, so
     a redelivery redoes only what had not been recorded. The payload it returns (the chord's header result)
-    is its input, the same on every delivery."""
-    return run_stages(self, payload, STAGES)
+    is its input, the same on every delivery. Replaced by farm.qc (FARM_QC=worker), a redelivery that finds
+    the slice generated sends farm.qc again, under the same task id, which that task's guards make harmless.
+    """
+    from farm.tasks.runtime import runtime
+
+    rt = runtime()
+    if rt.qc_queue is None:
+        return run_stages(self, payload, STAGES)
+    run_stages(self, payload, STAGES[:1])
+    priority = (self.request.delivery_info or {}).get("priority")
+    return self.replace(app.signature(QC_TASK, args=(payload,), queue=rt.qc_queue, priority=priority))
+
+
+@app.task(name=QC_TASK, **STAGE_OPTIONS)
+def run_qc(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """Idempotent as farm.slice (the same guarded stages); the handed-off images are removed only once the
+    task is done, so a redelivery still finds those its first delivery had not stored."""
+    from farm.tasks.runtime import runtime
+
+    done = run_stages(self, payload, QC_STAGES)
+    runtime().drop_handoff(payload["batch_id"], payload["candidates"])
+    return done

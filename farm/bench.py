@@ -5,7 +5,10 @@ Three runs of the same manifest on the same models on the same machine:
 - A: a bare in-process loop over the same stages (generate, moderate, validate, score) with no Celery, no SQL
   and no files, in a subprocess pinned exactly like one device worker (same torch threads);
 - B: the farm end to end (embedded Redis, real workers, SQL, PNGs) with one device;
-- C: the farm with two devices (on CPU each worker gets its share of the cores).
+- C: the farm with two devices (on CPU each worker gets its share of the cores);
+- D: the farm with one device and its QC worker (FARM_QC=worker): the checks run beside generation (on a
+  GPU host, beside it on the same GPU and the CPU; on CPU, on a second core), so D is compared with a loop
+  that only generates.
 
 A's and B's compute budget is one device: with FARM_DEVICES=cuda0=cpu,cuda1=cpu each worker gets half the
 cores,
@@ -211,7 +214,8 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
         stack.start_workers()
         if importlib.util.find_spec("flask") is not None:
             stack.start_web()
-        _wait_for_models(settings, len(settings.devices), stack)
+        per_device = 2 if settings.qc == "worker" else 1
+        _wait_for_models(settings, per_device * len(settings.devices), stack)
         t0 = time.time()
         done = dispatch.submit(workload.manifest(name.split()[0]), settings=settings)
         while True:
@@ -266,7 +270,9 @@ def _peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
 # ----------------------------------------------------------------------------------------------- the report
 
 
-def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: int = 1) -> dict[str, Any]:
+def bench(
+    workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: int = 1, qc_worker: bool = True
+) -> dict[str, Any]:
     """Runs A, A2, B and C in turn, ``repeat`` rounds of them; each keeps its fastest round, so a noisy
     moment on a shared machine penalises neither the baseline nor the farm (every round is reported)."""
     from farm.config import parse_devices
@@ -306,7 +312,7 @@ def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: i
                 "FARM_DEVICES": ",".join(f"{q}={d}" for q, d in devices.items()),
             }
 
-        runs: dict[str, list[RunResult]] = {"A": [], "A2": [], "B": [], "C": []}
+        runs: dict[str, list[RunResult]] = {"A": [], "A2": [], "B": [], "C": [], "D": []}
         for n in range(repeat):
             runs["A"].append(run_bare(workload, env_for(f"a{n}", one), list(one), one, "A bare loop"))
             if len(two) > 1:
@@ -316,9 +322,19 @@ def bench(workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: i
             runs["B"].append(run_farm("B farm, 1 device", workload, env_for(f"b{n}", one)))
             if len(two) > 1:
                 runs["C"].append(run_farm("C farm, 2 devices", workload, env_for(f"c{n}", two)))
+            if qc_worker:
+                d_env = {**env_for(f"d{n}", one), "FARM_QC": "worker"}
+                d_env["FARM_HANDOFF_DIR"] = str(Path(tmp) / f"d{n}" / "handoff")
+                runs["D"].append(run_farm("D 1 device + QC", workload, d_env))
     best = {k: min(v, key=lambda r: r.seconds) for k, v in runs.items() if v}
     data = report(
-        workload, best["A"], best["B"], best.get("C"), threads=per_device_threads, a2=best.get("A2")
+        workload,
+        best["A"],
+        best["B"],
+        best.get("C"),
+        threads=per_device_threads,
+        a2=best.get("A2"),
+        d=best.get("D"),
     )
     data["repeat"] = repeat
     for key, results in runs.items():
@@ -335,6 +351,7 @@ def report(
     *,
     threads: int | None,
     a2: RunResult | None = None,
+    d: RunResult | None = None,
 ) -> dict[str, Any]:
     """Throughputs, ratios against A, overhead per candidate, stage shares, and B against generation alone.
 
@@ -344,7 +361,7 @@ def report(
     outside_models_ms = (b.seconds - sum(b.stage_seconds.values())) / workload.total * 1000
     # B - A with the model calls' own drift between the runs taken out: each run's time outside its models.
     a_outside_ms = (a.seconds - sum(a.stage_seconds.values())) / workload.total * 1000
-    runs = [("A", a), ("B", b)] + ([("C", c)] if c else []) + ([("A2", a2)] if a2 else [])
+    runs = [("A", a), ("B", b)] + [(k, r) for k, r in (("C", c), ("A2", a2), ("D", d)) if r]
     generate_only = workload.total / a.stage_seconds["generate"]
     out = {
         "workload": {
@@ -373,6 +390,8 @@ def report(
             "B/A_generate_only": round(b.per_second / generate_only, 3),
             **({"A2/A": round(a2.per_second / a.per_second, 3)} if a2 else {}),
             **({"C/A2": round(c.per_second / a2.per_second, 3)} if a2 and c else {}),
+            **({"D/A_generate_only": round(d.per_second / generate_only, 3)} if d else {}),
+            **({"D/B": round(d.per_second / b.per_second, 3)} if d else {}),
         },
         "generate_only_candidates_per_s": round(generate_only, 3),
         "overhead_ms_per_candidate": round(overhead_ms, 2),
@@ -421,6 +440,15 @@ def format_report(data: dict[str, Any]) -> str:
         ),
         f"B against a loop that only generates = {data['ratios']['B/A_generate_only']:.3f}   "
         f"({data['generate_only_candidates_per_s']:.2f} cand/s generating alone)",
+        *(
+            [
+                f"D (checks on the device's QC worker) against a loop that only generates = "
+                f"{data['ratios']['D/A_generate_only']:.3f}   (target on a GPU >= 0.90); D/B = "
+                f"{data['ratios']['D/B']:.3f}"
+            ]
+            if "D/B" in data["ratios"]
+            else []
+        ),
         f"orchestration overhead per candidate (B - A): {data['overhead_ms_per_candidate']:.1f} ms"
         "   (target <= 5)",
         f"  with model time matched (B's time outside model calls minus A's, "

@@ -467,6 +467,12 @@ def demo(manifest: Path) -> None:
 @click.option(
     "--repeat", default=2, show_default=True, help="Rounds of the runs; each run keeps its fastest round."
 )
+@click.option(
+    "--qc-worker/--no-qc-worker",
+    default=True,
+    show_default=True,
+    help="Also run D: one device with its QC worker (FARM_QC=worker), against a loop that only generates.",
+)
 @click.option("--inner-loop", hidden=True, help="Internal: run the bare loop A in this (pinned) process.")
 def bench(
     items: int,
@@ -480,9 +486,11 @@ def bench(
     as_json: bool,
     scale: bool,
     repeat: int,
+    qc_worker: bool,
     inner_loop: str | None,
 ) -> None:
-    """Measure the farm against a bare loop of the same stages (A), with one device (B) and two (C)."""
+    """Measure the farm against a bare loop of the same stages (A), with one device (B), two (C), and one
+    with its QC worker (D)."""
     from farm import bench as b
 
     if scale:
@@ -503,11 +511,11 @@ def bench(
     )
     click.echo(
         f"farm bench: {workload.total} candidates per run: A bare loop, B farm on one device, "
-        f"C farm on two devices (if --devices names two)...",
+        f"C farm on two devices (if --devices names two), D one device with its QC worker...",
         err=True,
     )
     try:
-        data = b.bench(workload, devices=devices, repeat=repeat)
+        data = b.bench(workload, devices=devices, repeat=repeat, qc_worker=qc_worker)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(data, indent=2) if as_json else b.format_report(data))

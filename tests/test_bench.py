@@ -39,13 +39,15 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
     )
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(run.stdout)
-    assert set(data["runs"]) == {"A", "B", "C", "A2"}
+    assert set(data["runs"]) == {"A", "B", "C", "A2", "D"}
     for r in data["runs"].values():
         assert r["seconds"] > 0 and r["candidates_per_s"] > 0
         assert set(r["stage_share"]) == {"generate", "moderate", "validate", "score"}
-    assert data["runs"]["B"]["devices"] == {"cuda0": 4}
+    assert data["runs"]["B"]["devices"] == data["runs"]["D"]["devices"] == {"cuda0": 4}
     assert sum(data["runs"]["C"]["devices"].values()) == 4
-    assert {"B/A", "C/A", "A2/A", "C/A2", "B/A_generate_only"} <= set(data["ratios"])
+    assert {"B/A", "C/A", "A2/A", "C/A2", "B/A_generate_only", "D/A_generate_only", "D/B"} <= set(
+        data["ratios"]
+    )
     assert "overhead_ms_per_candidate" in data
     assert 0 < data["b_outside_models_ms_per_candidate"] < data["runs"]["B"]["seconds"] * 1000 / 4
     assert data["repeat"] == 2

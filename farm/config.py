@@ -51,6 +51,7 @@ class Settings:
     reaper_interval: int
     max_resends: int
     qc: str
+    qc_ahead: int
     handoff_dir: Path
 
     @property
@@ -194,6 +195,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         reaper_interval=_int(env, "FARM_REAPER_INTERVAL", 60, minimum=1),
         max_resends=_int(env, "FARM_MAX_RESENDS", 3, minimum=0),
         qc=_choice(env, "FARM_QC", ("inline", "worker")),
+        qc_ahead=_int(env, "FARM_QC_AHEAD", 1, minimum=1),
         handoff_dir=Path(env.get("FARM_HANDOFF_DIR") or _default_handoff(home)).expanduser().resolve(),
     )
 

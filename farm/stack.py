@@ -1,8 +1,8 @@
 """Starting and stopping the farm's processes on one machine: `farm up`, `farm demo` and the tests share this.
 
-Each piece is a real subprocess (the embedded redis-server, one `farm worker` per device and, with
-FARM_QC=worker, its QC worker, the control worker, the web app, Flower). Stopping sends SIGTERM (Celery's
-warm shutdown: the slice in flight finishes), waits, then kills what is left.
+Each piece is a real subprocess (the embedded redis-server, one `farm worker` per device, the control worker,
+the web app, Flower). Stopping sends SIGTERM (Celery's warm shutdown: the slice in flight finishes), waits,
+then kills what is left.
 """
 
 from __future__ import annotations
@@ -69,12 +69,6 @@ class Stack:
             f"worker-{queue}", [sys.executable, "-m", "farm", "worker", "--device", queue], extra_env
         )
 
-    def start_qc_worker(self, queue: str, extra_env: dict[str, str] | None = None) -> Proc:
-        """The device's QC worker (FARM_QC=worker)."""
-        return self.spawn(
-            f"qc-{queue}", [sys.executable, "-m", "farm", "worker", "--device", queue, "--qc"], extra_env
-        )
-
     def proc(self, name: str) -> Proc:
         return next(p for p in self.procs if p.name == name)
 
@@ -119,8 +113,6 @@ class Stack:
     def start_workers(self) -> None:
         for queue in self.settings.devices:
             self.start_worker(queue)
-            if self.settings.qc == "worker":
-                self.start_qc_worker(queue)
         self.start_control()
 
     def check_alive(self) -> None:

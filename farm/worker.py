@@ -10,13 +10,19 @@ The main process also keeps the worker's model queues (farm.placement) in step: 
 each generator its pool child holds (the child announces them when it loads or evicts one), steals a
 waiting model queue when it has nothing to do, and writes what it consumes to the ``workers`` table, which
 is what dispatch routes by. A drained worker consumes only its device queue.
+
+With FARM_QC=worker it also keeps the device's QC worker running beside it (``QcCompanion``).
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -48,8 +54,10 @@ def queue_keys(queue: str) -> list[str]:
 
 def queue_length(app: Any, queue: str) -> int:
     with app.connection_for_write() as conn:
-        client = conn.default_channel.client
-        return sum(client.llen(k) for k in queue_keys(queue))
+        pipe = conn.default_channel.client.pipeline(transaction=False)
+        for key in queue_keys(queue):
+            pipe.llen(key)
+        return sum(pipe.execute())
 
 
 def in_flight(database_url: str, queue: str) -> int:
@@ -349,6 +357,72 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
         log.warning("drain of %s timed out after %ss; stopping with work still queued", queue, timeout)
     log.info("%s drained; warm shutdown", hostname)
     state.should_stop = 0
+
+
+class QcCompanion:
+    """FARM_QC=worker: the device's QC worker, started, restarted and stopped by its generating worker.
+
+    So one command per device stays the whole deployment (a systemd unit, a compose service, a Procfile line,
+    a pod): `farm worker --device cuda0` runs `farm worker --device cuda0 --qc` beside it. A QC worker that
+    exits is started again after RESTART_S (while it is away the device's slices wait in its queue). At exit,
+    after the device worker's own drain (which waits for the device's in-flight slices, those being checked
+    among them), the QC worker gets SIGTERM, Celery's warm shutdown. If the device worker is killed outright,
+    the kernel sends its QC worker SIGTERM too (PR_SET_PDEATHSIG).
+    """
+
+    RESTART_S = 2.0
+
+    def __init__(self, queue: str, *, stop_timeout: float) -> None:
+        self.argv = [sys.executable, "-m", "farm", "worker", "--device", queue, "--qc"]
+        self.stop_timeout = stop_timeout
+        self.owner = os.getpid()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> QcCompanion:
+        self._spawn()
+        threading.Thread(target=self._watch, daemon=True, name="farm-qc-companion").start()
+        atexit.register(self.stop)
+        return self
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if not self._stopping.is_set():
+                self.proc = subprocess.Popen(self.argv, preexec_fn=_term_with_parent)
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            assert self.proc is not None
+            code = self.proc.wait()
+            if self._stopping.wait(self.RESTART_S):
+                return
+            log.error("the QC worker (pid %s) exited with %s; starting it again", self.proc.pid, code)
+            self._spawn()
+
+    def stop(self) -> None:
+        if os.getpid() != self.owner:  # a forked pool child runs atexit too: the QC worker is not its own
+            return
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the QC worker (pid %s) did not stop in %ss; killing it", proc.pid, self.stop_timeout)
+            proc.kill()
+            proc.wait()
+
+
+def _term_with_parent() -> None:
+    """In the QC worker before exec: SIGTERM when the device worker that started it dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @worker_ready.connect

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from farm.artifacts import ArtifactPathError, LocalStore, S3Store, png_bytes, safe_name
+from farm.artifacts import ArtifactPathError, Handoff, LocalStore, S3Store, png_bytes, safe_name
 
 RECIPE = {"seed": 5, "prompt": "a red fox", "model_ref": "tiny"}
 
@@ -101,6 +101,23 @@ def test_start_pngs_writes_a_slice_in_the_background_and_reports_each_failure_on
     assert [type(f.exception(timeout=30)) for f in futures] == [type(None), ArtifactPathError, type(None)]
     assert store.names("b1") == ["b1/c1.json", "b1/c1.png", "b1/c2.json", "b1/c2.png"]
     assert not (tmp_path.parent / "escape.png").exists()
+
+
+def test_a_handoff_returns_the_exact_pixels_once_written_and_nothing_after_it_is_deleted(tmp_path):
+    import numpy as np
+
+    pixels = np.random.default_rng(7).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    handoff = Handoff(tmp_path / "handoff")
+    assert handoff.open("b1/c1.png") is None
+    handoff.put("b1/c1.png", Image.fromarray(pixels))
+    assert sorted(p.name for p in (tmp_path / "handoff" / "b1").iterdir()) == ["c1.npy"]
+    image = handoff.open("b1/c1.png")
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
+    handoff.delete("b1/c1.png")
+    assert handoff.open("b1/c1.png") is None
+    handoff.delete("b1/c1.png")  # twice is harmless (a redelivered task)
+    with pytest.raises(ArtifactPathError):
+        handoff.put("../outside.png", Image.fromarray(pixels))
 
 
 def test_the_s3_store_round_trips_images_recipes_and_listings(s3):

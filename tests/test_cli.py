@@ -46,6 +46,14 @@ def test_worker_refuses_a_device_missing_from_farm_devices(monkeypatch):
     assert result.exit_code != 0 and "cuda7" in result.output
 
 
+def test_a_qc_worker_is_refused_unless_farm_qc_is_worker_and_a_device_is_named(monkeypatch):
+    result = CliRunner().invoke(cli, ["worker", "--device", "cuda0", "--qc"])
+    assert result.exit_code == 2 and "set FARM_QC=worker" in result.output
+    monkeypatch.setenv("FARM_QC", "worker")
+    result = CliRunner().invoke(cli, ["worker", "--control", "--qc"])
+    assert result.exit_code == 2 and "--qc goes with --device NAME" in result.output
+
+
 @pytest.mark.slow
 def test_farm_demo_runs_the_example_to_a_ranked_table_readable_with_status_json(tmp_path):
     env = {**os.environ, "FARM_HOME": str(tmp_path / "demo")}

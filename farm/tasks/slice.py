@@ -8,6 +8,8 @@ and the rest of the chain, so the item's rank still waits for the checks.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +21,8 @@ from farm.tasks.moderate import MODERATE
 from farm.tasks.score import SCORE
 from farm.tasks.stage import STAGE_OPTIONS, run_stages
 from farm.tasks.validate import VALIDATE
+
+log = logging.getLogger(__name__)
 
 STAGES = (GENERATE, MODERATE, VALIDATE, SCORE)
 QC_TASK = "farm.qc"
@@ -39,9 +43,26 @@ def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     rt = runtime()
     if rt.qc_queue is None:
         return run_stages(self, payload, STAGES)
+    wait_for_qc(rt.qc_queue, rt.settings.qc_ahead)
     run_stages(self, payload, STAGES[:1])
     priority = (self.request.delivery_info or {}).get("priority")
     return self.replace(app.signature(QC_TASK, args=(payload,), queue=rt.qc_queue, priority=priority))
+
+
+def wait_for_qc(queue: str, ahead: int, poll: float = 0.05) -> float:
+    """Back-pressure: generate only while fewer than FARM_QC_AHEAD slices wait for the QC worker (besides the
+    one it checks), so a QC worker slower than its device holds the device back instead of filling the
+    host's shared memory with handed-off images. Returns the seconds waited."""
+    from farm.worker import queue_length
+
+    t0 = time.monotonic()
+    logged = t0
+    while queue_length(app, queue) >= ahead:
+        if time.monotonic() - logged >= 60:
+            log.warning("waited %ds for %s (%d+ slices queued)", time.monotonic() - t0, queue, ahead)
+            logged = time.monotonic()
+        time.sleep(poll)
+    return time.monotonic() - t0
 
 
 @app.task(name=QC_TASK, **STAGE_OPTIONS)

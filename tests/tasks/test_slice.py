@@ -107,24 +107,73 @@ def test_sigkill_of_a_qc_worker_child_mid_check_repeats_the_checks_but_not_the_g
 def test_candidates_whose_handed_off_images_were_lost_fail_with_the_reason_and_the_item_still_ranks(
     split: FaultFarm,
 ):
-    qcs = [split.stack.proc(f"qc-{q}") for q in split.settings.devices]
-    for proc in qcs:
-        proc.popen.send_signal(signal.SIGTERM)
-    for proc in qcs:
-        proc.popen.wait(60)
-    batch_id = split.submit(manifest("split-lost", ["a moth", "a lamp"], candidates=2))
+    # The QC worker sleeps in moderate before it reads the slice (first delivery); the handoff goes meanwhile.
+    batch_id = split.submit(manifest("split-lost", ["a moth [[fault:moderate:sleep:*]]"], candidates=2))
     split.wait_until(
-        lambda: (
-            {c.status for c in split.candidates(batch_id)} == {"generated"} and len(_handed_off(split)) == 4
-        ),
-        what="both slices generated and handed off",
+        lambda: any(w.name.startswith("qc-") and batch_id in (w.current or "") for w in split.workers()),
+        what="the QC worker holding the slice",
     )
+    assert len(_handed_off(split)) == 2
     shutil.rmtree(split.settings.handoff_dir / batch_id)
-    assert split.wait(batch_id) == "done"  # wait() restarts the stopped QC workers, as `farm up` would
-    rows = split.assert_accounted_for(batch_id, 4)
-    assert {c.status for c in rows} == {"failed"}
+    assert split.wait(batch_id) == "done"
+    rows = split.assert_accounted_for(batch_id, 2)
     for c in rows:
-        assert c.stage == "moderate" and c.image_path is None
+        assert c.status == "failed" and c.stage == "moderate" and c.image_path is None
         assert "neither stored" in c.error and "FARM_HANDOFF_DIR" in c.error
-    assert all(it.status == "done" for it in split.items(batch_id))
+    (item,) = split.items(batch_id)
+    assert item.status == "done" and item.winners == []
+
+
+def test_a_device_generates_at_most_one_slice_ahead_of_a_slower_qc_worker(split: FaultFarm):
+    # Each slice's first check sleeps FARM_FAULT_SLEEP_S (8 s); generating one takes well under a second.
+    batch_id = split.submit(
+        manifest("split-ahead", ["a slow crane [[fault:moderate:sleep:*]]"], candidates=16)
+    )
+    most = 0
+    while split.batch(batch_id).status not in ("done", "failed"):
+        most = max(most, len(_handed_off(split)))
+        time.sleep(0.1)
+    # Per device: the slice its QC worker checks and one waiting (FARM_QC_AHEAD=1), two candidates each.
+    assert 4 <= most <= 2 * 2 * 2, most
+    rows = split.assert_accounted_for(batch_id, 16)
+    assert all(c.status in ("passed", "rejected") for c in rows)
+    assert _handed_off(split) == []
+
+
+def _qc_main_pid(farm: FaultFarm, queue: str) -> int | None:
+    """The QC worker's main process: the parent of the pool child its row names (None: that child is gone)."""
+    (row,) = [w for w in farm.workers() if w.name == qc_queue(queue)]
+    try:
+        stat = open(f"/proc/{row.pid}/stat").read()
+    except FileNotFoundError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_qc_worker_that_exits_is_started_again_by_its_device_worker(split: FaultFarm):
+    old = _qc_main_pid(split, "cuda0")
+    os.kill(old, signal.SIGTERM)
+    split.wait_until(lambda: not _alive(old), what="the QC worker to exit")
+    split.wait_until(
+        lambda: _qc_main_pid(split, "cuda0") not in (None, old), what="a new QC worker for cuda0"
+    )
+    _wait_qc_ready(split)
+    batch_id = split.submit(manifest("split-again", [f"a kite {i}" for i in range(3)], candidates=2))
+    assert split.wait(batch_id, supervise=False) == "done"
+    assert all(c.status in ("passed", "rejected") for c in split.assert_accounted_for(batch_id, 6))
+
+
+def test_stopping_a_device_worker_stops_its_qc_worker_too(split: FaultFarm):
+    qc = _qc_main_pid(split, "cuda1")
+    split.stack.restart_worker("cuda1")  # SIGTERM: the device worker drains, then stops its QC worker
+    split.wait_until(lambda: not _alive(qc), timeout=60, what="the QC worker of the stopped device")
+    split.wait_ready()
     _wait_qc_ready(split)

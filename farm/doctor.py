@@ -231,6 +231,28 @@ def check_artifacts(settings: Settings) -> Check:
     return Check("artifacts", True, f"{root} writable, {free} MiB free")
 
 
+def check_handoff(settings: Settings, *, image_mb: int = 3) -> Check:
+    """FARM_QC=worker: the handoff folder takes a write and has room for what each device may have waiting
+    there (FARM_QC_AHEAD + 2 slices of 1024x1024 images, about 3 MB each)."""
+    root = settings.handoff_dir
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".doctor-", dir=root)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return Check("handoff", False, f"{root} is not writable: {type(exc).__name__}: {exc}",
+                     "point FARM_HANDOFF_DIR at a writable folder on this host (shared memory, /dev/shm, is "
+                     "fastest), or set FARM_QC=inline")
+    free = shutil.disk_usage(root).free // (1024 * 1024)
+    need = len(settings.devices) * (settings.qc_ahead + 2) * settings.slice_size * image_mb
+    if free < need:
+        return Check("handoff", False, f"{root}: {free} MiB free, {need} MiB needed for 1024x1024 slices",
+                     "give the host more shared memory (Docker: shm_size), lower FARM_QC_AHEAD, or point "
+                     "FARM_HANDOFF_DIR at a larger folder on this host")
+    return Check("handoff", True, f"{root} writable, {free} MiB free (QC workers: FARM_QC=worker)")
+
+
 # ------------------------------------------------------------------------------------------------- devices
 
 
@@ -382,6 +404,8 @@ def run_checks(settings: Settings, *, timeout: float = 3.0) -> list[Check]:
         checks.append(check_broker_policy(settings, timeout=timeout))
     checks.append(check_database(settings, timeout=timeout))
     checks.append(check_artifacts(settings))
+    if settings.qc == "worker":
+        checks.append(check_handoff(settings))
     checks.extend(check_devices(settings))
     checks.extend(check_models(settings))
     return checks

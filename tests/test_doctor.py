@@ -44,8 +44,17 @@ def test_all_checks_green_on_a_healthy_host(healthy: Settings) -> None:
     failed = [c for c in checks if not c.ok]
     assert not failed, doctor.format_report(checks)
     names = set(_by_name(checks))
-    assert {"broker", "broker policy", "database", "artifacts", "devices", "preload generator", "presets",
-            "nudenet", "opennsfw"} <= names
+    assert {
+        "broker",
+        "broker policy",
+        "database",
+        "artifacts",
+        "devices",
+        "preload generator",
+        "presets",
+        "nudenet",
+        "opennsfw",
+    } <= names
     text, ok = doctor.main_report(healthy)
     assert ok
     assert "all ok" in text and "FAIL" not in text
@@ -221,6 +230,22 @@ def test_doctor_imports_no_torch(tmp_path: Path) -> None:
     )
     env = {**os.environ, **_env(tmp_path)}
     env.pop("FARM_BROKER_URL", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
+
+
+def test_qc_workers_need_a_writable_handoff_folder_with_room_for_their_slices(tmp_path: Path) -> None:
+    settings = load_settings(_env(tmp_path, FARM_QC="worker", FARM_HANDOFF_DIR=str(tmp_path / "handoff")))
+    assert doctor.check_handoff(settings).ok
+    assert not list((tmp_path / "handoff").iterdir()), "the probe leaves nothing behind"
+    full = doctor.check_handoff(settings, image_mb=2**40)
+    assert not full.ok and "MiB needed" in full.detail and "FARM_QC_AHEAD" in full.fix
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    bad = doctor.check_handoff(load_settings(_env(tmp_path, FARM_QC="worker", FARM_HANDOFF_DIR=str(blocker))))
+    assert not bad.ok and "not writable" in bad.detail and "FARM_HANDOFF_DIR" in bad.fix
+    names = [c.name for c in doctor.run_checks(settings, timeout=0.5)]
+    assert "handoff" in names
+    assert "handoff" not in [c.name for c in doctor.run_checks(load_settings(_env(tmp_path)), timeout=0.5)]

@@ -61,8 +61,9 @@ def up(no_web: bool, no_flower: bool) -> None:
         click.echo(f"broker     {settings.broker_url}")
         click.echo(f"database   {settings.database_url}")
         click.echo(f"artifacts  {settings.artifacts_dir}")
+        qc = " and its QC worker (FARM_QC=worker)" if settings.qc == "worker" else ""
         for queue, device in settings.devices.items():
-            click.echo(f"worker     {queue} on {device}")
+            click.echo(f"worker     {queue} on {device}{qc}")
         if not no_web:
             click.echo(f"dashboard  {settings.web_url}")
         if not no_flower:

@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import CANDIDATE_FINAL, Batch, Candidate, Worker, session_scope, utcnow
+from farm.gpu_pinning.pinning import QC_PREFIX
 from farm.placement import active_model_queues
 
 STAGE_WINDOW = 5000
@@ -84,7 +85,7 @@ class FarmCollector(Collector):
                 select(Candidate.status, func.count()).group_by(Candidate.status)).all())
             batch_counts = dict(s.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
             durations = stage_durations(s)
-            workers = s.execute(select(Worker.queue, Worker.heartbeat_at)).all()
+            workers = s.execute(select(Worker.name, Worker.queue, Worker.heartbeat_at)).all()
             finished = s.scalar(
                 select(func.count()).select_from(Candidate).where(
                     Candidate.status.in_(CANDIDATE_FINAL),
@@ -120,9 +121,13 @@ class FarmCollector(Collector):
         yield mean
         yield n
 
-        device_queues = {queue for queue, _ in workers}
+        device_queues = {queue for _, queue, _ in workers}
+        # A QC worker (FARM_QC=worker) is named after its queue: how many slices wait for its checks.
+        qc_queues = {name for name, _, _ in workers if name.startswith(QC_PREFIX)}
         models = active_model_queues(self.settings.database_url)
-        queues = sorted({SLICES_QUEUE, CONTROL_QUEUE, *self.settings.devices, *device_queues, *models})
+        queues = sorted(
+            {SLICES_QUEUE, CONTROL_QUEUE, *self.settings.devices, *device_queues, *models, *qc_queues}
+        )
         depths = queue_depths(self.settings, queues)
         up = GaugeMetricFamily("farm_broker_up", "1 if the broker answered this scrape, else 0.")
         up.add_metric([], 0 if depths is None else 1)
@@ -135,7 +140,7 @@ class FarmCollector(Collector):
 
         cutoff = now - timedelta(seconds=WORKER_LIVE_SECONDS)
         live: dict[str, int] = {queue: 0 for queue in sorted(device_queues)}
-        for queue, heartbeat in workers:
+        for _, queue, heartbeat in workers:
             if heartbeat is not None and heartbeat >= cutoff:
                 live[queue] += 1
         g = GaugeMetricFamily("farm_workers_live",

@@ -38,8 +38,10 @@ def _cuda_pids() -> set[int]:
     return {int(x) for x in out.split() if x.strip().isdigit()}
 
 
-def test_a_worker_pinned_to_a_gpu_generates_there_and_its_parent_holds_no_cuda_context(tmp_path):
-    env = {"FARM_HOME": str(tmp_path), "FARM_DEVICES": "cuda0=cuda:0", "HF_HUB_OFFLINE": "1"}
+# FARM_QC=worker: the device worker's QC worker is pinned to the same GPU and checks there.
+@pytest.mark.parametrize("qc", ["inline", "worker"])
+def test_a_worker_pinned_to_a_gpu_generates_there_and_its_parent_holds_no_cuda_context(tmp_path, qc):
+    env = {"FARM_HOME": str(tmp_path), "FARM_DEVICES": "cuda0=cuda:0", "HF_HUB_OFFLINE": "1", "FARM_QC": qc}
     import os
 
     env = {**os.environ, **env}
@@ -62,7 +64,9 @@ def test_a_worker_pinned_to_a_gpu_generates_there_and_its_parent_holds_no_cuda_c
             time.sleep(0.5)
         with session_scope(settings.database_url) as s:
             cands = s.scalars(select(Candidate).where(Candidate.batch_id == done.batch_id)).all()
-            worker = s.scalars(select(Worker)).one()
+            workers = {w.name.startswith("qc-"): w for w in s.scalars(select(Worker))}
+        worker = workers[False]
+        assert len(workers) == (2 if qc == "worker" else 1)
         assert all(
             c.recipe.get("device") == "cuda:0" and c.recipe.get("dtype") == "fp16"
             for c in cands
@@ -73,3 +77,9 @@ def test_a_worker_pinned_to_a_gpu_generates_there_and_its_parent_holds_no_cuda_c
         holders = _cuda_pids()
         assert worker.pid in holders, "the pool child runs on the GPU"
         assert parent not in holders, "the prefork parent never created a CUDA context"
+        if qc == "worker":
+            checker = workers[True]
+            assert checker.device == "cuda:0" and checker.pid in holders, "its QC worker checks on the GPU"
+            assert not [k for k in checker.loaded if k.startswith("generator:")]
+            assert all(c.status in ("passed", "rejected") for c in cands)
+            assert not list(settings.handoff_dir.rglob("*.npy"))

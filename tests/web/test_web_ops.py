@@ -70,6 +70,7 @@ def test_metrics_from_sql(client, settings, make_batch, make_worker, broker):
     make_worker("cuda0@a", queue="cuda0", age=5)
     make_worker("cuda1@a", queue="cuda1", age=5)
     make_worker("cuda1@old", queue="cuda1", age=600)
+    make_worker("qc-cuda0@a", queue="cuda0", age=5)  # cuda0's QC worker (FARM_QC=worker), named as its queue
     # Three candidates (the winners of the three finished items) changed just now; the rest long ago.
     with session_scope(settings.database_url) as s:
         s.execute(update(Candidate).values(updated_at=utcnow() - timedelta(minutes=10)))
@@ -77,6 +78,7 @@ def test_metrics_from_sql(client, settings, make_batch, make_worker, broker):
                   .values(updated_at=utcnow()))
     broker.lpush("slices", b"{}", b"{}", b"{}")
     broker.lpush("cuda1:3", b"{}")
+    broker.lpush("qc-cuda0@a", b"{}", b"{}")
 
     m = _scrape(client)
     assert m[("farm_candidates", (("status", "passed"),))] == 5  # 3 in the done batch, 2 in the running one
@@ -86,12 +88,14 @@ def test_metrics_from_sql(client, settings, make_batch, make_worker, broker):
     assert m[("farm_batches", (("status", "done"),))] == 1
     assert m[("farm_batches", (("status", "running"),))] == 1
     assert m[("farm_candidates_finished_last_minute", ())] == 3
-    assert m[("farm_workers_live", ())] == 2
+    assert m[("farm_workers_live", ())] == 3
+    assert m[("farm_workers_live_by_queue", (("queue", "cuda0"),))] == 2
     assert m[("farm_workers_live_by_queue", (("queue", "cuda1"),))] == 1
     assert m[("farm_broker_up", ())] == 1
     assert m[("farm_queue_length", (("queue", "slices"),))] == 3
     assert m[("farm_queue_length", (("queue", "cuda1"),))] == 1
     assert m[("farm_queue_length", (("queue", "control"),))] == 0
+    assert m[("farm_queue_length", (("queue", "qc-cuda0@a"),))] == 2
     # make_batch times generate at 0.25 s and moderate at 0.05 s on cuda0, for every candidate with an image.
     gen = (("queue", "cuda0"), ("stage", "generate"))
     p90 = tuple(sorted((*gen, ("quantile", "0.9"))))

@@ -182,13 +182,21 @@ def one_generator_each(stack):
         stack.restart_worker("cuda1")
 
 
-def _load_xl_on_cuda0_only(settings, run_batch) -> None:
+def _run_only_on(device: str, text: str, run_batch) -> None:
+    """Run a batch with the other device drained."""
+    other = {"cuda0": "cuda1", "cuda1": "cuda0"}[device]
     runner = CliRunner()
-    assert runner.invoke(cli, ["drain", "cuda1"]).exit_code == 0
+    assert runner.invoke(cli, ["drain", other]).exit_code == 0
     try:
-        run_batch(manifest("xl-warm", items=1, model="tiny-xl"))
+        run_batch(text)
     finally:
-        assert runner.invoke(cli, ["undrain", "cuda1"]).exit_code == 0
+        assert runner.invoke(cli, ["undrain", other]).exit_code == 0
+
+
+def _load_xl_on_cuda0_only(settings, run_batch) -> None:
+    # cuda1 may hold tiny-xl from an earlier test (it takes the last slices of whatever waits): give it tiny.
+    _run_only_on("cuda1", manifest("tiny-warm", items=1), run_batch)
+    _run_only_on("cuda0", manifest("xl-warm", items=1, model="tiny-xl"), run_batch)
     _wait_consuming(settings, {"cuda0": {XL}, "cuda1": {TINY}})
     # The budget fits one generator: tiny made room for tiny-xl, and the heartbeat says what is loaded now.
     assert [k for k in _row(settings, "cuda0").loaded if k.startswith("generator:")] == [

@@ -1,6 +1,6 @@
 """`farm bench`: what the farm costs over a bare loop, and what a second device buys, measured in one run.
 
-Three runs of the same manifest on the same models on the same machine:
+Runs of the same manifest on the same models on the same machine:
 
 - A: a bare in-process loop over the same stages (generate, moderate, validate, score) with no Celery, no SQL
   and no files, in a subprocess pinned exactly like one device worker (same torch threads);
@@ -235,9 +235,11 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
                 for st, t in c.timings.items():
                     stage[st] += t["s"]
                 devices[c.device] = devices.get(c.device, 0) + 1
-            worker_pids = [w.pid for w in s.scalars(select(Worker))]
+            workers = [(w.name, w.pid) for w in s.scalars(select(Worker))]
         peaks = {p.name: _peak_rss_mb(p.popen.pid) for p in stack.procs}
-        peaks.update({f"child-{pid}": _peak_rss_mb(pid) for pid in worker_pids})
+        peaks.update({f"child-{pid}": _peak_rss_mb(pid) for _, pid in workers})
+        # A QC worker (FARM_QC=worker) runs under its device worker: its main is its pool child's parent.
+        peaks.update({n.split("@")[0]: _peak_rss_mb(_ppid(pid)) for n, pid in workers if n.startswith("qc-")})
     return RunResult(name, seconds, workload.total, stage, peaks, devices)
 
 
@@ -254,6 +256,13 @@ def _wait_for_models(settings: Any, workers: int, stack: Any, timeout: float = 3
                 return
         time.sleep(0.2)
     raise RuntimeError("workers did not load their models in time")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -273,7 +282,7 @@ def _peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
 def bench(
     workload: Workload, *, devices: str = "cuda0=cpu,cuda1=cpu", repeat: int = 1, qc_worker: bool = True
 ) -> dict[str, Any]:
-    """Runs A, A2, B and C in turn, ``repeat`` rounds of them; each keeps its fastest round, so a noisy
+    """Runs A, A2, B, C and D in turn, ``repeat`` rounds of them; each keeps its fastest round, so a noisy
     moment on a shared machine penalises neither the baseline nor the farm (every round is reported)."""
     from farm.config import parse_devices
 

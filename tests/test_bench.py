@@ -44,6 +44,7 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
         assert r["seconds"] > 0 and r["candidates_per_s"] > 0
         assert set(r["stage_share"]) == {"generate", "moderate", "validate", "score"}
     assert data["runs"]["B"]["devices"] == data["runs"]["D"]["devices"] == {"cuda0": 4}
+    assert data["runs"]["D"]["peak_rss_mb"]["qc-cuda0"] > 50, "the QC worker's main process is measured"
     assert sum(data["runs"]["C"]["devices"].values()) == 4
     assert {"B/A", "C/A", "A2/A", "C/A2", "B/A_generate_only", "D/A_generate_only", "D/B"} <= set(
         data["ratios"]

@@ -57,6 +57,12 @@ class FaultFarm:
         self.stack.start_workers()
         self.wait_ready()
 
+    def close(self) -> None:
+        """Stop every process and drop the farm's own PostgreSQL database, if it made one."""
+        self.stack.stop()
+        if self.own_database:
+            pgutil.drop_database(self.own_database)
+
     def wait_ready(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -169,6 +175,4 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultFarm]:
     try:
         yield f
     finally:
-        f.stack.stop()
-        if f.own_database:
-            pgutil.drop_database(f.own_database)
+        f.close()

@@ -17,7 +17,6 @@ import pytest
 
 from farm.artifacts import read_recipe
 from farm.gpu_pinning.pinning import qc_queue
-from tests import pgutil
 from tests.faults.conftest import FaultFarm, manifest
 
 pytestmark = pytest.mark.slow
@@ -29,14 +28,12 @@ HOST = socket.gethostname()
 def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultFarm]:
     home = tmp_path_factory.mktemp("qcfarm")
     f = FaultFarm(home, {"FARM_QC": "worker", "FARM_HANDOFF_DIR": str(home / "handoff")})
-    f.start()
-    _wait_qc_ready(f)
     try:
+        f.start()
+        _wait_qc_ready(f)
         yield f
     finally:
-        f.stack.stop()
-        if f.own_database:
-            pgutil.drop_database(f.own_database)
+        f.close()
 
 
 def _wait_qc_ready(farm: FaultFarm, timeout: float = 240) -> None:

@@ -260,8 +260,9 @@ class Handoff:
     Raw pixels (``.npy``) in a local folder, shared memory by default: writing a 1024x1024 image takes about
     6 ms and reading it 2 ms, against about 100 ms to encode even an uncompressed PNG, so the generating
     worker goes back to its GPU at once and the QC worker writes the PNG. Files are written under a temporary
-    name and renamed (the LocalStore below), named ``<batch>/<candidate>.npy``, and removed by the QC worker
-    once its task is done.
+    name and renamed (the LocalStore below), named ``<candidate>.npy`` (a candidate id is unique across
+    batches; no folder per batch is left behind in shared memory), and removed by the QC worker once its task
+    is done.
     """
 
     def __init__(self, root: Path) -> None:
@@ -269,7 +270,7 @@ class Handoff:
 
     @staticmethod
     def name(image_path: str) -> str:
-        return str(PurePosixPath(image_path).with_suffix(".npy"))
+        return PurePosixPath(image_path).with_suffix(".npy").name
 
     def put(self, image_path: str, image: Image.Image) -> None:
         import numpy as np

@@ -110,14 +110,16 @@ def test_a_handoff_returns_the_exact_pixels_once_written_and_nothing_after_it_is
     handoff = Handoff(tmp_path / "handoff")
     assert handoff.open("b1/c1.png") is None
     handoff.put("b1/c1.png", Image.fromarray(pixels))
-    assert sorted(p.name for p in (tmp_path / "handoff" / "b1").iterdir()) == ["c1.npy"]
+    assert sorted(p.name for p in (tmp_path / "handoff").iterdir()) == [".tmp", "c1.npy"]
     image = handoff.open("b1/c1.png")
     assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
     handoff.delete("b1/c1.png")
     assert handoff.open("b1/c1.png") is None
+    assert sorted(p.name for p in (tmp_path / "handoff").iterdir()) == [".tmp"], "no folder left behind"
     handoff.delete("b1/c1.png")  # twice is harmless (a redelivered task)
-    with pytest.raises(ArtifactPathError):
-        handoff.put("../outside.png", Image.fromarray(pixels))
+    # Only the file name counts, so whatever path is asked for, the file stays inside the folder.
+    handoff.put("../../etc/outside.png", Image.fromarray(pixels))
+    assert (tmp_path / "handoff" / "outside.npy").exists() and not (tmp_path / "etc").exists()
 
 
 def test_the_s3_store_round_trips_images_recipes_and_listings(s3):

@@ -239,6 +239,11 @@ def failure(stage: str, error: BaseException | str) -> dict[str, Any]:
     return {"status": "failed", "stage": stage, "error": f"{stage}: {text}"[:4000]}
 
 
+def image_failure(stage: str, error: str) -> dict[str, Any]:
+    """A failure whose image is not in the store: the row names no image, so rows and files agree."""
+    return {**failure(stage, error), "image_path": None}
+
+
 @dataclass(frozen=True)
 class Ranked:
     item_id: str

@@ -83,10 +83,9 @@ def settle_writes(cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
         future = pending.pop(c.id, None)
         error = future.exception() if future is not None else None
         if error is not None:
-            failed[c.id] = {
-                **records.failure("generate", f"could not store the image: {type(error).__name__}: {error}"),
-                "image_path": None,
-            }
+            failed[c.id] = records.image_failure(
+                "generate", f"could not store the image: {type(error).__name__}: {error}"
+            )
     return failed
 
 

@@ -50,7 +50,7 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     cfg = start.batch.settings["moderation"]
     seen = {c.id: _find(c) for c in cands}
     out = {
-        c.id: {**records.failure("moderate", LOST.format(path=c.image_path)), "image_path": None}
+        c.id: records.image_failure("moderate", LOST.format(path=c.image_path))
         for c in cands
         if seen[c.id] is None
     }

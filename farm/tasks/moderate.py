@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import Connection
 
 from farm import records
 from farm.records import StagedCandidate, StageStart
@@ -85,19 +86,21 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     return out
 
 
-def flag_near_duplicates(start: StageStart, cands: list[StagedCandidate]) -> None:
+def flag_near_duplicates(start: StageStart, conn: Connection, ids: list[str]) -> None:
     """Flag, on both sides, every candidate of the batch within the near-duplicate distance of this slice.
 
-    Runs after the slice's own hashes are committed and reads the committed hashes again, so of two slices
-    moderated at the same moment on two devices, the one that finishes second always sees the first.
+    Runs in the transaction that writes the slice's hashes, after them, so the flags commit with the hashes
+    (a crash cannot leave hashes whose check never ran), and holds the batch's near-duplicate lock, so of
+    two slices moderated at the same moment on two devices, the one that writes second always sees the first.
     """
     from farm.tasks.runtime import runtime
 
     rt = runtime()
     limit = start.batch.settings["moderation"]["near_duplicate_distance"]
-    pool = rt.batch_hashes(start.batch.id)
-    pairs = {c.id: [o for o in pool.within(pool[c.id], limit) if o != c.id] for c in cands if c.id in pool}
-    records.add_near_duplicate_flags(rt.settings.database_url, {k: v for k, v in pairs.items() if v}, limit)
+    records.lock_batch_hashes(conn, start.batch.id)
+    pool = rt.batch_hashes(conn, start.batch.id)
+    pairs = {cid: [o for o in pool.within(pool[cid], limit) if o != cid] for cid in ids if cid in pool}
+    records.add_near_duplicate_flags(conn, {k: v for k, v in pairs.items() if v}, limit)
 
 
-MODERATE = Stage("moderate", moderate_slice, after=flag_near_duplicates)
+MODERATE = Stage("moderate", moderate_slice, within=flag_near_duplicates)

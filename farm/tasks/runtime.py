@@ -174,13 +174,14 @@ class Runtime:
             return cached
         return self.store.open_image(rel)
 
-    def batch_hashes(self, batch_id: str) -> HashIndex:
-        """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since."""
+    def batch_hashes(self, conn: Connection, batch_id: str) -> HashIndex:
+        """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since (read on
+        ``conn``, the stage's write transaction, which sees its own)."""
         from farm.ml.moderation import HashIndex
         from farm.records import batch_hashes
 
         known, since = self.hashes.get(batch_id) or (HashIndex(), None)
-        fresh, newest = batch_hashes(self.settings.database_url, batch_id, since=since)
+        fresh, newest = batch_hashes(conn, batch_id, since=since)
         known.update(fresh.items())
         self.hashes = {batch_id: (known, newest)}  # one batch at a time is what a worker works on
         return known

@@ -2,9 +2,10 @@
 
 A slice is one task, ``farm.slice``, taken from the shared (or a model) queue by whichever device is free:
 it generates, moderates, validates and scores the slice in turn on that device, its images kept in memory
-between stages. Each stage is still its own batched call with its own guarded write, attempt counter and
-timing; one task per slice saves the broker round trips and transactions of a chain, and lets generate's
-PNG writes run behind the checks (``Stage.settle``).
+between stages. Each stage is still its own batched call with its own guarded updates, attempt counter and
+timing; one task per slice saves the broker round trips of a chain, and lets generate's PNG writes run
+behind the checks (``Stage.settle``). A slice costs three transactions: the delivery count, generate's and
+moderate's results (with the near-duplicate check), validate's and score's.
 
 A stage never raises for a candidate's failure: the batched call is retried one candidate at a time so a
 single bad candidate is failed with its error and the rest of the slice goes on, and the chord always fires.
@@ -17,10 +18,12 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from time import perf_counter
 from typing import Any
 
 from celery import Task
+from sqlalchemy import Connection
 
 from farm import faults, logs, records
 from farm.db import TRANSIENT_DB_ERRORS
@@ -33,18 +36,26 @@ Work = Callable[[StageStart, list[StagedCandidate]], dict[str, dict[str, Any]]]
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage's work on a slice; ``after`` runs once its results are committed (cross-slice checks).
+    """One stage's work on a slice.
 
-    ``settle``, when set, lets the stage's side effects finish behind the next stage's work: its results are
-    written only after that work has run and ``settle`` has waited for them (generate's PNG writes: a row
-    never names a file that is not there). It returns failures for candidates whose side effect failed.
-    A crash in the next stage's work then repeats this stage on redelivery, and is counted against it.
+    A stage's results are written in one transaction with the next stage's when it ``hold``s them, or has a
+    ``settle``: that lets its side effects finish behind the next stage's work, and ``settle`` waits for
+    them before the write (generate's PNG writes: a row never names a file that is not there) and returns
+    failures for candidates whose side effect failed. Each transaction cost about 1 ms on a device worker;
+    a crash in the next stage's work then repeats this stage on redelivery, and is counted against it, so
+    only stages whose work is cheap to repeat, or whose side effects need the time, hold. ``within`` runs in
+    the write's transaction once the stage's rows are written (cross-slice checks).
     """
 
     name: str
     work: Work
-    after: Callable[[StageStart, list[StagedCandidate]], None] | None = None
+    within: Callable[[StageStart, Connection, list[str]], None] | None = None
     settle: Callable[[list[StagedCandidate]], dict[str, dict[str, Any]]] | None = None
+    hold: bool = False
+
+    @property
+    def holds(self) -> bool:
+        return self.hold or self.settle is not None
 
 
 #: Options of the slice task: retry on transient database errors. Its return value reaches the item's chord
@@ -77,16 +88,15 @@ class _Worked:
                 if key != "status":
                     setattr(c, key, value)
 
-    def keep(self, status: str) -> None:
-        """Keep only the candidates now at ``status``: those whose earlier stage's write applied."""
-        self.cands = [c for c in self.cands if c.status == status]
-        self.updates = {c.id: self.updates[c.id] for c in self.cands}
 
-
-def _status(c: StagedCandidate, held: _Worked | None) -> str:
-    """The status ``c`` has, or will have once ``held`` results are written."""
-    update = held.updates.get(c.id) if held is not None else None
-    return c.status if update is None else update.get("status", records.STAGE_OUTPUT[held.stage.name])
+def _status(c: StagedCandidate, held: list[_Worked]) -> str:
+    """The status ``c`` has, or will have once the ``held`` results are written."""
+    status = c.status
+    for h in held:
+        update = h.updates.get(c.id)
+        if update is not None and status == records.STAGE_INPUT[h.stage.name]:
+            status = update.get("status", records.STAGE_OUTPUT[h.stage.name])
+    return status
 
 
 def isolate(
@@ -130,28 +140,23 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     # A slice seen before may hold input that kills its worker: go one candidate at a time, committing each,
     # so the others finish and only the poison one runs into the attempt cap.
     groups = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
+    names = [s.name for s in stages]
     idle = False
     for n, group in enumerate(groups, 1):
-        held: _Worked | None = None
+        held: list[_Worked] = []
         for k, stage in enumerate(stages):
             cands = [c for c in group if _status(c, held) == records.STAGE_INPUT[stage.name]]
-            if held is not None:
-                held.preview(cands)
+            for h in held:
+                h.preview(cands)
             worked = _work(start, stage, cands) if cands else None
-            if held is not None:
-                _commit(start, held, entering=stage.name, also=None)
-                held = None
-                if worked is not None:
-                    worked.keep(records.STAGE_INPUT[stage.name])
-            if worked is None or not worked.cands:
+            if worked is not None:
+                held.append(worked)
+            if not held or (stage.holds and k + 1 < len(stages)):
                 continue
             last = n == len(groups) and k == len(stages) - 1
-            if stage.settle is not None and k + 1 < len(stages):
-                held = worked
-                continue
-            entering = stages[k + 1].name if k + 1 < len(stages) else None
-            _commit(start, worked, entering=entering, also=rt.idle() if last else None)
+            _commit(start, held, names, also=rt.idle() if last else None)
             idle = idle or last
+            held = []
     if not idle:
         rt.heartbeat(None)
     return payload
@@ -176,35 +181,38 @@ def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Wor
     return _Worked(stage, cands, updates, timing, seconds)
 
 
-def _commit(start: StageStart, worked: _Worked, *, entering: str | None, also: records.Also | None) -> None:
-    """Write a stage's results (after its ``settle``), run its ``after``, and log the stage."""
+def _commit(start: StageStart, held: list[_Worked], names: list[str], *, also: records.Also | None) -> None:
+    """Write the held stages' results in one transaction (each after its ``settle``), and log each stage."""
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    stage, updates = worked.stage, worked.updates
     t0 = perf_counter()
-    if stage.settle is not None:
-        updates = {**updates, **stage.settle(worked.cands)}
-    written = records.apply_stage(
-        rt.settings.database_url,
-        stage.name,
-        updates,
-        worked.timing,
-        started={c.id: c for c in worked.cands},
-        entering=entering,
-        also=also,
-    )
-    if written and stage.after is not None:
-        stage.after(start, written)
-    outcome = Counter(u.get("status", records.STAGE_OUTPUT[stage.name]) for u in updates.values())
-    logs.event(
-        log,
-        f"{stage.name} done",
-        stage=stage.name,
-        batch=start.batch.id,
-        item=start.item.id,
-        candidates=[c.id for c in worked.cands],
-        queue=rt.queue,
-        outcome=dict(outcome),
-        seconds=round(worked.seconds + perf_counter() - t0, 4),
-    )
+    writes = []
+    for w in held:
+        updates = w.updates if w.stage.settle is None else {**w.updates, **w.stage.settle(w.cands)}
+        at = names.index(w.stage.name)
+        writes.append(
+            records.StageWrite(
+                w.stage.name,
+                updates,
+                w.timing,
+                started={c.id: c for c in w.cands},
+                entering=names[at + 1] if at + 1 < len(names) else None,
+                within=partial(w.stage.within, start) if w.stage.within is not None else None,
+            )
+        )
+    records.apply_stages(rt.settings.database_url, writes, also=also)
+    seconds = perf_counter() - t0
+    for w, write in zip(held, writes, strict=True):
+        outcome = Counter(u.get("status", records.STAGE_OUTPUT[w.stage.name]) for u in write.updates.values())
+        logs.event(
+            log,
+            f"{w.stage.name} done",
+            stage=w.stage.name,
+            batch=start.batch.id,
+            item=start.item.id,
+            candidates=[c.id for c in w.cands],
+            queue=rt.queue,
+            outcome=dict(outcome),
+            seconds=round(w.seconds + seconds, 4),
+        )

@@ -42,4 +42,6 @@ def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     return out
 
 
-VALIDATE = Stage("validate", validate_slice)
+#: Its results are written with score's: one transaction less per slice, and a crash in score repeats only
+#: validate's one batched CLIP pass.
+VALIDATE = Stage("validate", validate_slice, hold=True)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from farm import dispatch, records
 from farm.config import load_settings
-from farm.db import Candidate, migrate, session_scope
+from farm.db import Candidate, get_engine, migrate, session_scope
 from farm.tasks import runtime as runtime_module
 from farm.tasks.runtime import Runtime
 from farm.tasks.stage import Stage, run_stages
 
+STAGE_NAMES = ("generate", "moderate", "validate", "score")
 MANIFEST = 'name: stage\nmodel: tiny\ndefaults: {candidates: 3, steps: 1, size: 32x32}\nitems: ["a kite"]\n'
 
 
@@ -71,3 +72,66 @@ def test_a_settled_stage_is_written_after_the_next_stages_work_and_a_failed_side
         assert (row.status, row.image_path, row.verdict) == ("moderated", f"b/{cid}.png", "ok")
         assert row.stage_attempts == {"generate": 1, "moderate": 1}
         assert set(row.timings) == {"generate", "moderate"}
+
+
+def _four_stages(events: list[str], *, score_dies: bool = False) -> list[Stage]:
+    """The real stages' shape: generate settles, moderate checks within its write, validate holds."""
+
+    def work(name: str, result: dict):
+        def run(start, cands):
+            events.append(name)
+            if name == "score" and score_dies:
+                raise SystemExit("the worker died")  # not an Exception: nothing catches it, as a SIGKILL
+            return {c.id: dict(result) for c in cands}
+
+        return run
+
+    def within(start, conn, written):
+        rows = conn.execute(select(Candidate.status).where(Candidate.id.in_(written))).scalars()
+        events.append(f"within:{len(written)}:{','.join(sorted(set(rows)))}")
+
+    return [
+        Stage("generate", work("generate", {"image_path": "x.png"}), settle=lambda cands: {}),
+        Stage("moderate", work("moderate", {"pdq_hash": "ab"}), within=within),
+        Stage("validate", work("validate", {"alignment": 0.5}), hold=True),
+        Stage("score", work("score", {"preference": 0.1, "score": 0.2})),
+    ]
+
+
+def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own_rows(one_slice):
+    url, ids = one_slice
+    writes, events = [], []
+    event.listen(
+        get_engine(url),
+        "before_cursor_execute",
+        lambda conn, cur, statement, *a: writes.append(statement) if statement == "BEGIN IMMEDIATE" else None,
+    )
+    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
+
+    assert len(writes) == 3, "the delivery count, generate + moderate, validate + score"
+    assert events == ["generate", "moderate", "within:3:moderated", "validate", "score"]
+    with session_scope(url) as s:
+        rows = list(s.scalars(select(Candidate).where(Candidate.id.in_(ids))))
+    assert {(c.status, c.image_path, c.pdq_hash, c.alignment, c.score) for c in rows} == {
+        ("scored", "x.png", "ab", 0.5, 0.2)
+    }
+    assert all(c.stage_attempts == {st: 1 for st in STAGE_NAMES} for c in rows)
+
+
+def test_a_crash_in_score_repeats_validate_which_held_its_results_and_nothing_before_it(one_slice):
+    url, ids = one_slice
+    events: list[str] = []
+    with pytest.raises(SystemExit):
+        run_stages(
+            SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events, score_dies=True)
+        )
+    assert set(_statuses(url, ids).values()) == {"moderated"}, "validate's results went with score's"
+
+    events.clear()
+    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
+    assert "generate" not in events and "moderate" not in events
+    assert events.count("validate") == 3, "redelivered: one candidate at a time"
+    with session_scope(url) as s:
+        rows = list(s.scalars(select(Candidate).where(Candidate.id.in_(ids))))
+    assert {c.status for c in rows} == {"scored"}
+    assert all(c.stage_attempts == {"generate": 1, "moderate": 1, "validate": 2, "score": 1} for c in rows)

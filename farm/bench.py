@@ -216,6 +216,7 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
             stack.start_web()
         per_device = 2 if settings.qc == "worker" else 1
         _wait_for_models(settings, per_device * len(settings.devices), stack)
+        _warm_client(settings)
         t0 = time.time()
         done = dispatch.submit(workload.manifest(name.split()[0]), settings=settings)
         while True:
@@ -241,6 +242,20 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
         # A QC worker (FARM_QC=worker) runs under its device worker: its main is its pool child's parent.
         peaks.update({n.split("@")[0]: _peak_rss_mb(_ppid(pid)) for n, pid in workers if n.startswith("qc-")})
     return RunResult(name, seconds, workload.total, stage, peaks, devices)
+
+
+def _warm_client(settings: Any) -> None:
+    """Set up this process's Celery client before the clock starts, as A loads its models first: the first
+    send of a process looks up the result backend among every installed package's entry points and opens
+    the broker connection, 40-80 ms here, once per process (the dashboard pays it on its first submit, a
+    `farm submit` process on each), not per batch or candidate."""
+    from farm.celery_app import app_for
+
+    app = app_for(settings)
+    app.finalize(auto=True)
+    _ = app.backend, app.amqp.router
+    with app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection()
 
 
 def _wait_for_models(settings: Any, workers: int, stack: Any, timeout: float = 300) -> None:

@@ -200,6 +200,18 @@ def _known_revisions(url: str) -> set[str]:
 # ------------------------------------------------------------------------------------------ artifact store
 
 
+def _write_probe(root: Path) -> None:
+    """Create ``root`` if needed and write, sync and remove a file in it; raises OSError when it cannot."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".doctor-", dir=root)
+    try:
+        os.write(fd, b"farm doctor write test\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def check_artifacts(settings: Settings) -> Check:
     """The artifact store accepts a write: every device worker saves its images there."""
     if settings.artifact_store.startswith("s3://"):
@@ -215,14 +227,7 @@ def check_artifacts(settings: Settings) -> Check:
         return Check("artifacts", True, f"{store.description} accepts writes")
     root = settings.artifacts_dir
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".doctor-", dir=root)
-        try:
-            os.write(fd, b"farm doctor write test\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(name)
+        _write_probe(root)
     except OSError as exc:
         return Check("artifacts", False, f"{root} is not writable: {type(exc).__name__}: {exc}",
                      f"make {root} a writable folder for the user running the farm (on many hosts: the same "
@@ -236,10 +241,7 @@ def check_handoff(settings: Settings, *, image_mb: int = 3) -> Check:
     there (FARM_QC_AHEAD + 2 slices of 1024x1024 images, about 3 MB each)."""
     root = settings.handoff_dir
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".doctor-", dir=root)
-        os.close(fd)
-        os.unlink(name)
+        _write_probe(root)
     except OSError as exc:
         return Check("handoff", False, f"{root} is not writable: {type(exc).__name__}: {exc}",
                      "point FARM_HANDOFF_DIR at a writable folder on this host (shared memory, /dev/shm, is "

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from farm.artifacts import read_recipe
+from farm.bench import _ppid
 from farm.gpu_pinning.pinning import qc_queue
 from tests.faults.conftest import FaultFarm, manifest
 
@@ -140,11 +141,7 @@ def test_a_device_generates_at_most_one_slice_ahead_of_a_slower_qc_worker(split:
 def _qc_main_pid(farm: FaultFarm, queue: str) -> int | None:
     """The QC worker's main process: the parent of the pool child its row names (None: that child is gone)."""
     (row,) = [w for w in farm.workers() if w.name == qc_queue(queue)]
-    try:
-        stat = open(f"/proc/{row.pid}/stat").read()
-    except FileNotFoundError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    return _ppid(row.pid) or None
 
 
 def _alive(pid: int) -> bool:

@@ -188,7 +188,8 @@ class StageWrite:
     ``started`` holds the candidates as the task knows them; ``entering`` is the stage a candidate that
     passed goes on to, counted as started there in the same update (as ``begin_stages`` counts a delivery);
     ``within`` runs in the same transaction once the rows are written, with the ids written (the
-    near-duplicate check, whose flags then commit with the hashes they come from).
+    near-duplicate check, whose flags then commit with the hashes they come from), and ``before`` before
+    they are (the lock that check needs).
     """
 
     stage: str
@@ -197,6 +198,7 @@ class StageWrite:
     started: dict[str, StagedCandidate]
     entering: str | None = None
     within: Callable[[Connection, list[str]], None] | None = None
+    before: Callable[[Connection], None] | None = None
 
 
 def apply_stage(
@@ -233,6 +235,8 @@ def apply_stages(
         now: dict[str, dict[str, Any]] = {}  # what this transaction wrote so far, by candidate
         done = []
         for w in writes:
+            if w.before is not None and w.updates:
+                w.before(conn)
             rows = [
                 _stage_row(w, cid, result, now.get(cid, {}))
                 for cid, result in w.updates.items()
@@ -291,9 +295,10 @@ def batch_hashes(
 
 
 def lock_batch_hashes(conn: Connection, batch_id: str) -> None:
-    """Serialise near-duplicate checks within a batch until this transaction ends, so of two slices
-    moderated at once the second always reads the first's hashes. SQLite's one write lock (BEGIN IMMEDIATE)
-    already does; PostgreSQL takes a transaction-scoped advisory lock on the batch."""
+    """Serialise the writes of a batch's hashes, with their near-duplicate checks, until this transaction
+    ends: of two slices moderated at once the second reads the first's hashes, and the hashes' updated_at
+    follows commit order, so a worker's "changed since" read never skips a row committed late. SQLite's one
+    write lock (BEGIN IMMEDIATE) already does; PostgreSQL takes a transaction-scoped advisory lock."""
     if conn.dialect.name == "postgresql":
         key = int.from_bytes(hashlib.blake2b(batch_id.encode(), digest_size=8).digest(), "big", signed=True)
         conn.execute(select(func.pg_advisory_xact_lock(key)))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy import select, update
 
 from farm import dispatch, records
 from farm.config import load_settings
-from farm.db import Candidate, migrate, session_scope
+from farm.db import Candidate, get_engine, migrate, session_scope
+from tests import pgutil
 
 MANIFEST = """
 name: records
@@ -132,3 +135,31 @@ def test_rank_view_counts_the_unsettled_and_due_top_ups_in_one_read(slice_ids):
         s.execute(update(Candidate).where(Candidate.item_id == item_id).values(status="rejected"))
     assert records.add_topup_round(url, item_id, passed=0) is not None
     assert not records.rank_view(url, item_id).topup_due()  # max_topup_rounds (2) reached
+
+
+@pytest.mark.postgres
+def test_hash_writes_of_one_batch_wait_for_each_other_on_postgresql_and_other_batches_do_not():
+    url = pgutil.create_database("farm_lock")
+    got: list[str] = []
+
+    def check(batch_id: str) -> None:
+        with get_engine(url).begin() as conn:
+            records.lock_batch_hashes(conn, batch_id)
+            got.append(batch_id)
+
+    try:
+        with get_engine(url).begin() as first:
+            records.lock_batch_hashes(first, "batch-a")
+            other = threading.Thread(target=check, args=("batch-b",))
+            other.start()
+            other.join(10)
+            assert got == ["batch-b"], "another batch's check does not wait"
+            same = threading.Thread(target=check, args=("batch-a",))
+            same.start()
+            same.join(1.0)
+            assert same.is_alive() and got == ["batch-b"], "the same batch waits for the first transaction"
+        same.join(10)
+        assert got == ["batch-b", "batch-a"]
+    finally:
+        get_engine(url).dispose()
+        pgutil.drop_database(url)

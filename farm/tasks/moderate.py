@@ -90,17 +90,21 @@ def flag_near_duplicates(start: StageStart, conn: Connection, ids: list[str]) ->
     """Flag, on both sides, every candidate of the batch within the near-duplicate distance of this slice.
 
     Runs in the transaction that writes the slice's hashes, after them, so the flags commit with the hashes
-    (a crash cannot leave hashes whose check never ran), and holds the batch's near-duplicate lock, so of
-    two slices moderated at the same moment on two devices, the one that writes second always sees the first.
+    (a crash cannot leave hashes whose check never ran); the batch's lock, taken before the hashes are
+    written (``lock_hashes``), makes of two slices moderated at the same moment on two devices the one that
+    writes second always see the first.
     """
     from farm.tasks.runtime import runtime
 
     rt = runtime()
     limit = start.batch.settings["moderation"]["near_duplicate_distance"]
-    records.lock_batch_hashes(conn, start.batch.id)
     pool = rt.batch_hashes(conn, start.batch.id)
     pairs = {cid: [o for o in pool.within(pool[cid], limit) if o != cid] for cid in ids if cid in pool}
     records.add_near_duplicate_flags(conn, {k: v for k, v in pairs.items() if v}, limit)
 
 
-MODERATE = Stage("moderate", moderate_slice, within=flag_near_duplicates)
+def lock_hashes(start: StageStart, conn: Connection) -> None:
+    records.lock_batch_hashes(conn, start.batch.id)
+
+
+MODERATE = Stage("moderate", moderate_slice, within=flag_near_duplicates, before=lock_hashes)

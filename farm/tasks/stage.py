@@ -44,12 +44,13 @@ class Stage:
     failures for candidates whose side effect failed. Each transaction cost about 1 ms on a device worker;
     a crash in the next stage's work then repeats this stage on redelivery, and is counted against it, so
     only stages whose work is cheap to repeat, or whose side effects need the time, hold. ``within`` runs in
-    the write's transaction once the stage's rows are written (cross-slice checks).
+    the write's transaction once the stage's rows are written (cross-slice checks), ``before`` before them.
     """
 
     name: str
     work: Work
     within: Callable[[StageStart, Connection, list[str]], None] | None = None
+    before: Callable[[StageStart, Connection], None] | None = None
     settle: Callable[[list[StagedCandidate]], dict[str, dict[str, Any]]] | None = None
     hold: bool = False
 
@@ -199,6 +200,7 @@ def _commit(start: StageStart, held: list[_Worked], names: list[str], *, also: r
                 started={c.id: c for c in w.cands},
                 entering=names[at + 1] if at + 1 < len(names) else None,
                 within=partial(w.stage.within, start) if w.stage.within is not None else None,
+                before=partial(w.stage.before, start) if w.stage.before is not None else None,
             )
         )
     records.apply_stages(rt.settings.database_url, writes, also=also)

@@ -9,7 +9,7 @@ from sqlalchemy import event, select
 
 from farm import dispatch, records
 from farm.config import load_settings
-from farm.db import Candidate, get_engine, migrate, session_scope
+from farm.db import READ_ONLY, Candidate, get_engine, migrate, session_scope
 from farm.tasks import runtime as runtime_module
 from farm.tasks.runtime import Runtime
 from farm.tasks.stage import Stage, run_stages
@@ -103,8 +103,8 @@ def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own
     writes, events = [], []
     event.listen(
         get_engine(url),
-        "before_cursor_execute",
-        lambda conn, cur, statement, *a: writes.append(statement) if statement == "BEGIN IMMEDIATE" else None,
+        "begin",
+        lambda conn: None if conn.get_execution_options().get(READ_ONLY) else writes.append(conn),
     )
     run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
 

@@ -201,20 +201,6 @@ class StageWrite:
     before: Callable[[Connection], None] | None = None
 
 
-def apply_stage(
-    url: str,
-    stage: str,
-    updates: dict[str, dict[str, Any]],
-    timing: dict[str, Any],
-    *,
-    started: dict[str, StagedCandidate],
-    entering: str | None = None,
-    also: Also | None = None,
-) -> list[StagedCandidate]:
-    """Write one stage's results on a slice (see ``apply_stages``); returns the candidates written."""
-    return apply_stages(url, [StageWrite(stage, updates, timing, started, entering)], also=also)[0]
-
-
 def apply_stages(
     url: str, writes: list[StageWrite], *, also: Also | None = None
 ) -> list[list[StagedCandidate]]:

@@ -69,7 +69,9 @@ def test_a_stage_write_counts_the_next_stage_as_started_and_updates_the_candidat
         ids[1]: {"status": "rejected", "verdict": "rejected", "reasons": ["nudenet: too much"]},
         ids[2]: records.failure("moderate", "boom"),
     }
-    written = records.apply_stage(url, "moderate", results, {"s": 0.5}, started=cands, entering="validate")
+    (written,) = records.apply_stages(
+        url, [records.StageWrite("moderate", results, {"s": 0.5}, started=cands, entering="validate")]
+    )
     assert {c.id for c in written} == set(ids)
     passed = cands[ids[0]]
     assert (passed.status, passed.pdq_hash) == ("moderated", "ab")
@@ -88,7 +90,9 @@ def test_a_result_for_a_candidate_another_delivery_advanced_is_not_written_nor_h
     with session_scope(url) as s:  # the other delivery finished moderating ids[0] meanwhile
         s.execute(update(Candidate).where(Candidate.id == ids[0]).values(status="moderated", verdict="flag"))
     results = {cid: {"status": "moderated", "verdict": "passed"} for cid in ids}
-    written = records.apply_stage(url, "moderate", results, {"s": 0.1}, started=cands, entering="validate")
+    (written,) = records.apply_stages(
+        url, [records.StageWrite("moderate", results, {"s": 0.1}, started=cands, entering="validate")]
+    )
     assert {c.id for c in written} == set(ids[1:])
     assert cands[ids[0]].status == "generated"
     assert _rows(url, ids)[ids[0]].verdict == "flag"

@@ -169,8 +169,8 @@ def _begin(
             row.update(
                 status="failed",
                 stage=stage,
-                error=f"{stage} was started {counts[stage] - 1} times without finishing (its worker died "
-                f"each time); gave up after FARM_MAX_ATTEMPTS={max_attempts}",
+                error=f"{stage} was started {counts[stage] - 1} times without finishing (its worker died, or "
+                f"its image was lost, each time); gave up after FARM_MAX_ATTEMPTS={max_attempts}",
             )
         else:
             start.todo.append(
@@ -329,6 +329,20 @@ def failure(stage: str, error: BaseException | str) -> dict[str, Any]:
 def image_failure(stage: str, error: str) -> dict[str, Any]:
     """A failure whose image is not in the store: the row names no image, so rows and files agree."""
     return {**failure(stage, error), "image_path": None}
+
+
+def image_lost() -> dict[str, Any]:
+    """A generated candidate whose image is nowhere goes back to generate's input, its row cleared of the
+    image: its seed is fixed in SQL, so generating it again makes the same image. Each new delivery of
+    generate counts against FARM_MAX_ATTEMPTS, so images lost again and again end in a failure."""
+    return {
+        "status": STAGE_INPUT["generate"],
+        "stage": None,
+        "image_path": None,
+        "recipe": {},
+        "device": None,
+        "worker": None,
+    }
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,27 @@
 """The moderate stage: PDQ blocklist, NudeNet, OpenNSFW and near-duplicates on a slice's images.
 
-Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'.
+Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'. An image
+found nowhere (handed off on a host that restarted) sends its candidate back to generate.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any
 
 from PIL import Image
 from sqlalchemy import Connection
 
-from farm import records
+from farm import logs, records
 from farm.records import StagedCandidate, StageStart
 from farm.tasks.stage import Stage
 
+log = logging.getLogger(__name__)
+
 LOST = (
-    "the image is neither stored ({path}) nor handed off: the host that generated it restarted, or its "
-    "handoff folder (FARM_HANDOFF_DIR) was cleared, before its QC worker stored it"
+    "the image is neither stored nor handed off (the host that generated it restarted, or its handoff "
+    "folder, FARM_HANDOFF_DIR, was cleared, before its QC worker stored it): generating it again"
 )
 
 
@@ -50,11 +54,12 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     rt = runtime()
     cfg = start.batch.settings["moderation"]
     seen = {c.id: _find(c) for c in cands}
-    out = {
-        c.id: records.image_failure("moderate", LOST.format(path=c.image_path))
-        for c in cands
-        if seen[c.id] is None
-    }
+    lost = [c for c in cands if seen[c.id] is None]
+    if lost:
+        logs.event(
+            log, LOST, level=logging.WARNING, batch=start.batch.id, images=[c.image_path for c in lost]
+        )
+    out = {c.id: records.image_lost() for c in lost}
     cands = [c for c in cands if seen[c.id] is not None]
     if not cands:
         return out

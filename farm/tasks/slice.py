@@ -16,6 +16,8 @@ from typing import Any
 from celery import Task
 
 from farm.celery_app import app
+from farm.dispatch import SLICE_TASK
+from farm.records import STAGE_INPUT
 from farm.tasks.generate import GENERATE, settle_writes
 from farm.tasks.moderate import MODERATE
 from farm.tasks.score import SCORE
@@ -42,11 +44,15 @@ def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
     rt = runtime()
     if rt.qc_queue is None:
-        return run_stages(self, payload, STAGES)
+        run_stages(self, payload, STAGES)
+        return payload
     wait_for_qc(rt.qc_queue, rt.settings.qc_ahead)
     run_stages(self, payload, STAGES[:1])
-    priority = (self.request.delivery_info or {}).get("priority")
-    return self.replace(app.signature(QC_TASK, args=(payload,), queue=rt.qc_queue, priority=priority))
+    return self.replace(app.signature(QC_TASK, args=(payload,), queue=rt.qc_queue, priority=_priority(self)))
+
+
+def _priority(task: Task) -> int | None:
+    return (task.request.delivery_info or {}).get("priority")
 
 
 def wait_for_qc(queue: str, ahead: int, poll: float = 0.05) -> float:
@@ -68,9 +74,17 @@ def wait_for_qc(queue: str, ahead: int, poll: float = 0.05) -> float:
 @app.task(name=QC_TASK, **STAGE_OPTIONS)
 def run_qc(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent as farm.slice (the same guarded stages); the handed-off images are removed only once the
-    task is done, so a redelivery still finds those its first delivery had not stored."""
+    task is done, so a redelivery still finds those its first delivery had not stored. Candidates whose
+    images were lost (moderate sent them back to generate) go out again as farm.slice, under the same task
+    id, to whichever device placement picks: it generates those again and hands them to its own QC worker.
+    """
+    from farm.placement import route_batch
     from farm.tasks.runtime import runtime
 
-    done = run_stages(self, payload, QC_STAGES)
-    runtime().drop_handoff(payload["batch_id"], payload["candidates"])
-    return done
+    rt = runtime()
+    worked = run_stages(self, payload, QC_STAGES)
+    rt.drop_handoff(payload["batch_id"], payload["candidates"])
+    if not any(c.status == STAGE_INPUT["generate"] for c in worked):
+        return payload
+    queue = route_batch(rt.settings.database_url, payload["batch_id"])
+    return self.replace(app.signature(SLICE_TASK, args=(payload,), queue=queue, priority=_priority(self)))

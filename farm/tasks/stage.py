@@ -124,8 +124,12 @@ def isolate(
     return out
 
 
-def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> dict[str, Any]:
-    """Run ``stages`` in order on a slice, each as one batched call followed by one write of its results."""
+def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> list[StagedCandidate]:
+    """Run ``stages`` in order on a slice, each as one batched call followed by one write of its results.
+
+    A stage may send a candidate back to the first stage's input (moderate, when its image was lost with
+    another host): the task runs the stages on it once more. Returns the candidates it worked on, as written.
+    """
     from farm.tasks.runtime import describe_task, runtime
 
     rt = runtime()
@@ -142,9 +146,14 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     # so the others finish and only the poison one runs into the attempt cap.
     groups = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
     names = [s.name for s in stages]
+    first = records.STAGE_INPUT[names[0]]
+    sent_back: set[str] = set()
     idle = False
-    for n, group in enumerate(groups, 1):
+    n = 0
+    while n < len(groups):
+        group, n = groups[n], n + 1
         held: list[_Worked] = []
+        rewound: set[str] = set()
         for k, stage in enumerate(stages):
             cands = [c for c in group if _status(c, held) == records.STAGE_INPUT[stage.name]]
             for h in held:
@@ -152,15 +161,21 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
             worked = _work(start, stage, cands) if cands else None
             if worked is not None:
                 held.append(worked)
+                if k:
+                    rewound.update(cid for cid, u in worked.updates.items() if u.get("status") == first)
             if not held or (stage.holds and k + 1 < len(stages)):
                 continue
-            last = n == len(groups) and k == len(stages) - 1
+            last = n == len(groups) and k == len(stages) - 1 and not rewound - sent_back
             _commit(start, held, names, also=rt.idle() if last else None)
             idle = idle or last
             held = []
+        again = [c for c in group if c.id in rewound - sent_back and c.status == first]
+        if again:
+            sent_back.update(c.id for c in again)
+            groups.append(again)
     if not idle:
         rt.heartbeat(None)
-    return payload
+    return start.todo
 
 
 def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Worked:

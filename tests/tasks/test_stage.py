@@ -31,6 +31,11 @@ def one_slice(monkeypatch, tmp_path) -> tuple[str, list[str]]:
     return settings.database_url, ids
 
 
+def _rows(url: str, ids: list[str]) -> list[Candidate]:
+    with session_scope(url) as s:
+        return list(s.scalars(select(Candidate).where(Candidate.id.in_(ids)).order_by(Candidate.id)))
+
+
 def _statuses(url: str, ids: list[str]) -> dict[str, str]:
     with session_scope(url) as s:
         return {c.id: c.status for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
@@ -135,3 +140,48 @@ def test_a_crash_in_score_repeats_validate_which_held_its_results_and_nothing_be
         rows = list(s.scalars(select(Candidate).where(Candidate.id.in_(ids))))
     assert {c.status for c in rows} == {"scored"}
     assert all(c.stage_attempts == {"generate": 1, "moderate": 1, "validate": 2, "score": 1} for c in rows)
+
+
+def _losing_moderate(events: list[str], lose: set[str], *, every_time: bool = False) -> list[Stage]:
+    """The four stages, with a moderate that finds the images of ``lose`` nowhere (once, or every time)."""
+    stages = _four_stages(events)
+    plain = stages[1].work
+
+    def moderate(start, cands):
+        out = plain(start, cands)
+        for c in cands:
+            if c.id in lose:
+                out[c.id] = records.image_lost()
+                if not every_time:
+                    lose.discard(c.id)
+        return out
+
+    stages[1] = Stage("moderate", moderate, within=stages[1].within)
+    return stages
+
+
+def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(one_slice):
+    url, ids = one_slice
+    events: list[str] = []
+    worked = run_stages(
+        SimpleNamespace(name="farm.slice"), {"candidates": ids}, _losing_moderate(events, {ids[1]})
+    )
+
+    assert events.count("generate") == 2 and events.count("score") == 2
+    assert [c.status for c in worked] == ["scored"] * 3
+    with session_scope(url) as s:
+        rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
+    assert {(c.status, c.image_path, c.score) for c in rows.values()} == {("scored", "x.png", 0.2)}
+    assert rows[ids[1]].stage_attempts["generate"] == 1, "one delivery: the repeat is not a new attempt"
+
+
+def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and_the_task_ends(one_slice):
+    url, ids = one_slice
+    events: list[str] = []
+    stages = _losing_moderate(events, {ids[0]}, every_time=True)
+    worked = run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+
+    assert events.count("generate") == 2, "generated again once in this task, not in a loop"
+    assert {c.id: c.status for c in worked} == {ids[0]: "pending", ids[1]: "scored", ids[2]: "scored"}
+    lost = _rows(url, [ids[0]])[0]
+    assert (lost.image_path, lost.recipe, lost.stage) == (None, {}, None), "the row names no missing image"

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -291,6 +292,21 @@ class Handoff:
 
     def delete(self, image_path: str) -> None:
         self.folder.delete(self.name(image_path))
+
+    def older_than(self, seconds: float) -> list[str]:
+        """The candidates whose handed-off image was written more than ``seconds`` ago."""
+        if not self.folder.root.is_dir():
+            return []
+        cutoff = time.time() - seconds
+        with os.scandir(self.folder.root) as entries:
+            return [
+                e.name[: -len(".npy")]
+                for e in entries
+                if e.name.endswith(".npy") and e.is_file() and e.stat().st_mtime < cutoff
+            ]
+
+    def discard(self, candidate_id: str) -> None:
+        self.folder.delete(f"{candidate_id}.npy")
 
 
 def store_for(settings: Any) -> ArtifactStore:

@@ -31,7 +31,9 @@ from celery.signals import worker_ready
 from celery.worker.control import control_command, ok
 from sqlalchemy import func, select, update
 
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
+from farm import logs
+from farm.artifacts import Handoff
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
 from farm.placement import (
     BEAT_S,
@@ -45,6 +47,8 @@ from farm.placement import (
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = ("generated", "moderated", "validated")
+#: How often a device worker looks for handed-off images nobody will read (``sweep_handoff``).
+HANDOFF_SWEEP_S = 300.0
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -417,6 +421,46 @@ class QcCompanion:
             proc.wait()
 
 
+def sweep_handoff(settings: Settings) -> list[str]:
+    """Remove handed-off images that no QC task will read: those whose candidate moved past 'generated' (or
+    was deleted) without its QC worker dropping them. That happens when a slice was finished elsewhere (the
+    reaper re-sent it after its QC worker went away, or FARM_QC went back to inline) and its QC task never
+    ran here; in shared memory each such image holds RAM until the host restarts. Only files older than
+    FARM_STALL_SECONDS are looked at, so an image handed off just before its row is written is never taken.
+    """
+    handoff = Handoff(settings.handoff_dir)
+    old = handoff.older_than(settings.stall_seconds)
+    waiting: set[str] = set()
+    for at in range(0, len(old), 500):
+        chunk = old[at : at + 500]
+        with session_scope(settings.database_url, read_only=True) as s:
+            waiting.update(
+                s.scalars(
+                    select(Candidate.id).where(Candidate.id.in_(chunk), Candidate.status == "generated")
+                )
+            )
+    gone = [cid for cid in old if cid not in waiting]
+    for cid in gone:
+        handoff.discard(cid)
+    if gone:
+        logs.event(
+            log,
+            "removed handed-off images no QC task will read",
+            folder=str(handoff.folder.root),
+            count=len(gone),
+        )
+    return gone
+
+
+def _sweep_handoff_every(settings: Settings, seconds: float) -> None:
+    while True:
+        try:
+            sweep_handoff(settings)
+        except Exception as exc:  # the database is away: try again next time
+            log.warning("handoff sweep of %s: %s", settings.handoff_dir, exc)
+        time.sleep(seconds)
+
+
 def _term_with_parent() -> None:
     """In the QC worker before exec: SIGTERM when the device worker that started it dies (Linux)."""
     try:
@@ -445,6 +489,9 @@ def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
     settings = load_settings()
     MODEL_QUEUES = ModelQueues(sender, queue, settings.database_url)
     MODEL_QUEUES.start()
+    threading.Thread(
+        target=_sweep_handoff_every, args=(settings, HANDOFF_SWEEP_S), daemon=True, name="farm-handoff-sweep"
+    ).start()
     timeout = float(settings.drain_timeout)
     celery_handler = platforms.signals["SIGTERM"]
     started = threading.Event()

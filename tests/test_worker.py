@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter, defaultdict
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from sqlalchemy import select
 
 from farm import dispatch
+from farm.artifacts import Handoff
 from farm.celery_app import app
 from farm.cli import cli
-from farm.db import Batch, Candidate, Worker, session_scope
-from farm.worker import device_workers, in_flight, queue_length
+from farm.config import load_settings
+from farm.db import Batch, Candidate, Worker, migrate, session_scope
+from farm.worker import device_workers, in_flight, queue_length, sweep_handoff
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +150,38 @@ def test_over_its_memory_budget_a_worker_evicts_the_least_recently_used_generato
     finally:
         assert runner.invoke(cli, ["undrain", "cuda1"]).exit_code == 0
         stack.restart_worker("cuda0")
+
+
+def test_the_handoff_sweep_removes_only_old_images_whose_candidate_no_qc_task_will_read(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    monkeypatch.setenv("FARM_HANDOFF_DIR", str(tmp_path / "handoff"))
+    monkeypatch.setenv("FARM_STALL_SECONDS", "60")
+    own = load_settings()
+    migrate(own.database_url)
+    text = 'name: sweep\nmodel: tiny\ndefaults: {candidates: 4, steps: 1, size: 32x32}\nitems: ["a kite"]\n'
+    manifest, items = dispatch.plan(text, settings=own)
+    batch_id = dispatch.create_batch(manifest, items, text, settings=own).batch_id
+    with session_scope(own.database_url) as s:
+        ids = sorted(s.scalars(select(Candidate.id).where(Candidate.batch_id == batch_id)))
+        statuses = dict(zip(ids, ["generated", "moderated", "pending", "failed"], strict=True))
+        for c in s.scalars(select(Candidate).where(Candidate.batch_id == batch_id)):
+            c.status = statuses[c.id]
+    handoff = Handoff(own.handoff_dir)
+    pixels = Image.new("RGB", (8, 8))
+    names = [*ids, "gone-batch-00000-000"]  # the last: its batch was deleted
+    for name in names:
+        handoff.put(f"{batch_id}/{name}.png", pixels)
+    young = ids[1]
+    for name in names:
+        if name != young:
+            old = time.time() - 61
+            os.utime(own.handoff_dir / f"{name}.npy", (old, old))
+
+    removed = sweep_handoff(own)
+
+    assert sorted(removed) == sorted([ids[2], ids[3], "gone-batch-00000-000"])
+    left = sorted(p.stem for p in own.handoff_dir.glob("*.npy"))
+    assert left == sorted([ids[0], young]), "waiting for its QC task, or too young to judge"
+    assert sweep_handoff(own) == []

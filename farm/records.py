@@ -331,10 +331,11 @@ def image_failure(stage: str, error: str) -> dict[str, Any]:
     return {**failure(stage, error), "image_path": None}
 
 
-def image_lost() -> dict[str, Any]:
+def image_lost(c: StagedCandidate) -> dict[str, Any]:
     """A generated candidate whose image is nowhere goes back to generate's input, its row cleared of the
-    image: its seed is fixed in SQL, so generating it again makes the same image. Each new delivery of
-    generate counts against FARM_MAX_ATTEMPTS, so images lost again and again end in a failure."""
+    image: its seed is fixed in SQL, so generating it again makes the same image. The later stages' attempt
+    counts start over with the new image; generate's stays, and each delivery that generates it again counts
+    against FARM_MAX_ATTEMPTS, so images lost again and again end in a failure."""
     return {
         "status": STAGE_INPUT["generate"],
         "stage": None,
@@ -342,6 +343,7 @@ def image_lost() -> dict[str, Any]:
         "recipe": {},
         "device": None,
         "worker": None,
+        "stage_attempts": {k: v for k, v in (c.stage_attempts or {}).items() if k == "generate"},
     }
 
 

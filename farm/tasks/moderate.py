@@ -59,7 +59,7 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         logs.event(
             log, LOST, level=logging.WARNING, batch=start.batch.id, images=[c.image_path for c in lost]
         )
-    out = {c.id: records.image_lost() for c in lost}
+    out = {c.id: records.image_lost(c) for c in lost}
     cands = [c for c in cands if seen[c.id] is not None]
     if not cands:
         return out

@@ -216,3 +216,45 @@ def test_worker_logs_name_the_batch_item_and_candidates_of_each_stage(settings, 
     assert f"batch={batch_id}" in logs and f"item={batch_id}-00000" in logs and "candidates=[" in logs
     control = stack.proc("control").log.read_text(errors="replace")
     assert "item ranked" in control and f"item={batch_id}-00003" in control
+
+
+def test_a_slice_whose_images_are_in_no_store_is_generated_again_from_its_seeds(
+    settings, run_batch, wait_batch
+):
+    # As a slice generated on another host with FARM_QC=worker, whose QC worker never stored the images,
+    # reaches this host's inline worker (a reaper re-send): the rows say 'generated' and name images that are
+    # neither in the store nor handed off here.
+    from farm import dispatch
+
+    batch_id = run_batch(
+        "name: regen\nmodel: tiny\ndefaults: {candidates: 2, steps: 2, size: 64x64}\nitems: [a moth]\n"
+    )
+    _, (item,), before = _rows(settings, batch_id)
+    pixels = {c.id: np.asarray(Image.open(settings.artifacts_dir / c.image_path)) for c in before}
+    paths = {c.id: c.image_path for c in before}
+    with session_scope(settings.database_url) as s:
+        batch = s.get(Batch, batch_id)
+        batch.status, batch.items_done, batch.finished_at = "running", 0, None
+        s.get(Item, item.id).status = "running"
+        for c in s.scalars(select(Candidate).where(Candidate.batch_id == batch_id)):
+            c.status, c.image_path, c.rank, c.is_winner = (
+                "generated",
+                f"{batch_id}/elsewhere-{c.index}.png",
+                None,
+                False,
+            )
+    dispatch.send_item(batch_id, item.id, sorted(paths), settings=settings, priority=0)
+
+    assert wait_batch(batch_id) == "done"
+    _, (item,), after = _rows(settings, batch_id)
+    for c in after:
+        assert c.status in ("passed", "rejected"), (c.status, c.error)
+        assert c.image_path == paths[c.id], "stored where the first generation stored it"
+        assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (1, 1), (
+            "generated again within this delivery; moderate counted from the start with the new image"
+        )
+        again = np.asarray(Image.open(settings.artifacts_dir / c.image_path)).astype(int)
+        diff = np.abs(again - pixels[c.id])
+        # The same seed makes the same image, up to float rounding on another worker's thread count.
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert item.status == "done" and item.winners

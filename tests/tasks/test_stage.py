@@ -151,7 +151,7 @@ def _losing_moderate(events: list[str], lose: set[str], *, every_time: bool = Fa
         out = plain(start, cands)
         for c in cands:
             if c.id in lose:
-                out[c.id] = records.image_lost()
+                out[c.id] = records.image_lost(c)
                 if not every_time:
                     lose.discard(c.id)
         return out
@@ -172,7 +172,7 @@ def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(on
     with session_scope(url) as s:
         rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
     assert {(c.status, c.image_path, c.score) for c in rows.values()} == {("scored", "x.png", 0.2)}
-    assert rows[ids[1]].stage_attempts["generate"] == 1, "one delivery: the repeat is not a new attempt"
+    assert rows[ids[1]].stage_attempts == {st: 1 for st in STAGE_NAMES}, "one delivery; moderate started over"
 
 
 def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and_the_task_ends(one_slice):

@@ -235,7 +235,8 @@ def test_a_slice_whose_images_are_in_no_store_is_generated_again_from_its_seeds(
     with session_scope(settings.database_url) as s:
         batch = s.get(Batch, batch_id)
         batch.status, batch.items_done, batch.finished_at = "running", 0, None
-        s.get(Item, item.id).status = "running"
+        row = s.get(Item, item.id)
+        row.status, row.winners, row.finished_at = "running", [], None
         for c in s.scalars(select(Candidate).where(Candidate.batch_id == batch_id)):
             c.status, c.image_path, c.rank, c.is_winner = (
                 "generated",

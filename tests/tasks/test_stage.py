@@ -169,8 +169,7 @@ def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(on
 
     assert events.count("generate") == 2 and events.count("score") == 2
     assert [c.status for c in worked] == ["scored"] * 3
-    with session_scope(url) as s:
-        rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
+    rows = {c.id: c for c in _rows(url, ids)}
     assert {(c.status, c.image_path, c.score) for c in rows.values()} == {("scored", "x.png", 0.2)}
     assert rows[ids[1]].stage_attempts == {st: 1 for st in STAGE_NAMES}, "one delivery; moderate started over"
 

@@ -439,7 +439,9 @@ def sweep_handoff(settings: Settings) -> list[str]:
                     select(Candidate.id).where(Candidate.id.in_(chunk), Candidate.status == "generated")
                 )
             )
-    gone = [cid for cid in old if cid not in waiting]
+    # Listed again: a file rewritten meanwhile (the candidate generated again) is young now, and stays.
+    unread = set(old) - waiting
+    gone = [cid for cid in handoff.older_than(settings.stall_seconds) if cid in unread]
     for cid in gone:
         handoff.discard(cid)
     if gone:

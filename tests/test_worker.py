@@ -13,6 +13,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from farm import dispatch
+from farm import worker as worker_module
 from farm.artifacts import Handoff
 from farm.celery_app import app
 from farm.cli import cli
@@ -179,9 +180,17 @@ def test_the_handoff_sweep_removes_only_old_images_whose_candidate_no_qc_task_wi
             old = time.time() - 61
             os.utime(own.handoff_dir / f"{name}.npy", (old, old))
 
+    real_scope = worker_module.session_scope
+
+    def generated_again_meanwhile(*args, **kwargs):
+        handoff.put(f"{batch_id}/{ids[2]}.png", pixels)  # while the sweep reads SQL
+        return real_scope(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "session_scope", generated_again_meanwhile)
     removed = sweep_handoff(own)
 
-    assert sorted(removed) == sorted([ids[2], ids[3], "gone-batch-00000-000"])
+    assert sorted(removed) == sorted([ids[3], "gone-batch-00000-000"])
     left = sorted(p.stem for p in own.handoff_dir.glob("*.npy"))
-    assert left == sorted([ids[0], young]), "waiting for its QC task, or too young to judge"
+    assert left == sorted([ids[0], young, ids[2]]), "waiting for its QC task, too young, or rewritten"
+    monkeypatch.setattr(worker_module, "session_scope", real_scope)
     assert sweep_handoff(own) == []

@@ -35,6 +35,7 @@ from farm import logs
 from farm.artifacts import Handoff
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
+from farm.dispatch import slices
 from farm.placement import (
     BEAT_S,
     STEAL_HOLD_S,
@@ -431,8 +432,7 @@ def sweep_handoff(settings: Settings) -> list[str]:
     handoff = Handoff(settings.handoff_dir)
     old = handoff.older_than(settings.stall_seconds)
     waiting: set[str] = set()
-    for at in range(0, len(old), 500):
-        chunk = old[at : at + 500]
+    for chunk in slices(old, 500):
         with session_scope(settings.database_url, read_only=True) as s:
             waiting.update(
                 s.scalars(

@@ -480,9 +480,11 @@ def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
 
 @dataclass(frozen=True)
 class RankView:
-    """What ranking an item reads, in one read transaction: how many of its candidates are still in flight,
-    the batch's status and settings, and the scored candidates (id, index, preference, alignment, hash)."""
+    """What ranking an item reads, in one read transaction: whether the item is already closed, how many of
+    its candidates are still in flight, the batch's status and settings, and the scored candidates (id,
+    index, preference, alignment, hash)."""
 
+    closed: bool
     waiting: int
     batch_status: str
     settings: dict[str, Any]
@@ -502,8 +504,7 @@ class RankView:
 
 
 def rank_view(url: str, item_id: str) -> RankView:
-    """The item as ``farm.rank`` needs it; ``waiting`` counts candidates not yet final nor scored, and is 0
-    once the item is closed."""
+    """The item as ``farm.rank`` needs it; ``waiting`` counts candidates not yet final nor scored."""
     with _reading(url) as conn:
         item = conn.execute(
             select(_I.c.batch_id, _I.c.prompt, _I.c.rounds, _I.c.status).where(_I.c.id == item_id)
@@ -516,7 +517,8 @@ def rank_view(url: str, item_id: str) -> RankView:
         ).all()
     waiting = sum(1 for r in rows if r.status not in (*CANDIDATE_FINAL, "scored"))
     return RankView(
-        waiting=0 if item.status in ("done", "cancelled") else waiting,
+        closed=item.status in ("done", "cancelled"),
+        waiting=waiting,
         batch_status=batch.status,
         settings=batch.settings,
         prompt=item.prompt,

@@ -32,10 +32,15 @@ def rank_item(self: Task, item_id: str) -> dict:
 
     If candidates of the item are still in flight (the chord or chain fired early, or the reaper re-sent part
     of the item), it waits for them rather than ranking half an item; the reaper takes over if they never
-    come.
+    come. An item already closed is left as it is: its candidates are final, so a second rank (the chord of
+    a slice the reaper re-sent, firing when the original message comes back; a redelivery after the commit)
+    would find none scored and clear the winners, or start a top-up round on a finished item.
     """
     settings = load_settings()
     view = records.rank_view(settings.database_url, item_id)
+    if view.closed:
+        log.info("item %s is already closed; not ranked again", item_id)
+        return {"item": item_id, "already_closed": True}
     if view.waiting and view.batch_status not in BATCH_STOPPED:
         if self.request.retries * SETTLE_POLL_S < settings.stall_seconds:
             raise self.retry(countdown=SETTLE_POLL_S, exc=None)

@@ -14,6 +14,10 @@ store, its rows not yet written. The slice's message, taken from a queue both ho
 unacknowledged with the worker; Redis puts it back once the visibility timeout passes, and the first host
 runs the whole slice again. The test checks that those candidates were generated a second time on the first
 host, that no reaper re-send was needed, and that files and rows still match one to one.
+
+The second test runs the second host with FARM_QC=worker, where its images wait in its own memory for its QC
+worker, and kills it while that worker checks a slice: the reaper has to re-send, the first host generates
+those candidates again, and the second host, back, runs what it left in its QC queue without effect.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from farm.artifacts import read_recipe
 from farm.celery_app import make_app
 from farm.config import load_settings
 from farm.embedded import redis_server_binary
+from farm.gpu_pinning.pinning import qc_queue
 from farm.stack import Proc, Stack
-from farm.worker import device_workers
+from farm.worker import device_workers, queue_keys
 from tests import pgutil
 from tests.faults.conftest import FaultFarm, manifest
 from tests.netns import TcpForwarder, TcpRedis, VethNamespace
@@ -143,6 +149,39 @@ def _wait(farm: HostFarm, predicate: Callable[[], bool], timeout: float, what: s
         raise AssertionError(f"{exc}\n{_logs(farm.stack)}") from None
 
 
+def _running_slice(farm: HostFarm, worker: str, task: str) -> list[str]:
+    """The candidates of the slice the worker named ``worker...`` is running as ``task`` (from its
+    ``current``, ``farm.slice <first id> (+<more>) ...``), or none."""
+    for w in farm.workers():
+        if w.name.startswith(worker) and w.current and w.current.startswith(f"{task} "):
+            first_id, more = w.current.split()[1:3]
+            stem, index = first_id.rsplit("-", 1)
+            return [f"{stem}-{int(index) + k:03d}" for k in range(int(more.strip("(+)")) + 1)]
+    return []
+
+
+def _taken(redis: TcpRedis, ids: list[str]) -> bool:
+    """A worker has taken the message of the slice of ``ids`` and not acknowledged it."""
+    for value in redis.client().hvals("unacked"):
+        args = json.loads(base64.b64decode(json.loads(value)[0]["body"]))[0]
+        if args and isinstance(args[0], dict) and args[0].get("candidates") == ids:
+            return True
+    return False
+
+
+def _queued_slices(redis: TcpRedis, queue: str) -> list[list[str]]:
+    """The candidates of each slice message waiting in ``queue``."""
+    client = redis.client()
+    raw = [m for key in queue_keys(queue) for m in client.lrange(key, 0, -1)]
+    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]["candidates"] for m in raw]
+
+
+def _join_second_host(h: TwoHosts, env: dict[str, str]) -> Proc:
+    """The second host joins with one command: a worker for its own queue, pointed at the same services."""
+    argv = h.ns.exec_argv([sys.executable, "-m", "farm", "worker", "--device", "b0"])
+    return h.first.stack.spawn("worker-b0", argv, env)
+
+
 def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_nothing(two_hosts: TwoHosts):
     h, first = two_hosts, two_hosts.first
     stack = first.stack
@@ -156,9 +195,7 @@ def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_no
     t0 = time.monotonic()
     stack.start_worker("cuda0")
     stack.start_control()
-    # The second host joins with one command: a worker for its own queue, pointed at the same services.
-    argv = h.ns.exec_argv([sys.executable, "-m", "farm", "worker", "--device", "b0"])
-    second: Proc = stack.spawn("worker-b0", argv, h.second_env)
+    second = _join_second_host(h, h.second_env)
     _wait(
         first,
         lambda: all(device_workers(first.app, q, timeout=1) for q in ("cuda0", "b0")),
@@ -180,21 +217,7 @@ def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_no
     # written yet (they wait for the files, which are written behind moderation). Its worker takes one
     # message at a time (prefetch 1, late acks), so the one it holds is that slice's task.
     def b0_slice() -> list[str]:
-        """The candidates of the slice b0's worker is running (from its ``current``), or none."""
-        for w in first.workers():
-            if w.queue == "b0" and w.current and w.current.startswith("farm.slice "):
-                first_id, more = w.current.split()[1:3]
-                stem, index = first_id.rsplit("-", 1)
-                return [f"{stem}-{int(index) + k:03d}" for k in range(int(more.strip("(+)")) + 1)]
-        return []
-
-    def taken(ids: list[str]) -> bool:
-        """A worker has taken the message of the slice of ``ids`` and not acknowledged it."""
-        for value in h.redis.client().hvals("unacked"):
-            args = json.loads(base64.b64decode(json.loads(value)[0]["body"]))[0]
-            if args and isinstance(args[0], dict) and args[0].get("candidates") == ids:
-                return True
-        return False
+        return _running_slice(first, "b0@", "farm.slice")
 
     def b0_moderating() -> bool:
         rows = {c.id: c for c in first.candidates(batch_id)}
@@ -205,7 +228,7 @@ def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_no
             and bool(ids)
             and all(rows[i].status == "pending" for i in ids)
             and all((first.settings.artifacts_dir / batch_id / f"{i}.png").exists() for i in ids)
-            and taken(ids)
+            and _taken(h.redis, ids)
         )
 
     _wait(first, b0_moderating, 120, "b0 to serve two slices and moderate another")
@@ -242,3 +265,106 @@ def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_no
         f"workers up in {ready_s:.0f}s; killed b0 holding {len(stranded)} candidates; the batch done "
         f"{recovery_s:.0f}s after the kill"
     )
+
+
+def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_nothing(
+    two_hosts: TwoHosts, tmp_path: Path
+):
+    """FARM_QC=worker on the second host: its device hands each slice's images off in its own memory (the
+    handoff folder, which the first host cannot read) to its QC worker. The host dies while that worker checks
+    a slice, and its farm.qc messages are left in a queue bound to it (``qc-b0@host``) that nobody else
+    serves. The reaper finds the items stalled and re-sends them; the first host finds the images lost and
+    generates them again. When the second host comes back, the stale farm.qc it left behind runs and changes
+    nothing, and its handoff folder ends empty."""
+    h, first = two_hosts, two_hosts.first
+    stack = first.stack
+    handoff = tmp_path / "second-handoff"
+    second_env = {**h.second_env, "FARM_QC": "worker", "FARM_HANDOFF_DIR": str(handoff)}
+    qc = qc_queue("b0")
+
+    def second_host_up() -> bool:
+        replies = first.app.control.ping(timeout=1) or []
+        return qc in {name for reply in replies for name in reply} and bool(
+            device_workers(first.app, "b0", 1)
+        )
+
+    stack.start_worker("cuda0")
+    stack.start_control()
+    second = _join_second_host(h, second_env)
+    _wait(
+        first, lambda: device_workers(first.app, "cuda0", timeout=1) and second_host_up(), 180, "both hosts"
+    )
+
+    prompts = [f"a harbour crane at dusk, study {i} [[fault:moderate:sleep:*]]" for i in range(ITEMS)]
+    batch_id = first.submit(manifest("two-hosts-qc", prompts, candidates=CANDIDATES))
+
+    def qc_checking() -> bool:
+        """b0's QC worker holds a slice (unacknowledged) whose images exist only in b0's handoff folder,
+        after b0 has carried at least one slice through every stage."""
+        rows = {c.id: c for c in first.candidates(batch_id)}
+        through = sum(c.device == "b0" and c.status in THROUGH for c in rows.values())
+        ids = _running_slice(first, qc, "farm.qc")
+        return (
+            through >= 2
+            and bool(ids)
+            and all(rows[i].status == "generated" for i in ids)
+            and all((handoff / f"{i}.npy").exists() for i in ids)
+            and _taken(h.redis, ids)
+        )
+
+    _wait(first, qc_checking, 120, "b0's QC worker to check a slice")
+    held = _running_slice(first, qc, "farm.qc")
+    os.killpg(second.popen.pid, signal.SIGKILL)
+    second.popen.wait()
+    stranded = sorted(
+        c.id for c in first.candidates(batch_id) if c.status == "generated" and c.device == "b0"
+    )
+    assert set(held) <= set(stranded), (held, stranded)
+    assert {f"{i}.npy" for i in stranded} <= {p.name for p in handoff.iterdir()}
+    assert not [i for i in stranded if (first.settings.artifacts_dir / batch_id / f"{i}.png").exists()]
+
+    assert first.wait(batch_id, timeout=300, supervise=False) == "done", _logs(stack)
+    rows = first.assert_accounted_for(batch_id, ITEMS * CANDIDATES)
+    by_id = {c.id: c for c in rows}
+    for cid in stranded:
+        c = by_id[cid]
+        assert c.status in ("passed", "rejected"), (cid, c.status, c.error)
+        # Generated again inside the re-sent delivery on the first host (whose worker took b0's place), which
+        # counts no second generate attempt; moderate starts over with the new image.
+        assert c.device == "cuda0" and c.worker.startswith("cuda0@"), (cid, c.device, c.worker)
+        assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (1, 1), (cid, c.stage_attempts)
+        assert read_recipe(first.settings.artifacts_dir / c.image_path)["seed"] == c.seed
+    resent = {it.id for it in first.items(batch_id) if it.resends}
+    assert {by_id[i].item_id for i in stranded} <= resent, "the reaper re-sent the stalled items"
+    assert {p.name for p in handoff.iterdir()} >= {f"{i}.npy" for i in stranded}, "read by nobody meanwhile"
+
+    # What b0's QC worker held went back, after the visibility timeout, to the queue bound to b0's host: no
+    # other worker serves it. The second host comes back with it: its QC worker runs the stale farm.qc,
+    # finds every candidate past its stages and drops the handoff (files of candidates finished elsewhere go
+    # with the sweep); the rank a stale message's chord may fire again changes nothing. No row moves.
+    stale = _queued_slices(h.redis, qc)
+    assert held in stale, (held, stale)
+
+    def snapshot() -> list[tuple]:
+        cands = [
+            (c.id, c.status, c.score, c.rank, c.is_winner, c.image_path, c.stage_attempts)
+            for c in first.candidates(batch_id)
+        ]
+        items = [(it.id, it.status, it.winners, it.resends) for it in first.items(batch_id)]
+        return [*cands, *items, first.batch(batch_id).status]
+
+    before = snapshot()
+    _join_second_host(h, second_env)
+    _wait(first, second_host_up, 180, "the second host to come back")
+
+    def stale_done() -> bool:
+        busy = [w for w in first.workers() if w.name == qc and w.current]
+        return (
+            not _queued_slices(h.redis, qc)
+            and not any(_taken(h.redis, ids) for ids in stale)
+            and not busy
+            and not any(p.suffix == ".npy" for p in handoff.iterdir())
+        )
+
+    _wait(first, stale_done, 120, "the second host to run its stale farm.qc and empty its handoff folder")
+    assert snapshot() == before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import socket
 import tempfile
@@ -302,11 +303,20 @@ class Handoff:
             return [
                 e.name[: -len(".npy")]
                 for e in entries
-                if e.name.endswith(".npy") and e.is_file() and e.stat().st_mtime < cutoff
+                if e.name.endswith(".npy") and e.is_file() and _mtime(e) < cutoff
             ]
 
     def discard(self, candidate_id: str) -> None:
         self.folder.delete(f"{candidate_id}.npy")
+
+
+def _mtime(entry: os.DirEntry[str]) -> float:
+    """A listed file's mtime; +inf (never old) when it went between the listing and the stat, as handed-off
+    files do when a QC worker drops them."""
+    try:
+        return entry.stat().st_mtime
+    except FileNotFoundError:
+        return math.inf
 
 
 def store_for(settings: Any) -> ArtifactStore:

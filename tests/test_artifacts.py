@@ -122,6 +122,35 @@ def test_a_handoff_returns_the_exact_pixels_once_written_and_nothing_after_it_is
     assert (tmp_path / "handoff" / "outside.npy").exists() and not (tmp_path / "etc").exists()
 
 
+def test_listing_old_handoffs_skips_a_file_removed_while_the_folder_is_read(tmp_path, monkeypatch):
+    # The sweep lists the folder while QC workers delete what they have stored: a file can go between the
+    # folder read and its stat. The interleaving is forced by removing the file as its entry is handed out.
+    handoff = Handoff(tmp_path / "handoff")
+    for cid in ("c1", "c2", "c3"):
+        handoff.put(f"b1/{cid}.png", Image.new("RGB", (8, 8)))
+        os.utime(tmp_path / "handoff" / f"{cid}.npy", (time.time() - 600,) * 2)
+    real_scandir = os.scandir
+
+    class Racing:
+        def __init__(self, path):
+            self.inner = real_scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def __iter__(self):
+            for entry in self.inner:
+                if entry.name == "c2.npy":
+                    handoff.discard("c2")
+                yield entry
+
+    monkeypatch.setattr("farm.artifacts.os.scandir", Racing)
+    assert sorted(handoff.older_than(60)) == ["c1", "c3"]
+
+
 def test_the_s3_store_round_trips_images_recipes_and_listings(s3):
     store = S3Store("s3://farm-test/unit", endpoint_url=s3["endpoint"])
     store.save_png("b1/c1.png", _image(), RECIPE)

@@ -527,6 +527,12 @@ def rank_view(url: str, item_id: str) -> RankView:
     )
 
 
+def statuses(url: str, candidate_ids: list[str]) -> dict[str, str]:
+    """The status of each candidate that still exists."""
+    with _reading(url) as conn:
+        return dict(conn.execute(select(_C.c.id, _C.c.status).where(_C.c.id.in_(candidate_ids))).all())
+
+
 def progress(s: Session, batch_id: str) -> dict[str, int]:
     """Candidates of a batch counted by status, plus ``done`` (final) and ``total``."""
     rows = s.execute(

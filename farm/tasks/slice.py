@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Task
 
+from farm import records
 from farm.celery_app import app
 from farm.dispatch import SLICE_TASK
 from farm.records import STAGE_INPUT
@@ -77,14 +78,20 @@ def run_qc(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     task is done, so a redelivery still finds those its first delivery had not stored. Candidates whose
     images were lost (moderate sent them back to generate) go out again as farm.slice, under the same task
     id, to whichever device placement picks: it generates those again and hands them to its own QC worker.
+
+    Both follow the candidates' statuses in SQL after the stages, not what this delivery did: a redelivery
+    (its first delivery died after sending candidates back, before replacing itself) still sends them, and
+    an image handed off again meanwhile (its candidate at 'generated', for a QC task of its own) is kept.
     """
     from farm.placement import route_batch
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    worked = run_stages(self, payload, QC_STAGES)
-    rt.drop_handoff(payload["batch_id"], payload["candidates"])
-    if not any(c.status == STAGE_INPUT["generate"] for c in worked):
+    run_stages(self, payload, QC_STAGES)
+    now = records.statuses(rt.settings.database_url, payload["candidates"])
+    waiting = (STAGE_INPUT["generate"], STAGE_INPUT["moderate"])
+    rt.drop_handoff(payload["batch_id"], [c for c in payload["candidates"] if now.get(c) not in waiting])
+    if STAGE_INPUT["generate"] not in now.values():
         return payload
     queue = route_batch(rt.settings.database_url, payload["batch_id"])
     return self.replace(app.signature(SLICE_TASK, args=(payload,), queue=queue, priority=_priority(self)))

@@ -13,9 +13,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import select
 
+from farm import records
 from farm.artifacts import read_recipe
 from farm.bench import _ppid
+from farm.config import CONTROL_QUEUE
+from farm.db import Batch, Candidate, Item, session_scope
 from farm.gpu_pinning.pinning import qc_queue
 from tests.faults.conftest import FaultFarm, manifest
 
@@ -126,6 +130,39 @@ def test_candidates_whose_handed_off_images_were_lost_are_generated_again_and_th
         assert recipe["candidate"] == c.id and recipe["seed"] == c.seed
     (item,) = split.items(batch_id)
     assert item.status == "done" and item.winners and item.resends == 0, "the chord fired, not the reaper"
+    assert _handed_off(split) == []
+
+
+def test_a_redelivered_qc_task_sends_on_the_candidates_its_first_delivery_sent_back_to_generate(
+    split: FaultFarm,
+):
+    # Its first delivery found the images lost, sent the candidates back to 'pending' (records.image_lost)
+    # and died before replacing itself with farm.slice. The redelivery has nothing to check, and must still
+    # send them to be generated; otherwise they wait for the reaper.
+    batch_id = split.submit(manifest("split-redelivered", ["a heron in reeds"], candidates=2))
+    assert split.wait(batch_id) == "done"
+    (item,) = split.items(batch_id)
+    with session_scope(split.settings.database_url) as s:
+        batch = s.get(Batch, batch_id)
+        batch.status, batch.items_done, batch.finished_at = "running", 0, None
+        row = s.get(Item, item.id)
+        row.status, row.winners, row.finished_at = "running", [], None
+        ids = []
+        for c in s.scalars(select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)):
+            for key, value in {**records.image_lost(c), "rank": None, "is_winner": False}.items():
+                setattr(c, key, value)
+            ids.append(c.id)
+    payload = {"batch_id": batch_id, "item_id": item.id, "candidates": ids}
+    qc = split.app.signature("farm.qc", args=(payload,), queue=qc_queue("cuda0"))
+    rank = split.app.signature("farm.rank", args=(item.id,), queue=CONTROL_QUEUE, immutable=True)
+    (qc | rank).apply_async()
+
+    assert split.wait(batch_id) == "done"
+    for c in split.assert_accounted_for(batch_id, 2):
+        assert c.status in ("passed", "rejected"), (c.status, c.error)
+        assert c.stage_attempts["generate"] == 2, "generated again on the farm.slice it was sent on"
+    (item,) = split.items(batch_id)
+    assert item.winners and item.resends == 0, "sent on by the QC task, not re-sent by the reaper"
     assert _handed_off(split) == []
 
 

@@ -125,6 +125,9 @@ def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
             raise click.BadParameter(str(exc), param_hint="--device") from None
         apply_pinning(pin)
         if qc:
+            from farm.worker import term_with_parent
+
+            term_with_parent()
             os.environ["FARM_PINNED_ROLE"] = "qc"
             name = qc_queue(queue)
             argv = ["worker", "-Q", name, "-n", name, "-c", "1"]

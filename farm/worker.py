@@ -364,6 +364,10 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
     state.should_stop = 0
 
 
+#: Set by a device worker for the QC worker it starts: its own pid (not configuration).
+QC_PARENT_ENV = "FARM_QC_PARENT"
+
+
 class QcCompanion:
     """FARM_QC=worker: the device's QC worker, started, restarted and stopped by its generating worker.
 
@@ -394,7 +398,8 @@ class QcCompanion:
     def _spawn(self) -> None:
         with self._lock:
             if not self._stopping.is_set():
-                self.proc = subprocess.Popen(self.argv, preexec_fn=_term_with_parent)
+                env = {**os.environ, QC_PARENT_ENV: str(self.owner)}
+                self.proc = subprocess.Popen(self.argv, env=env)
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
@@ -463,12 +468,19 @@ def _sweep_handoff_every(settings: Settings, seconds: float) -> None:
         time.sleep(seconds)
 
 
-def _term_with_parent() -> None:
-    """In the QC worker before exec: SIGTERM when the device worker that started it dies (Linux)."""
+def term_with_parent() -> None:
+    """In a QC worker, first thing: SIGTERM when the device worker that started it dies (Linux).
+
+    Set by the QC worker itself, not between fork and exec (``preexec_fn``), which is unsafe in the device
+    worker's threaded main process (a restart forks from a thread). A device worker already gone by the time
+    this runs is seen from the parent pid, and the QC worker exits."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    parent = os.environ.get(QC_PARENT_ENV)
+    if parent and os.getppid() != int(parent):
+        raise SystemExit(f"the device worker (pid {parent}) that started this QC worker is gone")
 
 
 @worker_ready.connect

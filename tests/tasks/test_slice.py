@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -215,3 +216,21 @@ def test_stopping_a_device_worker_stops_its_qc_worker_too(split: FaultFarm):
     split.wait_until(lambda: not _alive(qc), timeout=60, what="the QC worker of the stopped device")
     split.wait_ready()
     _wait_qc_ready(split)
+
+
+def test_a_device_worker_killed_outright_takes_its_qc_worker_with_it(split: FaultFarm):
+    device = split.stack.proc("worker-cuda1").popen.pid
+    (qc,) = [pid for pid in _pids() if _ppid(pid) == device and b"--qc" in _cmdline(pid)]
+    os.kill(device, signal.SIGKILL)
+    split.wait_until(lambda: not _alive(qc), timeout=60, what="the QC worker of the killed device worker")
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -61,7 +61,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         files.append((rel, image, recipe))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
-    if rt.qc_queue:  # FARM_QC=worker: the device's QC worker stores the PNGs
+    if rt.handing_off:  # FARM_QC=worker: the device's QC worker stores the PNGs
         for rel, image, _recipe in files:
             rt.handoff.put(rel, image)
         return out

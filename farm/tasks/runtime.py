@@ -13,8 +13,9 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,8 @@ class Runtime:
         self.name = qc_queue(self.queue, host) if self.role == "qc" else f"{self.queue or 'local'}@{host}"
         self.handoff = Handoff(settings.handoff_dir) if split else None
         self.qc_queue = qc_queue(self.queue) if split and self.role != "qc" else None
+        #: Whether generate hands the slice's images off to the QC worker (see ``checks_here``).
+        self.handing_off = self.qc_queue is not None
         self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
         self.tasks_done = 0
         self.images: OrderedDict[str, Any] = OrderedDict()
@@ -160,6 +163,16 @@ class Runtime:
         self.remember_image(c.image_path, image)
         self.pending_writes[c.id] = self.store.start_pngs([(c.image_path, image, c.recipe)])[0]
         return image
+
+    @contextmanager
+    def checks_here(self) -> Iterator[None]:
+        """A slice checked by this generating worker while its QC worker is away (farm.tasks.slice): generate
+        stores the PNGs itself, and the checking models load here on first use."""
+        self.handing_off = False
+        try:
+            yield
+        finally:
+            self.handing_off = self.qc_queue is not None
 
     def drop_handoff(self, batch_id: str, candidate_ids: list[str]) -> None:
         """QC worker, its task done: the slice's handed-off images are stored or no longer wanted."""

@@ -3,12 +3,14 @@
 With FARM_QC=worker the slice is split in two on its device's host: farm.slice generates and hands the images
 off, then replaces itself with farm.qc on that device's QC worker (``qc-cuda0@host``), which stores the PNGs
 and runs the checks while the device generates the next slice. ``Task.replace`` keeps the task id, the chord
-and the rest of the chain, so the item's rank still waits for the checks.
+and the rest of the chain, so the item's rank still waits for the checks. While the QC worker is away (it
+does not answer pings), the device checks its slices itself, as with FARM_QC=inline.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 STAGES = (GENERATE, MODERATE, VALIDATE, SCORE)
 QC_TASK = "farm.qc"
+#: A QC worker that has not answered a ping for this long is away; its device checks slices itself meanwhile.
+QC_AWAY_S = 30.0
+QC_PING_S = 5.0
 #: The QC worker's stages: moderate stores the handed-off PNGs, and its results wait for those writes.
 QC_STAGES = (replace(MODERATE, settle=settle_writes), VALIDATE, SCORE)
 
@@ -47,7 +52,10 @@ def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     if rt.qc_queue is None:
         run_stages(self, payload, STAGES)
         return payload
-    wait_for_qc(rt.qc_queue, rt.settings.qc_ahead)
+    if not wait_for_qc(rt.qc_queue, rt.settings.qc_ahead, limit=rt.settings.task_time_limit / 2):
+        with rt.checks_here():
+            run_stages(self, payload, STAGES)
+        return payload
     run_stages(self, payload, STAGES[:1])
     return self.replace(app.signature(QC_TASK, args=(payload,), queue=rt.qc_queue, priority=_priority(self)))
 
@@ -56,20 +64,36 @@ def _priority(task: Task) -> int | None:
     return (task.request.delivery_info or {}).get("priority")
 
 
-def wait_for_qc(queue: str, ahead: int, poll: float = 0.05) -> float:
+def wait_for_qc(queue: str, ahead: int, *, limit: float, poll: float = 0.05) -> bool:
     """Back-pressure: generate only while fewer than FARM_QC_AHEAD slices wait for the QC worker (besides the
     one it checks), so a QC worker slower than its device holds the device back instead of filling the
-    host's shared memory with handed-off images. Returns the seconds waited."""
+    host's shared memory with handed-off images.
+
+    Returns False when the QC worker has not answered a ping for QC_AWAY_S (stopped, crash-looping at start)
+    or the wait passed ``limit`` (stuck in a slice): the device then checks this slice itself, so a QC worker
+    that is down slows its device but never stops it, and no slice runs into its time limit waiting. Pings
+    go out at most every QC_PING_S from this process, and only while it waits."""
     from farm.worker import queue_length
 
     t0 = time.monotonic()
-    logged = t0
+    _qc_seen.setdefault(queue, t0)  # the first wait of this process gives a starting QC worker its time
     while queue_length(app, queue) >= ahead:
-        if time.monotonic() - logged >= 60:
-            log.warning("waited %ds for %s (%d+ slices queued)", time.monotonic() - t0, queue, ahead)
-            logged = time.monotonic()
+        now = time.monotonic()
+        if now - _qc_pinged.get(queue, -math.inf) >= QC_PING_S:
+            _qc_pinged[queue] = now
+            if app.control.ping(destination=[queue], timeout=1.0):
+                _qc_seen[queue] = now = time.monotonic()
+        away = now - _qc_seen[queue] >= QC_AWAY_S
+        if away or now - t0 >= limit:
+            why = "does not answer" if away else "has not taken the next slice"
+            log.warning("%s %s after %.0fs: this slice is checked on its device", queue, why, now - t0)
+            return False
         time.sleep(poll)
-    return time.monotonic() - t0
+    return True
+
+
+_qc_seen: dict[str, float] = {}
+_qc_pinged: dict[str, float] = {}
 
 
 @app.task(name=QC_TASK, **STAGE_OPTIONS)

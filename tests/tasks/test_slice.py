@@ -22,6 +22,7 @@ from farm.bench import _ppid
 from farm.config import CONTROL_QUEUE
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.gpu_pinning.pinning import qc_queue
+from farm.worker import drain, undrain
 from tests.faults.conftest import FaultFarm, manifest
 
 pytestmark = pytest.mark.slow
@@ -164,6 +165,44 @@ def test_a_redelivered_qc_task_sends_on_the_candidates_its_first_delivery_sent_b
         assert c.stage_attempts["generate"] == 2, "generated again on the farm.slice it was sent on"
     (item,) = split.items(batch_id)
     assert item.winners and item.resends == 0, "sent on by the QC task, not re-sent by the reaper"
+    assert _handed_off(split) == []
+
+
+def test_while_its_qc_worker_is_stopped_a_device_checks_its_slices_itself(split: FaultFarm):
+    # SIGSTOP: the QC worker neither takes slices nor answers pings (a hung or crash-looping QC worker looks
+    # the same from the device). cuda1 is drained, so every slice goes to cuda0.
+    split.stack.supervise()
+    assert drain(split.app, "cuda1", database_url=split.settings.database_url)
+    split.wait_until(lambda: qc_queue("cuda0") in {w.name for w in split.workers()}, what="the QC worker row")
+    qc_main = _qc_main_pid(split, "cuda0")
+    stopped = [qc_main, *(pid for pid in _pids() if _ppid(pid) == qc_main)]
+    done_before = {w.name: w.tasks_done for w in split.workers()}[qc_queue("cuda0")]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        batch_id = split.submit(manifest("split-away", [f"a snail {i}" for i in range(4)], candidates=2))
+
+        def settled() -> bool:
+            rows = split.candidates(batch_id)
+            return sum(c.status in ("passed", "rejected", "failed") for c in rows) >= 6
+
+        split.wait_until(settled, timeout=180, what="cuda0 to check slices itself")
+        rows = split.candidates(batch_id)
+        # The first slice was handed off before the device saw its QC worker gone; it waits for it.
+        waiting = [c for c in rows if c.status not in ("passed", "rejected", "failed")]
+        assert [c.status for c in waiting] == ["generated", "generated"], [(c.id, c.status) for c in rows]
+        assert {p.name for p in split.settings.handoff_dir.glob("*.npy")} == {f"{c.id}.npy" for c in waiting}
+        for c in rows:
+            assert c.device == "cuda0" and c.worker == f"cuda0@{HOST}"
+            if c.id not in {w.id for w in waiting}:
+                assert (split.settings.artifacts_dir / c.image_path).exists()
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        assert undrain(split.app, "cuda1", database_url=split.settings.database_url)
+    assert split.wait(batch_id) == "done"
+    split.assert_accounted_for(batch_id, 8)
+    assert {w.name: w.tasks_done for w in split.workers()}[qc_queue("cuda0")] > done_before
     assert _handed_off(split) == []
 
 

@@ -8,10 +8,9 @@ ack) runs again. It must leave the item as the first rank left it.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
 
-from farm.db import Batch, Candidate, Item, session_scope
 from farm.tasks.rank import rank_item
+from tests.tasks.test_end_to_end import _rows
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +26,12 @@ items:
 
 
 def _snapshot(settings, batch_id: str) -> tuple:
-    with session_scope(settings.database_url) as s:
-        batch = s.get(Batch, batch_id)
-        items = s.scalars(select(Item).where(Item.batch_id == batch_id).order_by(Item.index)).all()
-        cands = s.scalars(
-            select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.id)
-        ).all()
-        return (
-            (batch.status, batch.items_done, batch.candidates_total),
-            [(it.id, it.status, it.rounds, it.winners) for it in items],
-            [(c.id, c.status, c.rank, c.is_winner, c.score) for c in cands],
-        )
+    batch, items, cands = _rows(settings, batch_id)
+    return (
+        (batch.status, batch.items_done, batch.candidates_total),
+        [(it.id, it.status, it.rounds, it.winners) for it in items],
+        [(c.id, c.status, c.rank, c.is_winner, c.score) for c in cands],
+    )
 
 
 def test_a_rank_delivered_again_after_its_item_closed_keeps_ranks_winners_and_rounds(settings, run_batch):

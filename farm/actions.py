@@ -77,7 +77,8 @@ def retry_failed(batch_id: str, *, settings: Settings) -> int:
         for it in items:
             if it.status == "done":
                 reopened += 1
-            it.status, it.finished_at, it.winners = "running", None, []
+            # The reaper's re-sends start over too: a retried item gets its full share of stall recovery.
+            it.status, it.finished_at, it.winners, it.resends = "running", None, [], 0
         # The rank stage ranks the candidates at 'scored': put the item's survivors back there so the retried
         # ones compete with them, not only with each other.
         s.execute(

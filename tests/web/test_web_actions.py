@@ -26,6 +26,8 @@ def test_retry_resets_failed_candidates_reopens_items_and_sends_them(client, set
     before = _cands(settings, made.batch_id)
     failed = sorted(cid for cid, c in before.items() if c.status == "failed")
     assert len(failed) == 2
+    with session_scope(settings.database_url) as s:  # as after the reaper gave up on them
+        s.execute(update(Item).where(Item.batch_id == made.batch_id).values(resends=3))
     r = client.post(f"/api/v1/batches/{made.batch_id}/retry")
     assert r.status_code == 202 and r.json == {"id": made.batch_id, "retried": 2}
 
@@ -41,7 +43,7 @@ def test_retry_resets_failed_candidates_reopens_items_and_sends_them(client, set
         batch = s.get(Batch, made.batch_id)
         items = s.scalars(select(Item).where(Item.batch_id == made.batch_id)).all()
         assert (batch.status, batch.items_done, batch.finished_at) == ("running", 0, None)
-        assert {(it.status, it.finished_at) for it in items} == {("running", None)}
+        assert {(it.status, it.finished_at, it.resends) for it in items} == {("running", None, 0)}
 
     sent = _task_args(queued_messages(broker, "slices"))
     assert [task for task, _ in sent] == ["farm.slice", "farm.slice"]

@@ -5,6 +5,9 @@ never starts. SQL knows better: an item is *stalled* when none of its candidates
 FARM_STALL_SECONDS while nothing waits in a queue a live worker serves (so it is not merely queued behind
 other work; work stranded in the queue of a device whose worker is gone counts as stalled). Then:
 
+- a batch never dispatched, or dispatched part way (items still unsent): send its dispatch again (it sends
+  only the items still pending);
+- a cancelled batch whose unsent items were never closed (their rank messages lost): send those ranks again;
 - every candidate settled (final, or scored and waiting for rank): the rank message was lost; send it again;
 - otherwise re-send a chord for the unsettled candidates (stages skip what is already done, so this repeats
   nothing), at most FARM_MAX_RESENDS times; after that the unsettled candidates are failed with the reason and
@@ -20,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 
 from farm import logs
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
@@ -81,9 +84,20 @@ def reap(
         report.skipped_busy = True
         return report
     cutoff = now - timedelta(seconds=settings.stall_seconds)
+    unsent = select(Item.id).where(Item.batch_id == Batch.id, Item.status == "pending").exists()
     with session_scope(settings.database_url) as s:
+        # Never dispatched, or dispatched part way (the task failed between two items): items still 'pending'.
         lost_dispatch = s.scalars(
-            select(Batch.id).where(Batch.status == "queued", Batch.created_at < cutoff)
+            select(Batch.id).where(
+                Batch.created_at < cutoff,
+                or_(Batch.status == "queued", and_(Batch.status == "running", unsent)),
+            )
+        ).all()
+        # Cancelled, but a rank that closes an unsent item was lost (cancel sends one per such item).
+        lost_cancel = s.scalars(
+            select(Item.id)
+            .join(Batch, Batch.id == Item.batch_id)
+            .where(Batch.status == "cancelling", Item.status == "pending")
         ).all()
         running = s.execute(
             select(Item.id, Item.batch_id, Item.resends, Batch.status, Batch.priority)
@@ -93,6 +107,9 @@ def reap(
     for batch_id in lost_dispatch:
         app.signature("farm.dispatch_batch", args=(batch_id,), queue=CONTROL_QUEUE).apply_async()
         report.redispatched.append(batch_id)
+    for item_id in lost_cancel:
+        app.signature("farm.rank", args=(item_id,), queue=CONTROL_QUEUE).apply_async()
+        report.closed.append(item_id)
     for item_id, batch_id, resends, batch_status, priority in running:
         with session_scope(settings.database_url) as s:
             last = s.scalar(select(func.max(Candidate.updated_at)).where(Candidate.item_id == item_id))

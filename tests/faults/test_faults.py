@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 
+from farm import dispatch
+from farm.db import Batch, Item, session_scope, utcnow
 from tests.faults.conftest import FaultFarm, manifest
 
 pytestmark = pytest.mark.slow
@@ -172,3 +175,38 @@ def test_work_stranded_in_the_queue_of_a_device_that_never_returns_is_re_sent(fa
     finally:
         farm.stack.start_worker("cuda1")
         farm.wait_ready()
+
+
+def _written_not_sent(farm: FaultFarm, name: str, prompts: list[str]) -> str:
+    """A batch written to SQL as `farm submit` writes it, with no message sent for it."""
+    text = manifest(name, prompts)
+    planned, items = dispatch.plan(text, settings=farm.settings)
+    return dispatch.create_batch(planned, items, text, settings=farm.settings).batch_id
+
+
+def test_a_dispatch_that_stopped_part_way_is_sent_again_by_the_reaper(farm: FaultFarm):
+    # farm.dispatch_batch sent item 0 and failed before item 1 (a database error that outlasted its
+    # retries): the batch is running, item 1 still pending, and no message anywhere will send it.
+    batch_id = _written_not_sent(farm, "half-dispatched", ["a grey heron", "a white heron"])
+    first, _second = farm.items(batch_id)
+    ids = sorted(c.id for c in farm.candidates(batch_id) if c.item_id == first.id)
+    with session_scope(farm.settings.database_url) as s:
+        batch = s.get(Batch, batch_id)
+        batch.status, batch.created_at = "running", utcnow() - timedelta(seconds=60)
+        s.get(Item, first.id).status = "running"
+    dispatch.send_item(batch_id, first.id, ids, settings=farm.settings, priority=0)
+    assert farm.wait(batch_id, timeout=180) == "done"
+    farm.assert_accounted_for(batch_id, 8)
+    assert [it.resends for it in farm.items(batch_id)] == [0, 0], "dispatched, not re-sent as stalled"
+
+
+def test_a_cancel_whose_rank_messages_were_lost_is_closed_by_the_reaper(farm: FaultFarm):
+    # `farm cancel` flipped the batch to cancelling; the ranks it sends to close unsent items were lost.
+    batch_id = _written_not_sent(farm, "lost-cancel", ["a quiet pond", "a loud pond"])
+    with session_scope(farm.settings.database_url) as s:
+        s.get(Batch, batch_id).status = "cancelling"
+    assert farm.wait(batch_id, timeout=120) == "cancelled"
+    batch = farm.batch(batch_id)
+    assert batch.items_done == batch.items_total == 2
+    assert {it.status for it in farm.items(batch_id)} == {"cancelled"}
+    assert {c.status for c in farm.candidates(batch_id)} == {"cancelled"}

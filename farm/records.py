@@ -373,8 +373,14 @@ def finish_item(
     # SQL Core, not the ORM: the transaction holds SQLite's write lock, which the next slice's first write
     # waits for, so it does only what must be read and written under it.
     with get_engine(url).begin() as conn:
+        # The batch row is locked before its status is read (FOR UPDATE on PostgreSQL; SQLite's write lock
+        # already serialises this with a cancel): a cancel committed between the read and the close below
+        # would otherwise be overwritten with 'done'. A cancel now waits, then finds the batch closed.
         batch_id, batch_status = conn.execute(
-            select(_I.c.batch_id, _B.c.status).join(_B, _B.c.id == _I.c.batch_id).where(_I.c.id == item_id)
+            select(_I.c.batch_id, _B.c.status)
+            .join(_B, _B.c.id == _I.c.batch_id)
+            .where(_I.c.id == item_id)
+            .with_for_update(of=_B)
         ).one()
         stopped = batch_status in BATCH_STOPPED
         rows = []

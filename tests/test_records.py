@@ -167,3 +167,60 @@ def test_hash_writes_of_one_batch_wait_for_each_other_on_postgresql_and_other_ba
     finally:
         get_engine(url).dispose()
         pgutil.drop_database(url)
+
+
+@pytest.mark.postgres
+def test_a_cancel_while_the_last_item_is_ranked_on_postgresql_waits_and_never_ends_the_batch_done(
+    monkeypatch, tmp_path
+):
+    """finish_item reads the batch status and closes the batch in one transaction; a cancel committed in
+    between used to be overwritten with 'done' (the read took no lock). The cancel runs on a second
+    connection while finish_item's transaction is open (its ``during`` hook): it must wait for the batch row,
+    then find the batch closed and change nothing."""
+    from sqlalchemy import text
+
+    from farm.db import Batch, Item
+
+    url = pgutil.create_database("farm_close")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    monkeypatch.setenv("FARM_DATABASE_URL", url)
+    settings = load_settings()
+    try:
+        migrate(url)
+        manifest, items = dispatch.plan(MANIFEST, settings=settings)
+        batch_id = dispatch.create_batch(manifest, items, MANIFEST, settings=settings).batch_id
+        with session_scope(url) as s:
+            s.execute(update(Batch).where(Batch.id == batch_id).values(status="running"))
+            s.execute(update(Item).where(Item.batch_id == batch_id).values(status="running"))
+            s.execute(update(Candidate).where(Candidate.batch_id == batch_id).values(status="scored"))
+            item_id = s.scalar(select(Item.id).where(Item.batch_id == batch_id))
+        cancelled: list[bool] = []
+        canceller = threading.Thread(
+            target=lambda: cancelled.append(dispatch.cancel(batch_id, settings=settings))
+        )
+
+        def cancel_meanwhile() -> None:
+            canceller.start()
+            with get_engine(url).connect() as watch:
+                for _ in range(200):
+                    waiting = watch.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'"
+                        )
+                    ).scalar()
+                    if waiting or not canceller.is_alive():
+                        return
+                    watch.rollback()
+                    canceller.join(0.05)
+            raise AssertionError("the cancel neither finished nor waited for a lock")
+
+        records.finish_item(url, item_id, ranking=[], winners=[], scores={}, during=cancel_meanwhile)
+        canceller.join(10)
+        assert not canceller.is_alive()
+        with session_scope(url) as s:
+            status = s.get(Batch, batch_id).status
+        assert (status, cancelled) == ("done", [False]), "a cancel that took effect must not end 'done'"
+    finally:
+        get_engine(url).dispose()
+        pgutil.drop_database(url)

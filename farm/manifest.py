@@ -58,6 +58,9 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from farm.assets import FOLDER_REFUSED, AssetPolicy
+from farm.formats import FormatError, model_folder_problem, parse_pdq_blocklist
+
 __all__ = [
     "MANIFEST_VERSION",
     "MAX_CANDIDATES",
@@ -142,7 +145,8 @@ _SIZE_RE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
 _SIZE_PATTERN = r"^[0-9]+[xX][0-9]+$"
 _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,39}")
-_PDQ_HASH_RE = re.compile(r"[0-9A-Fa-f]{64}")
+#: A scorer reference that scores with a validator: ``clip-score`` or ``clip-score:<validator reference>``.
+_CLIP_SCORE = "clip-score"
 
 # ----------------------------------------------------------------------------------------------------------
 # Errors
@@ -520,9 +524,11 @@ class Moderation(_Strict):
         None,
         max_length=4096,
         description=(
-            "Text file of PDQ hashes (64 hex digits per line, first field of a line; blank and # lines "
-            "ignored). Relative paths resolve against the manifest's folder and may not climb out of it; "
-            "absolute paths are taken as given. Checked at parse time and stored resolved."
+            "Text file of PDQ hashes: per line 64 hex digits, alone or followed by a comma, tab or space "
+            "and a label; blank lines and lines starting with # are skipped. From the CLI, relative paths "
+            "resolve against the manifest's folder and may not climb out of it, absolute paths are taken "
+            "as given. An uploaded manifest names a file uploaded with it (by its file name) or one inside "
+            "a folder listed in FARM_ASSET_DIRS. Read and checked at parse time, stored resolved."
         ),
     )
     pdq_max_distance: Distance = Field(
@@ -545,7 +551,7 @@ class Moderation(_Strict):
     def _resolve_blocklist(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        return str(_check_pdq_file(value, _base_dir(info)))
+        return _check_pdq_file(value, _base_dir(info), _assets(info))
 
 
 class Validation(_Strict):
@@ -558,6 +564,11 @@ class Validation(_Strict):
     attribute_threshold: Similarity = Field(
         0.0, description="Similarity (-1..1) each required attribute must reach for the candidate to pass."
     )
+
+    @field_validator("model")
+    @classmethod
+    def _check_model_path(cls, value: str, info: ValidationInfo) -> str:
+        return _check_plain_model_path(value, _base_dir(info), _assets(info), "validator")
 
 
 class ScoringWeights(_Strict):
@@ -580,6 +591,11 @@ class Scoring(_Strict):
         "tiny-aesthetic", description="Preference model: a preset (tiny-aesthetic, ...), hub id or folder."
     )
     weights: ScoringWeights = Field(default_factory=ScoringWeights, description="Score = weighted sum.")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model_path(cls, value: str, info: ValidationInfo) -> str:
+        return _check_plain_model_path(value, _base_dir(info), _assets(info), "scorer")
 
 
 class Selection(_Strict):
@@ -647,9 +663,12 @@ class Manifest(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str, info: ValidationInfo) -> str:
-        ref = _resolve_model_ref(value, _base_dir(info))
+        policy = _assets(info)
+        ref = _resolve_model_ref(value, _base_dir(info), policy)
         hook = (info.context or {}).get("check_model") if isinstance(info.context, dict) else None
-        if hook is not None:
+        # The ML layer's check looks for a folder of a hub id's spelling in the current folder: not for an
+        # uploaded manifest, which may name no folder outside FARM_ASSET_DIRS (its folders are absolute here).
+        if hook is not None and (policy.trusted or not _is_hub_id(ref)):
             try:
                 problem = hook(ref)
             except Exception as exc:  # noqa: BLE001 - a plugged-in check must not crash parsing
@@ -670,35 +689,48 @@ def _base_dir(info: ValidationInfo) -> Path | None:
     return Path(base) if base is not None else None
 
 
-def _resolve_model_ref(value: str, base_dir: Path | None) -> str:
+def _assets(info: ValidationInfo) -> AssetPolicy:
+    """The policy deciding which files this manifest may name; the operator's when none was given."""
+    context = info.context if isinstance(info.context, dict) else {}
+    policy = context.get("assets")
+    return policy if isinstance(policy, AssetPolicy) else AssetPolicy.operator()
+
+
+def _looks_like_path(value: str) -> bool:
+    return (
+        value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1 or ".." in value.split("/")
+    )
+
+
+def _is_hub_id(value: str) -> bool:
+    return _HUB_ID_RE.fullmatch(value) is not None and ".." not in value and "--" not in value
+
+
+def _resolve_model_ref(value: str, base_dir: Path | None, policy: AssetPolicy) -> str:
     """Preset name -> itself; existing folder -> its absolute path; ``owner/name`` -> itself; else ValueError.
 
     Why absolute: workers and ``farm.ml`` resolve paths against their own working directory, not the
     manifest's folder. A folder wins over a hub id of the same spelling because it is what the user can see.
+    Folders are looked for where ``policy`` allows: anywhere for the operator, only inside FARM_ASSET_DIRS
+    for an uploaded manifest, whose other paths all get the one ``FOLDER_REFUSED`` message.
     """
     if value in MODEL_PRESETS:
         return value
     if any(c in value for c in "\x00\r\n"):
         raise ValueError("must not contain NUL or line breaks")
-    try:
-        candidate = Path(value).expanduser()
-        if not candidate.is_absolute():
-            candidate = (base_dir or Path.cwd()) / candidate
-        is_dir, exists = candidate.is_dir(), candidate.exists()
-        has_index = is_dir and (candidate / "model_index.json").is_file()
-        resolved = str(candidate.resolve()) if is_dir else ""
-    except (OSError, ValueError, RuntimeError):  # unknown ~user, name too long, symlink loop, no cwd
-        is_dir = exists = has_index = False
-        resolved = ""
-    if is_dir:
-        if not has_index:
-            raise ValueError(f"folder {_clip(value)} is not a diffusers pipeline (no model_index.json)")
-        return resolved
-    if exists:
+    found = policy.find_folder(value, base_dir=base_dir)
+    if found is not None and found.is_dir():
+        problem = model_folder_problem(found, "generator")
+        if problem:
+            raise ValueError(f"folder {_clip(value)} {problem}")
+        return str(found)
+    if found is not None:
         raise ValueError(f"{_clip(value)} is a file; a local model must be a diffusers pipeline folder")
-    if _HUB_ID_RE.fullmatch(value) and ".." not in value and "--" not in value:
+    if _is_hub_id(value):
         return value
-    if value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1:
+    if _looks_like_path(value):
+        if not policy.trusted:
+            raise ValueError(FOLDER_REFUSED)
         raise ValueError(f"folder {_clip(value)} does not exist")
     close = difflib.get_close_matches(value, MODEL_PRESETS, n=1)
     guess = f"did you mean {close[0]!r}? " if close else ""
@@ -708,46 +740,46 @@ def _resolve_model_ref(value: str, base_dir: Path | None) -> str:
     )
 
 
-def _check_pdq_file(value: str, base_dir: Path | None) -> Path:
-    """Resolve and read the blocklist once, so a typo in its path or a malformed line fails before dispatch.
+def _check_plain_model_path(value: str, base_dir: Path | None, policy: AssetPolicy, kind: str) -> str:
+    """A validator or scorer reference under ``policy``: the operator's is kept as written (``farm.ml``
+    resolves it on the worker, as before); an uploaded manifest's must be a preset or hub id, or a folder
+    inside FARM_ASSET_DIRS (recorded resolved). ``clip-score:<validator>`` is checked as its validator."""
+    if policy.trusted:
+        return value
+    prefix = ""
+    if kind == "scorer" and value.startswith(_CLIP_SCORE + ":"):
+        prefix, value, kind = _CLIP_SCORE + ":", value[len(_CLIP_SCORE) + 1 :], "validator"
+    found = policy.find_folder(value, base_dir=base_dir)
+    if found is not None:
+        if not found.is_dir():
+            raise ValueError(f"{_clip(value)} is a file; a local {kind} model must be a folder")
+        problem = model_folder_problem(found, kind)
+        if problem:
+            raise ValueError(f"folder {_clip(value)} {problem}")
+        return prefix + str(found)
+    if _looks_like_path(value) or (":" in value and not _is_hub_id(value)):
+        raise ValueError(FOLDER_REFUSED)
+    return prefix + value
 
-    Relative paths stay inside ``base_dir`` (a manifest uploaded to the web cannot reach ``../../etc``);
-    absolute paths are the operator's explicit choice and are taken as given. Line contents are never echoed.
+
+def _check_pdq_file(value: str, base_dir: Path | None, policy: AssetPolicy) -> str:
+    """Find and read the blocklist once, with the parser workers use, so a typo in its path or a malformed
+    line fails before dispatch instead of failing every candidate at moderate.
+
+    Which paths may be read is ``policy``'s to say (see farm.assets). Line contents are never echoed.
     """
-    if "\x00" in value:
-        raise ValueError("path must not contain NUL bytes")
     if not value.strip():
         raise ValueError("path must not be blank; use null for no blocklist")
-    shown = _clip(value)
     try:
-        path = Path(value).expanduser()
-        if path.is_absolute():
-            resolved = path.resolve()
-        else:
-            root = (base_dir or Path.cwd()).resolve()
-            resolved = (root / path).resolve()
-            if not resolved.is_relative_to(root):
-                raise ValueError(f"{shown} points outside the manifest's folder; use a path inside it")
-        if not resolved.is_file():
-            raise ValueError(f"PDQ blocklist {shown} does not exist or is not a file")
-        if resolved.stat().st_size > MAX_PDQ_FILE_BYTES:
-            raise ValueError(f"PDQ blocklist {shown} is larger than {MAX_PDQ_FILE_BYTES} bytes")
-        raw = resolved.read_bytes()
-    except (OSError, RuntimeError) as exc:  # unreadable, unknown ~user, symlink loop
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValueError(f"cannot read PDQ blocklist {shown}: {reason}") from None
+        asset = policy.read_file(value, base_dir=base_dir, max_bytes=MAX_PDQ_FILE_BYTES)
+    except ValueError as exc:
+        raise ValueError(f"PDQ blocklist: {exc}") from None
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError(f"PDQ blocklist {shown} is not a UTF-8 text file") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        first = re.split(r"[,\s]", line, maxsplit=1)[0]
-        if _PDQ_HASH_RE.fullmatch(first) is None:
-            raise ValueError(f"PDQ blocklist {shown}, line {number}: expected a hash of 64 hex digits")
-    return resolved
+        parse_pdq_blocklist(asset.data)
+    except FormatError as exc:
+        where = f", line {exc.line}" if exc.line is not None else ""
+        raise ValueError(f"PDQ blocklist {_clip(value)}{where}: {exc.reason}") from None
+    return asset.ref
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1184,6 +1216,7 @@ def parse_manifest(
     max_bytes: int = 1_000_000,
     base_dir: Path | None = None,
     check_model: Callable[[str], str | None] | None = None,
+    assets: AssetPolicy | None = None,
 ) -> Manifest:
     """Parse and fully validate a manifest; raise ``ManifestError`` listing every problem, and nothing else.
 
@@ -1191,7 +1224,8 @@ def parse_manifest(
     (the current directory when None). ``check_model``, if given, is called with the resolved model reference
     and returns an error message or None; the ML layer plugs in what only it knows. Expansion limits
     (item/candidate totals, template variables, winners vs candidates) are checked here too, so a manifest
-    that parses will expand.
+    that parses will expand. ``assets`` decides which files and folders the manifest may name (farm.assets):
+    the operator's policy when None (any path, as the CLI always allowed); the web passes an uploader's.
 
     >>> m = parse_manifest("name: demo\\nitems: [a fox]")
     >>> (m.name, len(expand(m)))
@@ -1207,11 +1241,17 @@ def parse_manifest(
         raise ManifestError.at(
             "(root)", f"expected a mapping of fields at the top level, got {_describe(raw)}"
         )
-    context = {"base_dir": base_dir, "check_model": check_model}
+    context = {"base_dir": base_dir, "check_model": check_model, "assets": assets or AssetPolicy.operator()}
     try:
         manifest = Manifest.model_validate(raw, context=context)
     except ValidationError as exc:
         raise ManifestError(_errors_from_validation(exc)) from None
+    if assets is not None and assets.unnamed_uploads():
+        raise ManifestError(
+            FieldError("uploads", f"{name!r} was uploaded but the manifest names no such file; name it (e.g. "
+                       "moderation.pdq_blocklist: " + name + ") or do not upload it")
+            for name in assets.unnamed_uploads()
+        )
     _, problems = _plan(manifest)
     if problems:
         raise ManifestError(problems)

@@ -477,7 +477,7 @@ def test_local_pipeline_folder_resolves_against_base_dir(tmp_path: Path) -> None
 def test_folder_without_model_index_is_not_a_pipeline(tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     errs = errors_of(doc(model="weights"), base_dir=tmp_path)
-    assert errs["model"] == "folder weights is not a diffusers pipeline (no model_index.json)"
+    assert errs["model"] == "folder weights is not a diffusers pipeline: it has no model_index.json"
 
 
 def test_missing_local_folder_is_reported(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from farm.assets import read_asset
+from farm.formats import FormatError, parse_pdq_blocklist
+
 Verdict = Literal["pass", "reject", "flag"]
 
 #: NudeNet labels that reject by default: exposed genitalia, breasts, buttocks, anus.
@@ -31,8 +34,6 @@ DEFAULT_NUDENET_LABELS: tuple[str, ...] = (
 
 #: Usual PDQ match distance (out of 256 bits); re-encodes and resizes stay well under it.
 PDQ_MATCH_DISTANCE = 31
-
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -179,21 +180,20 @@ def _words(hash_hex: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
-def load_blocklist(path: Path) -> list[str]:
-    """Read a PDQ blocklist: one 64-hex hash per line; blank lines and ``#`` comments ignored.
+def load_blocklist(path: Path | str, *, store: Any = None) -> list[str]:
+    """Read a PDQ blocklist with ``farm.formats.parse_pdq_blocklist``, the parser manifest validation uses,
+    so a list that validates loads: one hash per line, alone or followed by a comma, tab or spaces and a
+    label; blank lines and ``#`` comments skipped.
 
-    Raises ValueError naming the file and line of the first malformed hash, so a typo never silently disables
-    the blocklist.
+    ``path`` is what the batch recorded: a local path, or ``store:uploads/...`` for a file uploaded with the
+    manifest (read from ``store``). Raises ValueError naming the file and line of the first malformed line,
+    so a typo never silently disables the blocklist.
     """
-    hashes: list[str] = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        if not _HEX64.match(text):
-            raise ValueError(f"{path}:{number}: not a PDQ hash (64 hex characters): {text[:80]!r}")
-        hashes.append(text.lower())
-    return hashes
+    try:
+        return parse_pdq_blocklist(read_asset(str(path), store=store))
+    except FormatError as exc:
+        where = f"{path}:{exc.line}" if exc.line is not None else str(path)
+        raise ValueError(f"{where}: {exc.reason}") from None
 
 
 def check_pdq_blocklist(

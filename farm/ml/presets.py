@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from farm.formats import MODEL_FOLDER_MARKERS, model_folder_problem
+
 KINDS = ("generator", "validator", "scorer")
 
 #: Tiny presets built by farm.ml.tiny, per kind.
@@ -50,13 +52,9 @@ IMAGE_REWARD_HUB_NAMES: tuple[str, ...] = ("ImageReward-v1.0",)
 CLIP_SCORE = "clip-score"
 DEFAULT_CLIP_SCORE_VALIDATOR = "tiny-clip"
 
-#: Files a local folder must contain (any one of them) to count as a model of each kind. A scorer folder is
-#: a Hugging Face model (the aesthetic predictor) or an ImageReward checkpoint folder.
-FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
-    "generator": ("model_index.json",),
-    "validator": ("config.json",),
-    "scorer": ("config.json", "imagereward.json", "ImageReward.pt"),
-}
+#: Files a local folder must contain (any one of them) to count as a model of each kind (farm.formats, which
+#: manifest validation reads too).
+FOLDER_MARKERS = MODEL_FOLDER_MARKERS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -96,11 +94,8 @@ def _unknown(ref: str, kind: str) -> str:
 
 
 def _folder_error(path: Path, kind: str) -> str | None:
-    markers = FOLDER_MARKERS[kind]
-    if not any((path / marker).is_file() for marker in markers):
-        what = "a diffusers pipeline" if kind == "generator" else f"a saved {kind} model"
-        return f"folder {str(path)!r} is not {what}: it has no {' or '.join(markers)}"
-    return None
+    problem = model_folder_problem(path, kind)
+    return None if problem is None else f"folder {str(path)!r} {problem}"
 
 
 def _clip_score_validator(ref: str) -> str | None:

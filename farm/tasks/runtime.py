@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
@@ -31,6 +30,8 @@ from farm.placement import generator_key, generator_queues
 
 if TYPE_CHECKING:
     from farm.ml.moderation import HashIndex
+    from farm.records import Claim
+    from farm.tasks.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class Runtime:
         self._lock = threading.Lock()
         self._upsert: Any = None
         self._announced: list[str] | None = None
+        #: The lease the task running in this process holds (farm.tasks.lease), renewed by ``renewer``.
+        self.lease: Lease | None = None
+        self.renewer: threading.Thread | None = None
 
     def _resolve(self, ref: str, kind: str) -> Any:
         from farm.ml.presets import resolve_model
@@ -202,7 +206,9 @@ class Runtime:
     def blocklist(self, path: str) -> HashIndex:
         from farm.ml.moderation import HashIndex, load_blocklist
 
-        return self.registry.get(f"blocklist:{path}", lambda: HashIndex.of(load_blocklist(Path(path))))
+        return self.registry.get(
+            f"blocklist:{path}", lambda: HashIndex.of(load_blocklist(path, store=self.store))
+        )
 
     def preload(self) -> None:
         """Load what every slice needs before the first task arrives."""
@@ -250,6 +256,18 @@ class Runtime:
         """The heartbeat at the end of a task: nothing running, one more task done (the row exists)."""
         values = {**self._heartbeat_values(), "current": None}
         values["w_name"] = values.pop("name")
+        return lambda conn: conn.execute(_IDLE, values)
+
+    def claim(self) -> Claim:
+        """This process's claim on a slice's lease (taken by ``records.begin_stages``)."""
+        from farm.records import Claim
+        from farm.tasks.lease import gone, owner_name
+
+        return Claim(owner=owner_name(self.name), seconds=self.settings.lease_seconds, gone=gone)
+
+    def alive(self) -> Callable[[Connection], object]:
+        """The heartbeat a lease renewal writes beside it: this worker's row, from the process that works."""
+        values = {"w_name": self.name, "heartbeat_at": utcnow()}
         return lambda conn: conn.execute(_IDLE, values)
 
     def heartbeat(self, current: str | None = None) -> None:

@@ -98,6 +98,86 @@ def test_blocklist_bad_line_is_named(tmp_path: Path) -> None:
         load_blocklist(path)
 
 
+BLOCKLIST_MANIFEST = """
+name: blocklisted
+items: [a red fox]
+moderation: {pdq_blocklist: block.txt}
+"""
+
+
+def test_blocklist_that_validates_also_loads_and_rejects_a_matching_image(tmp_path: Path) -> None:
+    """The shapes hash lists are exported in (hash,label; hash<TAB>label; hash and spaces; comments) pass
+    manifest validation, and the loader a worker runs reads the same file and rejects a matching image."""
+    from farm.manifest import parse_manifest
+
+    blocked, _ = pdq_hash(noise(3, 256))
+    other, _ = pdq_hash(noise(5, 256))
+    path = tmp_path / "block.txt"
+    path.write_text(
+        "# exported from the hash service\n"
+        f"{'0' * 64},known-bad-image\n"
+        f"{other.upper()}\treport 12\n"
+        "\n"
+        f"   {blocked}   seen twice, # not a comment\n"
+        f"{'1' * 64}\n"
+    )
+    manifest = parse_manifest(BLOCKLIST_MANIFEST, base_dir=tmp_path)
+    assert manifest.moderation.pdq_blocklist == str(path.resolve())
+    blocklist = load_blocklist(manifest.moderation.pdq_blocklist)
+    assert blocklist == ["0" * 64, other, blocked, "1" * 64]
+    verdict = check_pdq_blocklist(pdq_hash(jpeg_resized(noise(3, 256), 200))[0], blocklist, max_distance=31)
+    assert verdict.verdict == "reject" and verdict.details["nearest"] == blocked
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a" * 64,
+        "A" * 64 + ",label",
+        "a" * 64 + "\tlabel",
+        "a" * 64 + "  label with spaces",
+        "a" * 64 + " # a comment",
+        "  " + "a" * 64 + "  ",
+        "# only a comment",
+        "",
+        "a" * 63,
+        "a" * 65,
+        "a" * 64 + ";label",
+        "a" * 64 + "#label",
+        "label," + "a" * 64,
+        "g" * 64,
+        "0x" + "a" * 62,
+    ],
+)
+def test_validation_and_the_runtime_loader_agree_on_every_line(tmp_path: Path, line: str) -> None:
+    from farm.manifest import ManifestError, parse_manifest
+
+    path = tmp_path / "block.txt"
+    path.write_text("a" * 64 + "\n" + line + "\n")
+    try:
+        parse_manifest(BLOCKLIST_MANIFEST, base_dir=tmp_path)
+        validated = True
+    except ManifestError as exc:
+        assert "line 2" in str(exc)
+        validated = False
+    try:
+        load_blocklist(path)
+        loaded = True
+    except ValueError as exc:
+        assert "block.txt:2:" in str(exc)
+        loaded = False
+    assert validated == loaded
+
+
+def test_blocklist_error_names_the_line_and_quotes_nothing_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "block.txt"
+    path.write_text("a" * 64 + "\nadmin:x:0:0:hunter2\n")
+    with pytest.raises(ValueError) as info:
+        load_blocklist(path)
+    assert "block.txt:2:" in str(info.value)
+    assert "admin" not in str(info.value) and "hunter2" not in str(info.value)
+
+
 def test_near_duplicates() -> None:
     a = noise(10, 256)
     hashes = {

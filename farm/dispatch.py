@@ -31,6 +31,8 @@ from farm.manifest import ItemPlan, Manifest, expand, parse_manifest, summary
 
 #: A slice's task: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
 SLICE_TASK = "farm.slice"
+#: Batch statuses whose unsent items dispatch sends (not cancelling, cancelled or closed).
+DISPATCHABLE = ("queued", "running")
 
 
 @dataclass(frozen=True)
@@ -216,11 +218,12 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
     """Send one chord per item that has not been sent yet; returns how many were sent.
 
     Each item flips pending -> running in its own committed update before its chord is sent, so a
-    redelivered dispatch skips items already sent.
+    redelivered dispatch skips items already sent; the flip checks the batch is still open, so a cancel
+    committed while the loop runs stops it before the next item's chord.
     """
     with session_scope(settings.database_url) as s:
         batch = s.get(Batch, batch_id)
-        if batch is None or batch.status not in ("queued", "running"):
+        if batch is None or batch.status not in DISPATCHABLE:
             return 0
         priority = celery_priority(batch.priority)
         model, batch_settings = batch.model, batch.settings
@@ -235,12 +238,19 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
         )
     # One routing choice for the whole batch: idle workers steal from a model queue, so it never strands work.
     queue = placement.route(settings.database_url, model, batch_settings) if pending else SLICES_QUEUE
+    # Each flip is also guarded by the batch's status, so a cancel committed mid-loop stops the rest: the
+    # items left pending are closed by the ranks the cancel sent for them.
+    open_batch = select(Batch.id).where(Batch.id == batch_id, Batch.status.in_(DISPATCHABLE)).exists()
     sent = 0
     for iid in pending:
         with session_scope(settings.database_url) as s:
             flipped = s.execute(
-                update(Item).where(Item.id == iid, Item.status == "pending").values(status="running")
+                update(Item)
+                .where(Item.id == iid, Item.status == "pending", open_batch)
+                .values(status="running")
             ).rowcount
+            if not flipped and s.scalar(select(Batch.status).where(Batch.id == batch_id)) not in DISPATCHABLE:
+                break
             ids = (
                 s.execute(
                     select(Candidate.id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from farm import dispatch
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
@@ -103,3 +103,29 @@ def test_unknown_model_is_refused_before_anything_is_written(monkeypatch, tmp_pa
     with pytest.raises(ManifestError) as err:
         dispatch.plan(MANIFEST.replace("model: tiny", "model: not-a-model"), settings=settings)
     assert "model" in str(err.value)
+
+
+def test_a_cancel_committed_while_dispatch_loops_stops_it_before_the_next_items_chord(monkeypatch, tmp_path):
+    """The loop re-checks the batch with each item's flip: after the cancel commits, no further chord goes
+    out, and the items not sent stay pending for the ranks the cancel sent to close."""
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    settings = load_settings()
+    from farm.db import migrate
+
+    migrate(settings.database_url)
+    text = MANIFEST.replace("  - prompt: a lighthouse", "  - a kite\n  - a tram\n  - prompt: a lighthouse")
+    manifest, items = dispatch.plan(text, settings=settings)
+    batch_id = dispatch.create_batch(manifest, items, text, settings=settings).batch_id
+    sent: list[str] = []
+
+    def send_then_cancel(batch: str, iid: str, ids: list[str], **_kwargs: object) -> None:
+        sent.append(iid)
+        with session_scope(settings.database_url) as s:  # what dispatch.cancel commits, as the user clicks
+            s.execute(update(Batch).where(Batch.id == batch).values(status="cancelling"))
+
+    monkeypatch.setattr(dispatch, "send_item", send_then_cancel)
+    assert dispatch.dispatch_batch(batch_id, settings=settings) == 1
+    assert sent == [dispatch.item_id(batch_id, 0)]
+    with session_scope(settings.database_url) as s:
+        statuses = s.scalars(select(Item.status).where(Item.batch_id == batch_id).order_by(Item.index)).all()
+    assert statuses == ["running", "pending", "pending", "pending"]

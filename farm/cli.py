@@ -38,19 +38,35 @@ def cli() -> None:
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 def up(no_web: bool, no_flower: bool) -> None:
     """Start everything this host runs: embedded Redis (unless FARM_BROKER_URL is set), a worker per device in
-    FARM_DEVICES, the control worker, the dashboard and Flower. Ctrl-C or SIGTERM stops all of it."""
+    FARM_DEVICES, the control worker, the dashboard and Flower.
+
+    Ctrl-C or SIGTERM stops all of it: the device workers drain (their slices in flight are recorded) while
+    Redis stays up, and Redis stops last. A second Ctrl-C stops at once (Celery's cold shutdown: what was in
+    hand goes back to the queue). If `farm up` is killed outright, everything it started dies with it."""
+    import threading
+
     from farm.stack import Stack
 
     settings = _settings()
     stack = Stack(settings)
     stopping = False
+    hurry = threading.Event()
 
-    def _stop(*_args: Any) -> None:
+    def _stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
-        stopping = True
+        if not stopping:
+            stopping = True
+            return
+        if not hurry.is_set():
+            hurry.set()
+            click.echo(
+                f"{signal.Signals(signum).name} again: stopping now without waiting for the slices in flight "
+                "(their messages go back to the queue; the farm picks them up when it starts again)",
+                err=True,
+            )
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _stop)
     try:
         stack.prepare()
         stack.start_workers()
@@ -77,8 +93,16 @@ def up(no_web: bool, no_flower: bool) -> None:
                 click.echo(f"{name} exited; restarted it (see {stack.log_dir / (name + '.log')})", err=True)
             time.sleep(1.0)
     finally:
-        click.echo("stopping...")
-        stack.stop()
+        click.echo(
+            "stopping: the workers finish the slices in flight, then Redis stops "
+            f"(up to FARM_DRAIN_TIMEOUT={settings.drain_timeout}s; Ctrl-C again to stop now)"
+        )
+        stack.stop(
+            stack.drain_allowance,
+            report=lambda what: click.echo(f"stopping: waiting for {what}"),
+            hurry=hurry,
+        )
+        click.echo("stopped")
 
 
 @cli.command()
@@ -257,9 +281,17 @@ def _take_slices(device: str, *, take: bool) -> list[str]:
 
 @cli.command()
 @click.argument("candidate")
-@click.option("--device", default="cpu", show_default=True, help="Where to regenerate (cpu, cuda:0, ...).")
-def replay(candidate: str, device: str) -> None:
-    """Regenerate CANDIDATE (an id or a PNG path) from its recorded recipe; say whether the pixels match."""
+@click.option(
+    "--device",
+    default=None,
+    help="Where to regenerate (cpu, cuda:0, ...); default: the recorded device if this host has it, else cpu.",
+)
+def replay(candidate: str, device: str | None) -> None:
+    """Regenerate CANDIDATE (an id or a PNG path) from its recorded recipe; say whether the pixels match.
+
+    Its whole slice is regenerated in order under the recorded torch thread count, so on the recording host
+    the pixels are equal bit for bit. Exit status: 0 identical, 1 the pixels differ, 2 cannot replay.
+    """
     from farm.db import Candidate, session_scope
     from farm.replay import ReplayError
     from farm.replay import replay as replay_png
@@ -270,21 +302,34 @@ def replay(candidate: str, device: str) -> None:
         with session_scope(settings.database_url) as s:
             row = s.get(Candidate, candidate)
             if row is None or not row.image_path:
-                raise click.ClickException(f"{candidate} is neither a PNG file nor a candidate with an image")
+                raise _cannot_replay(f"{candidate} is neither a PNG file nor a candidate with an image")
             name = row.image_path
         path = _local_copy(settings, name)
     try:
         result = replay_png(path, models_dir=settings.models_dir, device=device)
     except ReplayError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _cannot_replay(str(exc)) from None
     verdict = "identical pixels" if result.identical else "pixels differ"
     click.echo(
         f"{path.name}: {verdict} (max difference {result.max_abs_diff}, "
         f"{result.differing_fraction:.4%} of values differ)"
     )
+    seeds = result.replayed.get("slice_seeds", [])
+    threads = result.replayed.get("numerics", {}).get("torch_threads")
+    click.echo(
+        f"  regenerated a slice of {len(seeds)} seed(s) {seeds} on {result.replayed.get('device')} "
+        f"with {threads} torch thread(s)"
+    )
     for note in result.notes:
         click.echo(f"  note: {note}")
     sys.exit(0 if result.identical else 1)
+
+
+def _cannot_replay(message: str) -> click.ClickException:
+    """Exit status 2, so a script tells "cannot replay" from "the pixels differ" (1)."""
+    error = click.ClickException(message)
+    error.exit_code = 2
+    return error
 
 
 @cli.command()

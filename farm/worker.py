@@ -17,7 +17,6 @@ With FARM_QC=worker it also keeps the device's QC worker running beside it (``Qc
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import beat_embedded_init, worker_init, worker_process_init, worker_ready
 from celery.worker.control import control_command, ok
 from sqlalchemy import func, select, update
 
@@ -36,6 +35,7 @@ from farm.artifacts import Handoff
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
 from farm.dispatch import slices
+from farm.lifeline import die_with_parent
 from farm.placement import (
     BEAT_S,
     STEAL_HOLD_S,
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 IN_FLIGHT = ("generated", "moderated", "validated")
 #: How often a device worker looks for handed-off images nobody will read (``sweep_handoff``).
 HANDOFF_SWEEP_S = 300.0
+#: Seconds between a drain's reports of what it still waits for.
+DRAIN_REPORT_S = 5.0
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -349,14 +351,27 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
     database_url = load_settings().database_url
     deadline = time.monotonic() + timeout
     quiet = 0
+    next_report = 0.0
     while time.monotonic() < deadline:
-        busy = state.active_requests or state.reserved_requests
-        if not busy and queue_length(app, queue) == 0 and in_flight(database_url, queue) == 0:
+        try:
+            waiting = {
+                "tasks in hand": len(state.active_requests) + len(state.reserved_requests),
+                f"messages queued on {queue}": queue_length(app, queue),
+                "candidates in flight": in_flight(database_url, queue),
+            }
+        except Exception as exc:  # broker or database gone: nothing left to wait for that can finish
+            log.warning("drain of %s cannot see its work (%s); stopping", queue, exc)
+            break
+        if not any(waiting.values()):
             quiet += 1
             if quiet >= 2:
                 break
         else:
             quiet = 0
+            if time.monotonic() >= next_report:
+                what = ", ".join(f"{n} {k}" for k, n in waiting.items() if n)
+                log.info("drain of %s waits for %s", queue, what)
+                next_report = time.monotonic() + DRAIN_REPORT_S
         time.sleep(poll)
     else:
         log.warning("drain of %s timed out after %ss; stopping with work still queued", queue, timeout)
@@ -474,13 +489,35 @@ def term_with_parent() -> None:
     Set by the QC worker itself, not between fork and exec (``preexec_fn``), which is unsafe in the device
     worker's threaded main process (a restart forks from a thread). A device worker already gone by the time
     this runs is seen from the parent pid, and the QC worker exits."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    if not die_with_parent(signal.SIGTERM):
         return
     parent = os.environ.get(QC_PARENT_ENV)
     if parent and os.getppid() != int(parent):
         raise SystemExit(f"the device worker (pid {parent}) that started this QC worker is gone")
+
+
+#: The worker's main process, as seen before its pool forks (so a child can tell it is already orphaned).
+_MAIN_PID: int | None = None
+
+
+@worker_init.connect
+def _remember_main(**_kwargs: Any) -> None:
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+
+
+@worker_process_init.connect
+def _pool_child_dies_with_main(**_kwargs: Any) -> None:
+    """A pool child ends with its worker's main process: killed outright, that one cannot stop it, and an
+    orphaned child would go on with its slice (the lease's new holder redoes it) and hold its device."""
+    die_with_parent(signal.SIGKILL, _MAIN_PID)
+
+
+@beat_embedded_init.connect
+def _beat_dies_with_worker(**_kwargs: Any) -> None:
+    """The control worker's embedded beat ends with it: one beat at any time, never an orphan scheduling
+    the reaper beside the next control worker's."""
+    die_with_parent(signal.SIGKILL, _MAIN_PID)
 
 
 @worker_ready.connect

@@ -39,6 +39,25 @@ def _killpg_quietly(pgid: int) -> None:
         pass
 
 
+def leftovers(home: Path | str) -> list[int]:
+    """Live processes (zombies aside) whose environment names this FARM_HOME: what a stack must not leave
+    behind when it is gone. Linux only (reads /proc); the caller's own process is not counted."""
+    mine = f"FARM_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if mine not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if state != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 @dataclass
 class Proc:
     name: str

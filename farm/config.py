@@ -53,6 +53,8 @@ class Settings:
     qc: str
     qc_ahead: int
     handoff_dir: Path
+    heartbeat_seconds: int
+    lease_seconds: int
 
     @property
     def embedded_broker(self) -> bool:
@@ -168,6 +170,13 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             f"FARM_VISIBILITY_TIMEOUT ({visibility_timeout}s) must exceed FARM_TASK_TIME_LIMIT "
             f"({task_time_limit}s), or Redis redelivers tasks that are still running"
         )
+    heartbeat_seconds = _int(env, "FARM_HEARTBEAT_SECONDS", 10, minimum=1)
+    lease_seconds = _int(env, "FARM_LEASE_SECONDS", 6 * heartbeat_seconds, minimum=1)
+    if lease_seconds < 3 * heartbeat_seconds:
+        raise ConfigError(
+            f"FARM_LEASE_SECONDS ({lease_seconds}s) must be at least three FARM_HEARTBEAT_SECONDS "
+            f"({heartbeat_seconds}s), or one late renewal hands a live worker's slice to another"
+        )
     return Settings(
         home=home,
         broker_url_env=env.get("FARM_BROKER_URL") or None,
@@ -197,6 +206,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         qc=_choice(env, "FARM_QC", ("inline", "worker")),
         qc_ahead=_int(env, "FARM_QC_AHEAD", 1, minimum=1),
         handoff_dir=Path(env.get("FARM_HANDOFF_DIR") or _default_handoff(home)).expanduser().resolve(),
+        heartbeat_seconds=heartbeat_seconds,
+        lease_seconds=lease_seconds,
     )
 
 

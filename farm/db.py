@@ -101,6 +101,7 @@ class Candidate(Base):
     __table_args__ = (
         Index("ix_candidates_item_status", "item_id", "status"),
         Index("ix_candidates_batch_updated", "batch_id", "updated_at"),
+        Index("ix_candidates_lease_expires", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -129,6 +130,12 @@ class Candidate(Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     recipe: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The lease of the worker process working on this candidate (farm.lease): its generation, which every
+    #: stage write must still match (a fencing token), who holds it, and until when. No expiry: not held
+    #: (queued, handed on, settled); an expiry in the past: its holder stopped renewing, the reaper re-sends.
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(250), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
 

@@ -1,7 +1,14 @@
 """Finding work that was lost and finishing it, so no batch hangs for ever.
 
 A chord whose header task is lost never fires (CELERY-NOTES.md), and a batch whose dispatch message is lost
-never starts. SQL knows better: an item is *stalled* when none of its candidates changed for
+never starts. SQL knows better. First, leases (farm.tasks.lease): a candidate whose lease ran out (the
+worker process that held it stopped renewing it: killed, paused, cut off) moves to a new lease generation,
+which fences the old holder off, and is re-sent at once, routed as new work is; the old message, when kombu
+brings it back, finds it settled or leased by its new holder and does nothing. This runs whatever is
+queued: the holder is gone either way. Each delivery counted against FARM_MAX_ATTEMPTS when it took the
+lease, so a slice that kills its worker every time still ends failed.
+
+Then an item is *stalled* when none of its candidates changed for
 FARM_STALL_SECONDS while nothing waits in a queue a live worker serves (so it is not merely queued behind
 other work; work stranded in the queue of a device whose worker is gone counts as stalled). Then:
 
@@ -40,6 +47,8 @@ class ReapReport:
     resent: list[str] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
+    #: Items whose candidates' leases had run out, re-sent.
+    leases: list[str] = field(default_factory=list)
     skipped_busy: bool = False
 
 
@@ -72,6 +81,36 @@ def queued_messages(app: object, settings: Settings) -> int:
     return sum(queue_length(app, q) for q in queues if q)
 
 
+def resend_expired_leases(settings: Settings, now: datetime) -> list[str]:
+    """Re-send the candidates whose lease ran out before ``now``, per item, to be placed as new work is."""
+    from farm import dispatch
+    from farm.records import take_expired_leases
+
+    taken = take_expired_leases(settings.database_url, now)
+    by_item: dict[tuple[str, str], list[str]] = {}
+    for row in sorted(taken, key=lambda r: (r.item_id, r.index)):
+        by_item.setdefault((row.batch_id, row.item_id), []).append(row.id)
+    if not by_item:
+        return []
+    with session_scope(settings.database_url, read_only=True) as s:
+        priority = dict(
+            s.execute(select(Batch.id, Batch.priority).where(Batch.id.in_({b for b, _ in by_item}))).all()
+        )
+    for (batch_id, item_id), ids in by_item.items():
+        logs.event(
+            log,
+            "lease ran out: re-sending its candidates",
+            level=logging.WARNING,
+            batch=batch_id,
+            item=item_id,
+            candidates=ids,
+        )
+        dispatch.send_item(
+            batch_id, item_id, ids, settings=settings, priority=dispatch.celery_priority(priority[batch_id])
+        )
+    return [item_id for _, item_id in by_item]
+
+
 def reap(
     app: object, settings: Settings, *, now: datetime | None = None, ignore_queues: bool = False
 ) -> ReapReport:
@@ -79,6 +118,7 @@ def reap(
 
     now = now or utcnow()
     report = ReapReport()
+    report.leases = resend_expired_leases(settings, now)
     # The control worker's own reap message sits in the control queue while it runs; allow for that one.
     if not ignore_queues and queued_messages(app, settings) > 0:
         report.skipped_busy = True

@@ -8,10 +8,11 @@ changes to done, so redelivered tasks never double-count.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -56,13 +57,40 @@ class StageStart:
     item: Row[Any]
     todo: list[StagedCandidate] = field(default_factory=list)
     cancelled: bool = False
+    #: The generation of the lease this delivery took on ``todo`` (None when it took none).
+    token: int | None = None
+    #: Candidates at a stage input that another live worker process holds (not started here).
+    held_elsewhere: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who takes a slice's lease and for how long; ``gone(owner)`` says whether another lease's holder is
+    known to be dead (a process of this host that no longer exists), so its lease need not run out first."""
+
+    owner: str
+    seconds: float
+    gone: Callable[[str], bool] = lambda owner: False
+
+    def takes(self, c: Row[Any], now: datetime) -> bool:
+        """Whether candidate row ``c``'s lease is free for this claim: not held, run out, held by this very
+        owner (an earlier run in the same process, which is over), or held by a process that is gone."""
+        expires = c.lease_expires_at
+        if expires is None or expires <= now or c.lease_owner == self.owner:
+            return True
+        return self.gone(c.lease_owner or "")
 
 
 _C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
 #: What a stage reads of its batch: all but the manifest's text, which can be large.
 _BATCH_COLUMNS = [c for c in _B.c if c.name != "manifest_yaml"]
-#: Update candidate ``b_id`` only while it still has status ``b_status`` (what makes redeliveries harmless).
-_GUARDED = update(_C).where(_C.c.id == bindparam("b_id"), _C.c.status == bindparam("b_status"))
+#: Update candidate ``b_id`` only while it still has status ``b_status`` (what makes redeliveries harmless)
+#: and lease generation ``b_token`` (what makes a holder whose lease was taken over harmless: fencing).
+_GUARDED = update(_C).where(
+    _C.c.id == bindparam("b_id"),
+    _C.c.status == bindparam("b_status"),
+    _C.c.lease_token == bindparam("b_token"),
+)
 
 
 def _reading(url: str) -> Connection:
@@ -111,16 +139,25 @@ def begin_stages(
     *,
     max_attempts: int,
     also: Also | None = None,
+    claim: Claim | None = None,
 ) -> StageStart:
-    """Count this delivery against the stage each candidate enters next and pick the ones still to do.
+    """Count this delivery against the stage each candidate enters next, pick the ones still to do and take
+    their lease.
 
     ``stages`` are the stages this task runs, in order; a candidate is to do when its status is the input of
     one of them. A candidate started more than ``max_attempts`` times in the same stage (it keeps killing
     its worker) is failed here with the reason, so poison input cannot loop for ever. ``also`` (the
     worker's heartbeat) is written in the same transaction.
+
+    The lease (``claim``) is taken in the same guarded updates, on the candidates whose lease is free: each
+    gets the next generation (one token for the slice, above each one's last) as its fencing token, which
+    every later write of this delivery must still match. A candidate another live process holds is left
+    to it (``held_elsewhere``): a redelivered message meets its re-sent twin this way and does nothing.
     """
+    claim = claim or Claim(owner=f"pid {os.getpid()}", seconds=60.0)
     return _in_transaction(
-        url, lambda conn, one_by_one: _begin(conn, candidate_ids, stages, max_attempts, also, one_by_one)
+        url,
+        lambda conn, one_by_one: _begin(conn, candidate_ids, stages, max_attempts, also, claim, one_by_one),
     )
 
 
@@ -130,6 +167,7 @@ def _begin(
     stages: tuple[str, ...],
     max_attempts: int,
     also: Also | None,
+    claim: Claim,
     one_by_one: bool,
 ) -> StageStart:
     if also is not None:
@@ -146,7 +184,7 @@ def _begin(
         conn.execute(
             update(_C)
             .where(_C.c.id.in_(candidate_ids), _C.c.status.not_in(CANDIDATE_FINAL))
-            .values(status="cancelled")
+            .values(status="cancelled", lease_expires_at=None)
         )
         start.cancelled = True
         return start
@@ -156,27 +194,50 @@ def _begin(
             .where(_B.c.id == batch.id, _B.c.started_at.is_(None))
             .values(started_at=utcnow(), status=case((_B.c.status == "queued", "running"), else_=_B.c.status))
         )
+    now = utcnow()
+    due = [rows[cid] for cid in candidate_ids if NEXT_STAGE.get(rows[cid].status) in stages]
+    start.held_elsewhere = [c.id for c in due if not claim.takes(c, now)]
+    due = [c for c in due if c.id not in start.held_elsewhere]
+    token = max((c.lease_token for c in due), default=0) + 1
+    lease = {"lease_token": token, "lease_owner": claim.owner}
+    expires = now + timedelta(seconds=claim.seconds)
     writes: list[dict[str, Any]] = []
-    for cid in candidate_ids:
-        c = rows[cid]
-        stage = NEXT_STAGE.get(c.status)
-        if stage not in stages:
-            continue
+    for c in due:
+        stage = NEXT_STAGE[c.status]
         counts = {**(c.stage_attempts or {})}
         counts[stage] = counts.get(stage, 0) + 1
-        row = {"b_id": cid, "b_status": c.status, "stage_attempts": counts, "attempts": c.attempts + 1}
+        row = {
+            "b_id": c.id,
+            "b_status": c.status,
+            "b_token": c.lease_token,
+            "stage_attempts": counts,
+            "attempts": c.attempts + 1,
+            **lease,
+        }
         if counts[stage] > max_attempts:
             row.update(
                 status="failed",
                 stage=stage,
                 error=f"{stage} was started {counts[stage] - 1} times without finishing (its worker died, or "
                 f"its image was lost, each time); gave up after FARM_MAX_ATTEMPTS={max_attempts}",
+                lease_expires_at=None,
             )
         else:
+            row["lease_expires_at"] = expires
             start.todo.append(
-                StagedCandidate(**{**c._mapping, "stage_attempts": counts, "attempts": c.attempts + 1})
+                StagedCandidate(
+                    **{
+                        **c._mapping,
+                        "stage_attempts": counts,
+                        "attempts": c.attempts + 1,
+                        "lease_expires_at": expires,
+                        **lease,
+                    }
+                )
             )
         writes.append(row)
+    if start.todo:
+        start.token = token
     _write_guarded(conn, writes, one_by_one=one_by_one)
     return start
 
@@ -199,6 +260,10 @@ class StageWrite:
     entering: str | None = None
     within: Callable[[Connection, list[str]], None] | None = None
     before: Callable[[Connection], None] | None = None
+    #: The statuses at which the task goes on working on a candidate: a candidate written to any other
+    #: status leaves this task (settled, or handed to another task), and its lease is released in the same
+    #: update. None leaves the lease as it is.
+    keeps: frozenset[str] | None = None
 
 
 def apply_stages(
@@ -208,10 +273,12 @@ def apply_stages(
     per row or per stage: each transaction cost a stage about 1 ms on a device worker).
 
     Each update is guarded by its stage's input status, so a redelivered stage that finishes after another
-    delivery already advanced a candidate changes nothing, and a later stage's result is written only onto a
-    candidate the earlier write in the same transaction moved to its input. The candidates in ``started``
-    are updated in place once the transaction commits (their timings are extended, not reread), and each
-    write's list of those it wrote is returned, so the next stage works on them without reading them again.
+    delivery already advanced a candidate changes nothing, and by the lease generation the task holds, so a
+    holder whose lease was taken over (it was paused past its expiry) writes nothing; a later stage's result
+    is written only onto a candidate the earlier write in the same transaction moved to its input. The
+    candidates in ``started`` are updated in place once the transaction commits (their timings are extended,
+    not reread), and each write's list of those it wrote is returned, so the next stage works on them
+    without reading them again.
     ``also`` (the heartbeat) rides in the same transaction.
     """
     if not any(w.updates for w in writes) and also is None:
@@ -262,7 +329,60 @@ def _stage_row(w: StageWrite, cid: str, result: dict[str, Any], now: dict[str, A
         counts[w.entering] = counts.get(w.entering, 0) + 1
         row["stage_attempts"] = counts
         row["attempts"] = now.get("attempts", c.attempts) + 1
-    return {**row, "b_id": cid, "b_status": STAGE_INPUT[w.stage]}
+    if w.keeps is not None and row["status"] not in w.keeps:
+        row["lease_expires_at"] = None
+    return {**row, "b_id": cid, "b_status": STAGE_INPUT[w.stage], "b_token": c.lease_token}
+
+
+def renew_lease(
+    url: str, candidate_ids: list[str], token: int, *, seconds: float, also: Also | None = None
+) -> set[str]:
+    """Extend the lease of generation ``token`` on these candidates by ``seconds`` from now; returns those
+    still held (the others were taken over by a newer generation, or released). One UPDATE, in a
+    transaction with ``also`` (the worker row's heartbeat); ``updated_at`` is left as it is, since a renewal
+    is not progress."""
+    held = (_C.c.id.in_(candidate_ids), _C.c.lease_token == token, _C.c.lease_expires_at.is_not(None))
+    with get_engine(url).begin() as conn:
+        renewed = conn.execute(
+            update(_C)
+            .where(*held)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=seconds), updated_at=_C.c.updated_at)
+        ).rowcount
+        if also is not None:
+            also(conn)
+        if renewed == len(candidate_ids):
+            return set(candidate_ids)
+        return set(conn.execute(select(_C.c.id).where(*held)).scalars())
+
+
+def release_lease(url: str, candidate_ids: list[str], token: int) -> None:
+    """Give the lease of generation ``token`` up on these candidates (a task that stopped on an error: its
+    retry, wherever it runs, takes them at once instead of waiting for the lease to run out)."""
+    with get_engine(url).begin() as conn:
+        conn.execute(
+            update(_C)
+            .where(_C.c.id.in_(candidate_ids), _C.c.lease_token == token)
+            .values(lease_expires_at=None, updated_at=_C.c.updated_at)
+        )
+
+
+def take_expired_leases(url: str, now: datetime) -> list[Row[Any]]:
+    """The reaper's side of the lease: every unsettled candidate whose lease ran out (its holder stopped
+    renewing it: killed, paused, cut off) moves to a new generation, held by nobody, in one atomic UPDATE.
+    The old holder's writes no longer match its token; the candidates, returned (id, item_id, batch_id,
+    index), are for the reaper to re-send. A renewal that commits first keeps its lease."""
+    with get_engine(url).begin() as conn:
+        return list(
+            conn.execute(
+                update(_C)
+                .where(
+                    _C.c.lease_expires_at < now,
+                    _C.c.status.not_in((*CANDIDATE_FINAL, "scored")),
+                )
+                .values(lease_token=_C.c.lease_token + 1, lease_owner=None, lease_expires_at=None)
+                .returning(_C.c.id, _C.c.item_id, _C.c.batch_id, _C.c.index)
+            ).all()
+        )
 
 
 def batch_hashes(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
 
 from farm import dispatch, records
 from farm.config import load_settings
-from farm.db import Candidate, get_engine, migrate, session_scope
+from farm.db import Candidate, get_engine, migrate, session_scope, utcnow
+from farm.tasks.lease import gone, owner_name
 from tests import pgutil
 
 MANIFEST = """
@@ -224,3 +228,134 @@ def test_a_cancel_while_the_last_item_is_ranked_on_postgresql_waits_and_never_en
     finally:
         get_engine(url).dispose()
         pgutil.drop_database(url)
+
+
+def _claim(owner: str, seconds: float = 60.0) -> records.Claim:
+    return records.Claim(owner=owner, seconds=seconds)
+
+
+def _expire(url: str, ids: list[str]) -> None:
+    """The holder stopped renewing: its lease is past its expiry."""
+    with session_scope(url) as s:
+        s.execute(
+            update(Candidate)
+            .where(Candidate.id.in_(ids))
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def _moderated(cands: dict[str, records.StagedCandidate]) -> records.StageWrite:
+    results = {cid: {"status": "moderated", "verdict": "passed"} for cid in cands}
+    return records.StageWrite(
+        "moderate", results, {"s": 0.1}, started=cands, entering="validate", keeps=frozenset(STAGE_INPUTS)
+    )
+
+
+STAGE_INPUTS = ("generated", "moderated", "validated")
+
+
+def _taken(url: str, ids: list[str], owner: str, seconds: float = 60.0) -> dict[str, records.StagedCandidate]:
+    """The checks of a slice started by ``owner``, who took the lease: its candidates as it holds them."""
+    start = records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim(owner, seconds))
+    return {c.id: c for c in start.todo}
+
+
+def test_a_delivery_takes_the_lease_and_a_second_one_leaves_a_live_lease_to_its_holder(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
+    first = records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim("cuda0@h pid 1"))
+    assert first.token == 1 and {c.lease_token for c in first.todo} == {1}
+    rows = _rows(url, ids)
+    assert {(r.lease_token, r.lease_owner) for r in rows.values()} == {(1, "cuda0@h pid 1")}
+    assert all(r.lease_expires_at > utcnow() + timedelta(seconds=50) for r in rows.values())
+
+    # The same slice again (the kombu message back, a resume) while the holder renews: nothing is started.
+    again = records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim("cuda1@h pid 2"))
+    assert again.todo == [] and again.token is None and again.held_elsewhere == ids
+    assert all(r.stage_attempts == {"moderate": 1} for r in _rows(url, ids).values()), "not counted"
+
+    _expire(url, ids[:1])
+    late = records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim("cuda1@h pid 2"))
+    assert [c.id for c in late.todo] == ids[:1] and late.token == 2 and late.held_elsewhere == ids[1:]
+    assert _rows(url, ids)[ids[0]].lease_owner == "cuda1@h pid 2"
+
+
+def test_a_holder_whose_lease_was_taken_over_writes_nothing_and_the_new_holder_writes_once(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
+    old = {
+        c.id: c for c in records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim("a pid 1")).todo
+    }
+    _expire(url, ids)  # paused (SIGSTOP, a long GC) past its lease
+    taken = records.take_expired_leases(url, utcnow())
+    assert sorted(r.id for r in taken) == ids
+    assert {r.lease_token for r in _rows(url, ids).values()} == {2}, "the reaper moved the generation on"
+    assert records.renew_lease(url, ids, 1, seconds=60) == set(), "the old holder's renewal finds nothing"
+    new = {
+        c.id: c for c in records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim("b pid 2")).todo
+    }
+    assert {c.lease_token for c in new.values()} == {3}
+
+    (late,) = records.apply_stages(url, [_moderated(old)])  # the old holder comes back
+    assert late == [] and {c.status for c in old.values()} == {"generated"}, "refused: 0 rows"
+    assert {r.status for r in _rows(url, ids).values()} == {"generated"}
+    (written,) = records.apply_stages(url, [_moderated(new)])
+    assert sorted(c.id for c in written) == ids
+    rows = _rows(url, ids)
+    assert {(r.status, r.lease_token) for r in rows.values()} == {("moderated", 3)}
+    assert all(r.stage_attempts == {"moderate": 2, "validate": 1} for r in rows.values())
+
+
+def test_a_renewal_extends_only_a_lease_still_held_and_a_write_that_leaves_the_task_releases_it(slice_ids):
+    url, ids = slice_ids
+    with session_scope(url) as s:
+        s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(status="generated"))
+    cands = {
+        c.id: c
+        for c in records.begin_stages(url, ids, CHECKS, max_attempts=3, claim=_claim("a pid 1", 5)).todo
+    }
+    before = _rows(url, ids)
+    assert records.renew_lease(url, ids, 1, seconds=600) == set(ids)
+    after = _rows(url, ids)
+    assert all(after[i].lease_expires_at > before[i].lease_expires_at + timedelta(seconds=500) for i in ids)
+    assert all(after[i].updated_at == before[i].updated_at for i in ids), "a renewal is not progress"
+    assert records.take_expired_leases(url, utcnow()) == [], "a renewed lease is not taken"
+
+    results = {
+        ids[0]: {"status": "moderated", "verdict": "passed"},
+        ids[1]: {"status": "rejected", "verdict": "rejected", "reasons": ["nudenet: too much"]},
+        ids[2]: records.failure("moderate", "boom"),
+    }
+    write = records.StageWrite(
+        "moderate", results, {"s": 0.1}, started=cands, entering="validate", keeps=frozenset(STAGE_INPUTS)
+    )
+    records.apply_stages(url, [write])
+    rows = _rows(url, ids)
+    assert rows[ids[0]].lease_expires_at is not None, "still worked on by this task: still held"
+    assert rows[ids[1]].lease_expires_at is None and rows[ids[2]].lease_expires_at is None, (
+        "settled: released"
+    )
+    assert records.renew_lease(url, ids, 1, seconds=60) == {ids[0]}
+    _expire(url, ids)
+    assert [r.id for r in records.take_expired_leases(url, utcnow())] == [ids[0]], (
+        "settled ones are not re-sent"
+    )
+
+
+def test_a_lease_of_a_process_of_this_host_that_is_gone_is_taken_at_once(slice_ids):
+    url, ids = slice_ids
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    holder = owner_name(f"cuda0@{host}", dead.pid)
+    records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=_claim(holder))
+    assert gone(holder), "a pool child killed on this host"
+    assert not gone(f"cuda0@not-{host} pid {dead.pid}"), "another host's process cannot be seen: it runs out"
+    assert not gone(f"cuda0@{host} pid 1"), "a live process keeps its lease"
+    blind = _claim("cuda1@elsewhere pid 7")  # cannot tell: waits for the lease to run out
+    assert records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=blind).held_elsewhere == ids
+    mine = records.Claim(owner=owner_name(f"cuda0@{host}"), seconds=60, gone=gone)
+    start = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=mine)
+    assert sorted(c.id for c in start.todo) == ids and start.token == 2

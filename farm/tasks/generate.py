@@ -61,6 +61,11 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         files.append((rel, image, recipe))
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
+    if rt.lease is not None:  # the pass may have outlasted the lease: no file for what another holder has
+        kept = {c.id for c in rt.lease.keep(cands)}
+        files = [f for c, f in zip(cands, files, strict=True) if c.id in kept]
+        cands = [c for c in cands if c.id in kept]
+        out = {cid: u for cid, u in out.items() if cid in kept}
     if rt.handing_off:  # FARM_QC=worker: the device's QC worker stores the PNGs
         for rel, image, _recipe in files:
             rt.handoff.put(rel, image)

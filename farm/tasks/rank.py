@@ -103,5 +103,6 @@ def reap() -> dict:
         "resent": report.resent,
         "closed": report.closed,
         "redispatched": report.redispatched,
+        "leases": report.leases,
         "skipped_busy": report.skipped_busy,
     }

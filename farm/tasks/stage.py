@@ -7,6 +7,11 @@ timing; one task per slice saves the broker round trips of a chain, and lets gen
 behind the checks (``Stage.settle``). A slice costs three transactions: the delivery count, generate's and
 moderate's results (with the near-duplicate check), validate's and score's.
 
+The task holds a lease on the candidates it works on (farm.tasks.lease), taken with the delivery count and
+released with the write that moves a candidate out of the task; every write is fenced by it, so a run whose
+lease was taken over (it was paused past it) writes nothing and drops those candidates, and its task still
+returns as usual (a chord's header result does not depend on what it did).
+
 A stage never raises for a candidate's failure: the batched call is retried one candidate at a time so a
 single bad candidate is failed with its error and the rest of the slice goes on, and the chord always fires.
 The task returns its input payload unchanged, so a redelivered header task adds the same result to the chord.
@@ -28,6 +33,7 @@ from sqlalchemy import Connection
 from farm import faults, logs, records
 from farm.db import TRANSIENT_DB_ERRORS
 from farm.records import StagedCandidate, StageStart
+from farm.tasks.lease import Lease, keep_renewing
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +145,45 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
         tuple(s.name for s in stages),
         max_attempts=rt.settings.max_attempts,
         also=rt.busy(describe_task(task.name, payload)),
+        claim=rt.claim(),
     )
     rt.tasks_done += 1
+    if start.held_elsewhere:
+        logs.event(
+            log,
+            "candidates leased by another live worker: left to it",
+            batch=start.batch.id,
+            item=start.item.id,
+            candidates=start.held_elsewhere,
+        )
+    if start.token is None:  # nothing to do here
+        rt.heartbeat(None)
+        return start.todo
+    rt.lease = lease = Lease(rt, [c.id for c in start.todo], start.token)
+    keep_renewing(rt)
+    try:
+        _run(start, stages, lease)
+    except BaseException:
+        try:
+            lease.release()
+        except Exception as exc:  # the database is away too: the lease runs out instead
+            log.warning("could not release the lease of %d candidates: %s", len(lease.held), exc)
+        raise
+    finally:
+        rt.lease = None
+    return start.todo
+
+
+def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
+    from farm.tasks.runtime import runtime
+
+    rt = runtime()
     redelivered = any(c.stage_attempts.get(records.NEXT_STAGE[c.status], 0) > 1 for c in start.todo)
     # A slice seen before may hold input that kills its worker: go one candidate at a time, committing each,
     # so the others finish and only the poison one runs into the attempt cap.
     groups = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
     names = [s.name for s in stages]
+    keeps = frozenset(records.STAGE_INPUT[name] for name in names)
     first = records.STAGE_INPUT[names[0]]
     sent_back: set[str] = set()
     idle = False
@@ -156,6 +194,8 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
         rewound: set[str] = set()
         for k, stage in enumerate(stages):
             cands = [c for c in group if _status(c, held) == records.STAGE_INPUT[stage.name]]
+            if cands:
+                cands = lease.keep(cands)
             for h in held:
                 h.preview(cands)
             worked = _work(start, stage, cands) if cands else None
@@ -166,7 +206,7 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
             if not held or (stage.holds and k + 1 < len(stages)):
                 continue
             last = n == len(groups) and k == len(stages) - 1 and not rewound - sent_back
-            _commit(start, held, names, also=rt.idle() if last else None)
+            _commit(start, held, names, keeps, lease, also=rt.idle() if last else None)
             idle = idle or last
             held = []
         again = [c for c in group if c.id in rewound - sent_back and c.status == first]
@@ -175,7 +215,6 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
             groups.append(again)
     if not idle:
         rt.heartbeat(None)
-    return start.todo
 
 
 def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Worked:
@@ -192,13 +231,27 @@ def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Wor
 
     t0 = perf_counter()
     updates = isolate(stage.name, guarded, cands)
+    lease = runtime().lease
+    if lease is not None and lease.lost:  # taken over during the work: those are the new holder's to write
+        updates = {cid: u for cid, u in updates.items() if cid not in lease.lost}
     seconds = perf_counter() - t0
     timing = {"s": round(seconds / len(cands), 5), "queue": runtime().queue}
     return _Worked(stage, cands, updates, timing, seconds)
 
 
-def _commit(start: StageStart, held: list[_Worked], names: list[str], *, also: records.Also | None) -> None:
-    """Write the held stages' results in one transaction (each after its ``settle``), and log each stage."""
+def _commit(
+    start: StageStart,
+    held: list[_Worked],
+    names: list[str],
+    keeps: frozenset[str],
+    lease: Lease,
+    *,
+    also: records.Also | None,
+) -> None:
+    """Write the held stages' results in one transaction (each after its ``settle``), and log each stage.
+    Candidates leaving the task release their lease in that write (``keeps``: the statuses the task still
+    works on); those whose write was refused (a newer lease holder, or another delivery, recorded them) are
+    dropped."""
     from farm.tasks.runtime import runtime
 
     rt = runtime()
@@ -216,9 +269,25 @@ def _commit(start: StageStart, held: list[_Worked], names: list[str], *, also: r
                 entering=names[at + 1] if at + 1 < len(names) else None,
                 within=partial(w.stage.within, start) if w.stage.within is not None else None,
                 before=partial(w.stage.before, start) if w.stage.before is not None else None,
+                keeps=keeps,
             )
         )
-    records.apply_stages(rt.settings.database_url, writes, also=also)
+    written = records.apply_stages(rt.settings.database_url, writes, also=also)
+    for write, done in zip(writes, written, strict=True):
+        ids = {c.id for c in done}
+        refused = sorted(set(write.updates) - ids)
+        lease.drop([*refused, *(c.id for c in done if c.status not in keeps)])
+        if refused:
+            logs.event(
+                log,
+                f"{write.stage} results refused: another holder recorded these candidates; dropping them",
+                level=logging.WARNING,
+                stage=write.stage,
+                batch=start.batch.id,
+                item=start.item.id,
+                candidates=refused,
+                generation=lease.token,
+            )
     seconds = perf_counter() - t0
     for w, write in zip(held, writes, strict=True):
         outcome = Counter(u.get("status", records.STAGE_OUTPUT[w.stage.name]) for u in write.updates.values())

@@ -67,9 +67,15 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    """The app, with the ``--device`` worker option and the bootstep that makes a plain
+    `celery -A farm.celery_app worker -Q cuda0` the device worker `farm worker --device cuda0` starts."""
+    from farm.gpu_pinning.bootstep import DEVICE_OPTION, DeviceWorker
+
     settings = settings or load_settings()
     app = Celery("farm", include=TASK_MODULES)
     app.conf.update(celery_config(settings))
+    app.user_options["worker"].add(DEVICE_OPTION)
+    app.steps["worker"].add(DeviceWorker)
     return app
 
 

@@ -39,6 +39,8 @@ class Settings:
     visibility_timeout: int
     max_attempts: int
     max_upload_bytes: int
+    max_asset_bytes: int
+    asset_dirs: tuple[Path, ...]
     worker_threads: int | None
     model_budget_mb: int | None
     preload_generator: str
@@ -139,6 +141,21 @@ def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> i
     return value
 
 
+def _asset_dirs(text: str) -> tuple[Path, ...]:
+    """FARM_ASSET_DIRS: folders whose files an uploaded manifest may name, split on os.pathsep or commas.
+
+    Resolved here, so a link or a relative entry means one folder to every check. Empty by default: an
+    uploaded manifest then reads only the files uploaded with it.
+    """
+    folders: list[Path] = []
+    for part in text.replace(os.pathsep, ",").split(","):
+        if part.strip():
+            folder = Path(part.strip()).expanduser().resolve()
+            if folder not in folders:
+                folders.append(folder)
+    return tuple(folders)
+
+
 def _artifact_store(env: dict[str, str]) -> str:
     value = env.get("FARM_ARTIFACT_STORE") or "local"
     if value != "local" and not (value.startswith("s3://") and len(value) > 5):
@@ -192,6 +209,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         visibility_timeout=visibility_timeout,
         max_attempts=_int(env, "FARM_MAX_ATTEMPTS", 3, minimum=1),
         max_upload_bytes=_int(env, "FARM_MAX_UPLOAD_BYTES", 1_000_000, minimum=1024),
+        max_asset_bytes=_int(env, "FARM_MAX_ASSET_BYTES", 16_000_000, minimum=1024),
+        asset_dirs=_asset_dirs(env.get("FARM_ASSET_DIRS") or ""),
         worker_threads=_int(env, "FARM_WORKER_THREADS", 0, minimum=0) or None,
         model_budget_mb=_int(env, "FARM_MODEL_BUDGET_MB", 0, minimum=0) or None,
         preload_generator=env.get("FARM_PRELOAD_GENERATOR") or "tiny",

@@ -24,6 +24,8 @@ from celery.result import AsyncResult
 from sqlalchemy import select, update
 
 from farm import placement
+from farm.artifacts import store_for
+from farm.assets import AssetPolicy
 from farm.celery_app import app_for
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
@@ -56,9 +58,17 @@ def celery_priority(manifest_priority: int) -> int:
 
 
 def plan(
-    text: str | bytes, *, settings: Settings, base_dir: Path | None = None
+    text: str | bytes,
+    *,
+    settings: Settings,
+    base_dir: Path | None = None,
+    assets: AssetPolicy | None = None,
 ) -> tuple[Manifest, list[ItemPlan]]:
-    """Parse, validate and expand a manifest without writing or sending anything (also the dry run)."""
+    """Parse, validate and expand a manifest without writing or sending anything (also the dry run).
+
+    ``assets`` says which files the manifest may name (farm.assets): the operator's when None (the CLI); the
+    web passes an uploader's.
+    """
     from farm.ml.presets import check_model_ref
 
     manifest = parse_manifest(
@@ -66,12 +76,15 @@ def plan(
         max_bytes=settings.max_upload_bytes,
         base_dir=base_dir,
         check_model=lambda ref: check_model_ref(ref, kind="generator"),
+        assets=assets,
     )
     return manifest, expand(manifest)
 
 
-def dry_run(text: str | bytes, *, settings: Settings, base_dir: Path | None = None) -> dict:
-    manifest, _ = plan(text, settings=settings, base_dir=base_dir)
+def dry_run(
+    text: str | bytes, *, settings: Settings, base_dir: Path | None = None, assets: AssetPolicy | None = None
+) -> dict:
+    manifest, _ = plan(text, settings=settings, base_dir=base_dir, assets=assets)
     return summary(manifest, slice_size=settings.slice_size)
 
 
@@ -152,12 +165,25 @@ def candidate_row(batch_id: str, iid: str, index: int, seed: int, *, round_: int
     }
 
 
-def submit(text: str | bytes, *, settings: Settings, base_dir: Path | None = None) -> Submitted:
+def submit(
+    text: str | bytes, *, settings: Settings, base_dir: Path | None = None, assets: AssetPolicy | None = None
+) -> Submitted:
     """Validate fully, write the batch, hand it to the control queue; returns at once with the batch id.
 
-    If the broker refuses the message, the rows are removed again: nothing is left half-written.
+    If the broker refuses the message, the rows are removed again: nothing is left half-written. Files
+    uploaded with the manifest (``assets``) are stored once it is valid, before the rows that name them, and
+    removed again if the batch is not written or not sent.
     """
-    manifest, items = plan(text, settings=settings, base_dir=base_dir)
+    manifest, items = plan(text, settings=settings, base_dir=base_dir, assets=assets)
+    if assets is not None and assets.named:
+        with assets.stored(store_for(settings)):
+            return _write_and_send(manifest, items, text, settings=settings)
+    return _write_and_send(manifest, items, text, settings=settings)
+
+
+def _write_and_send(
+    manifest: Manifest, items: list[ItemPlan], text: str | bytes, *, settings: Settings
+) -> Submitted:
     submitted = create_batch(manifest, items, text, settings=settings)
     try:
         app_for(settings).signature(

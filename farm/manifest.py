@@ -770,10 +770,7 @@ def _check_pdq_file(value: str, base_dir: Path | None, policy: AssetPolicy) -> s
     """
     if not value.strip():
         raise ValueError("path must not be blank; use null for no blocklist")
-    try:
-        asset = policy.read_file(value, base_dir=base_dir, max_bytes=MAX_PDQ_FILE_BYTES)
-    except ValueError as exc:
-        raise ValueError(f"PDQ blocklist: {exc}") from None
+    asset = policy.read_file(value, base_dir=base_dir, max_bytes=MAX_PDQ_FILE_BYTES)
     try:
         parse_pdq_blocklist(asset.data)
     except FormatError as exc:

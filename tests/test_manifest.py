@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import farm.manifest as manifest_module
+from farm.assets import FILE_REFUSED, FOLDER_REFUSED, AssetPolicy, UploadRefused
 from farm.manifest import (
     MAX_CANDIDATES,
     MAX_ITEMS,
@@ -541,6 +542,192 @@ def test_malformed_pdq_line_is_reported_by_number(tmp_path: Path) -> None:
     (tmp_path / "h.txt").write_text(f"{PDQ_HASH}\nnot-a-hash\n")
     errs = errors_of(doc(moderation={"pdq_blocklist": "h.txt"}), base_dir=tmp_path)
     assert "line 2" in errs["moderation.pdq_blocklist"]
+
+
+# --- which files a manifest may name (farm.assets)
+
+
+def web_policy(*dirs: Path, **uploads: bytes) -> AssetPolicy:
+    files = {k.replace("_", "."): v for k, v in uploads.items()}
+    return AssetPolicy.uploaded(asset_dirs=list(dirs), uploads=files)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> dict[str, Path]:
+    """A server's disk as an uploader would probe it: an asset folder, and beside it a valid blocklist, a
+    pipeline folder, a plain folder and a link inside the asset folder that points out of it."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "ok.txt").write_text(PDQ_HASH + "\n")
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "hashes.txt").write_text(PDQ_HASH + "\n")
+    (outside / "empty").mkdir()
+    pipe = pipeline_folder(outside)
+    (assets / "link-out.txt").symlink_to(outside / "hashes.txt")
+    (assets / "pipe-out").symlink_to(pipe)
+    return {"assets": assets, "outside": outside, "pipe": pipe}
+
+
+def _outside_files(disk: dict[str, Path]) -> list[str]:
+    outside = disk["outside"]
+    return [
+        "/etc/passwd",
+        "/etc",
+        str(outside / "hashes.txt"),  # a valid blocklist, outside every allowed folder
+        str(outside / "missing.txt"),
+        str(outside / "empty"),
+        "../private/hashes.txt",
+        "assets/../../private/hashes.txt",
+        "../../../../../../etc/passwd",
+        "link-out.txt",  # a link in the asset folder to a file outside it
+        str(disk["assets"] / "link-out.txt"),
+        "~root/.bashrc",
+        "~/.bashrc",
+        "hashes.txt",  # a plain name that was not uploaded
+        "ok.txt/../../private/hashes.txt",
+    ]
+
+
+def test_uploaded_manifest_gets_one_message_for_every_file_outside_its_uploads_and_asset_dirs(
+    disk: dict[str, Path],
+) -> None:
+    seen = set()
+    for value in _outside_files(disk):
+        text = doc(moderation={"pdq_blocklist": value})
+        errs = errors_of(text, base_dir=disk["outside"], assets=web_policy(disk["assets"]))
+        seen.add(errs["moderation.pdq_blocklist"])
+    assert seen == {FILE_REFUSED}
+
+
+def test_uploaded_manifest_gets_one_message_for_every_model_path_outside_the_asset_dirs(
+    disk: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(disk["outside"])
+    values = [
+        str(disk["pipe"]),  # a valid pipeline folder, outside every allowed folder
+        str(disk["outside"] / "empty"),
+        str(disk["outside"] / "hashes.txt"),
+        str(disk["outside"] / "nowhere"),
+        "./pipe",
+        "../private/pipe",
+        "~root",
+        "~/models",
+        "/etc",
+        "a/b/c",
+    ]
+    for field in ("model", "validation", "scoring"):
+        seen = set()
+        for value in values:
+            fields: dict[str, Any] = {"model": value} if field == "model" else {field: {"model": value}}
+            errs = errors_of(doc(**fields), base_dir=disk["outside"], assets=web_policy(disk["assets"]))
+            seen.add(errs["model" if field == "model" else f"{field}.model"])
+        assert seen == {FOLDER_REFUSED}, field
+    errs = errors_of(doc(scoring={"model": f"clip-score:{disk['pipe']}"}), assets=web_policy(disk["assets"]))
+    assert errs["scoring.model"] == FOLDER_REFUSED
+    # A plain name is not looked for outside the asset folders: a link there to a pipeline outside reads as a
+    # name that names nothing.
+    policy = web_policy(disk["assets"])
+    linked = errors_of(doc(model="pipe-out"), assets=policy)
+    unknown = errors_of(doc(model="zzz"), assets=policy)
+    assert linked["model"] == unknown["model"].replace("'zzz'", "'pipe-out'")
+
+
+def test_uploaded_manifest_hub_id_is_not_looked_up_on_the_servers_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "owner" / "name").mkdir(parents=True)  # a folder of a hub id's spelling, no model_index.json
+    monkeypatch.chdir(tmp_path)
+    assert "model_index.json" in errors_of(doc(model="owner/name"))["model"]
+    calls: list[str] = []
+    m = parse_manifest(
+        doc(model="owner/name"), assets=web_policy(), check_model=lambda ref: calls.append(ref) or None
+    )
+    assert m.model == "owner/name" and calls == []
+
+
+def test_file_inside_an_asset_dir_is_accepted_by_name_path_or_link(disk: dict[str, Path]) -> None:
+    assets = disk["assets"]
+    (assets / "lists").mkdir()
+    (assets / "lists" / "more.txt").write_text(f"{PDQ_HASH},label\n")
+    (assets / "link-in.txt").symlink_to(assets / "lists" / "more.txt")
+    for value, found in [
+        ("ok.txt", assets / "ok.txt"),
+        (str(assets / "ok.txt"), assets / "ok.txt"),
+        ("lists/more.txt", assets / "lists" / "more.txt"),
+        ("lists/../ok.txt", assets / "ok.txt"),
+        ("link-in.txt", assets / "lists" / "more.txt"),
+    ]:
+        text = doc(moderation={"pdq_blocklist": value})
+        m = parse_manifest(text, assets=web_policy(disk["outside"], assets))
+        assert m.moderation.pdq_blocklist == str(found.resolve()), value
+
+
+def test_file_inside_an_asset_dir_is_still_checked_line_by_line(disk: dict[str, Path]) -> None:
+    (disk["assets"] / "bad.txt").write_text(f"{PDQ_HASH}\nnot a hash\n")
+    errs = errors_of(doc(moderation={"pdq_blocklist": "bad.txt"}), assets=web_policy(disk["assets"]))
+    message = errs["moderation.pdq_blocklist"]
+    assert "line 2" in message and "not a hash" not in message
+
+
+def test_model_folder_inside_an_asset_dir_is_accepted(disk: dict[str, Path]) -> None:
+    pipe = pipeline_folder(disk["assets"], "sd")
+    (disk["assets"] / "clip").mkdir()
+    (disk["assets"] / "clip" / "config.json").write_text("{}")
+    policy = web_policy(disk["assets"])
+    m = parse_manifest(doc(model="sd", validation={"model": "clip"}, scoring={"model": "clip-score:clip"}),
+                       assets=policy)
+    assert m.model == str(pipe.resolve())
+    assert m.validation.model == str((disk["assets"] / "clip").resolve())
+    assert m.scoring.model == f"clip-score:{(disk['assets'] / 'clip').resolve()}"
+    assert parse_manifest(doc(model=str(pipe)), assets=policy).model == str(pipe.resolve())
+    errs = errors_of(doc(model="clip"), assets=policy)
+    assert "model_index.json" in errs["model"]  # inside an asset folder, what is wrong may be said
+
+
+def test_uploaded_manifest_may_name_presets_and_hub_ids(disk: dict[str, Path]) -> None:
+    m = parse_manifest(
+        doc(model="stabilityai/sd-turbo", validation={"model": "openai/clip-vit-base-patch32"},
+            scoring={"model": "clip-score"}),
+        assets=web_policy(),
+    )
+    assert (m.model, m.validation.model, m.scoring.model) == (
+        "stabilityai/sd-turbo", "openai/clip-vit-base-patch32", "clip-score"
+    )
+
+
+def test_file_uploaded_with_the_manifest_is_named_by_its_file_name(tmp_path: Path) -> None:
+    policy = web_policy(block_txt=f"{PDQ_HASH}\tlabel\n".encode())
+    m = parse_manifest(doc(moderation={"pdq_blocklist": "block.txt"}), assets=policy)
+    assert m.moderation.pdq_blocklist == f"store:uploads/{policy.folder}/block.txt"
+    assert policy.named == {"block.txt"}
+    bad = web_policy(block_txt=b"# list\n\nnot-a-hash\n")
+    errs = errors_of(doc(moderation={"pdq_blocklist": "block.txt"}), assets=bad)
+    assert "line 3" in errs["moderation.pdq_blocklist"]
+
+
+def test_an_uploaded_file_the_manifest_does_not_name_is_refused() -> None:
+    errs = errors_of(doc(), assets=web_policy(spare_txt=b"x"))
+    assert "'spare.txt' was uploaded but the manifest names no such file" in errs["uploads"]
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "a/b.txt", ".hidden", "", "a\\b.txt", "x" * 200, "é.txt"])
+def test_uploaded_file_names_must_be_plain_names(name: str) -> None:
+    with pytest.raises(UploadRefused, match="not allowed"):
+        AssetPolicy.uploaded(asset_dirs=[], uploads={name: b""})
+
+
+def test_operator_manifest_still_names_any_path(disk: dict[str, Path]) -> None:
+    """The CLI's manifests are the operator's: absolute paths outside every folder are theirs to name."""
+    hashes, pipe = disk["outside"] / "hashes.txt", disk["pipe"]
+    for policy in (None, AssetPolicy.operator()):
+        m = parse_manifest(
+            doc(model=str(pipe), moderation={"pdq_blocklist": str(hashes)},
+                validation={"model": "/abs/clip"}),
+            base_dir=disk["assets"], assets=policy,
+        )
+        assert m.model == str(pipe.resolve()) and m.moderation.pdq_blocklist == str(hashes.resolve())
+        assert m.validation.model == "/abs/clip"
 
 
 # --- expansion

@@ -51,7 +51,25 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp, url_prefix="/api/v1")
     app.register_blueprint(ops.bp)
     app.register_error_handler(HTTPException, _http_error)
+    app.before_request(_room_for_uploaded_files)
     return app
+
+
+#: Endpoints that take files beside the manifest (multipart field ``files``).
+UPLOAD_ENDPOINTS = frozenset({"api.create_batch", "ui.upload"})
+
+
+def _room_for_uploaded_files() -> None:
+    """Let a multipart submission carry its files (FARM_MAX_ASSET_BYTES each) as well as the manifest.
+
+    An app-level hook, so it runs before the blueprints' guards, which read the form (CSRF). Every other
+    request keeps the manifest's limit; the manifest and each file are measured against their own limits
+    after.
+    """
+    if request.endpoint in UPLOAD_ENDPOINTS and (request.mimetype or "").startswith("multipart/"):
+        from web.actions import upload_limit
+
+        request.max_content_length = upload_limit(current_app.config["FARM_SETTINGS"]) + FORM_OVERHEAD_BYTES
 
 
 def _secret_key(settings: Settings) -> str:
@@ -68,11 +86,19 @@ def _http_error(exc: HTTPException) -> tuple[Response | str, int]:
     code = exc.code or 500
     if isinstance(exc, RequestEntityTooLarge) and exc.description == RequestEntityTooLarge.description:
         # Refused by werkzeug before any view ran: say which limit, not only that there is one.
-        limit = current_app.config["FARM_SETTINGS"].max_upload_bytes
-        exc = RequestEntityTooLarge(
-            description=f"The upload is larger than the limit of {limit} bytes for a manifest "
+        settings = current_app.config["FARM_SETTINGS"]
+        limit = settings.max_upload_bytes
+        description = (
+            f"The upload is larger than the limit of {limit} bytes for a manifest "
             "(FARM_MAX_UPLOAD_BYTES). Split the batch or raise the limit."
         )
+        if request.max_content_length != current_app.config["MAX_CONTENT_LENGTH"]:
+            description = (
+                f"The upload is larger than the limit of {limit} bytes for a manifest "
+                f"(FARM_MAX_UPLOAD_BYTES) plus {settings.max_asset_bytes} bytes for each file sent with it "
+                "(FARM_MAX_ASSET_BYTES)."
+            )
+        exc = RequestEntityTooLarge(description=description)
     if request.path.startswith("/api/"):
         response = jsonify(errors=[{"path": None, "message": exc.description}])
         return response, code

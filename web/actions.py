@@ -13,10 +13,13 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from farm import actions as farm_actions
 from farm import dispatch
 from farm.actions import ActionRefused, NoSuchBatch
+from farm.assets import MAX_UPLOADED_FILES, AssetPolicy, UploadRefused, check_upload_name
 from farm.config import Settings
 from farm.manifest import ManifestError
 
 YAML_TYPES = ("text/yaml", "application/x-yaml", "application/yaml", "text/x-yaml", "text/plain")
+#: The multipart field (repeated) of the files sent beside a manifest, on the API and the upload page.
+FILES_FIELD = "files"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -69,19 +72,60 @@ def from_form(request: Request, settings: Settings) -> bytes | None:
     return check_size(settings, text.encode("utf-8")) if text.strip() else None
 
 
+def upload_limit(settings: Settings) -> int:
+    """Largest multipart request that may carry a manifest and its files (each checked on its own after)."""
+    return settings.max_upload_bytes + MAX_UPLOADED_FILES * settings.max_asset_bytes
+
+
+def uploads_from(request: Request, settings: Settings) -> dict[str, bytes]:
+    """The files sent beside the manifest (multipart field ``files``, repeated), by file name.
+
+    Raises ManifestError (path ``uploads``) for a name that is not a plain file name or is sent twice, and
+    RequestEntityTooLarge for a file over FARM_MAX_ASSET_BYTES. Nothing is written here: the files are
+    stored only once the manifest that names them is valid (farm.dispatch.submit).
+    """
+    files: dict[str, bytes] = {}
+    for upload in request.files.getlist(FILES_FIELD):
+        if not upload.filename:
+            continue  # a file input left empty
+        try:
+            name = check_upload_name(upload.filename)
+        except UploadRefused as exc:
+            raise ManifestError.at("uploads", str(exc)) from None
+        if name in files:
+            raise ManifestError.at("uploads", f"two uploaded files are named {name!r}; rename one")
+        data = upload.read(settings.max_asset_bytes + 1)
+        if len(data) > settings.max_asset_bytes:
+            raise RequestEntityTooLarge(
+                description=f"The uploaded file {name!r} is larger than the limit of "
+                f"{settings.max_asset_bytes} bytes for a file sent with a manifest (FARM_MAX_ASSET_BYTES)."
+            )
+        files[name] = data
+    return files
+
+
+def asset_policy(settings: Settings, uploads: dict[str, bytes] | None = None) -> AssetPolicy:
+    """What a manifest from the web may read: the files uploaded with it and files in FARM_ASSET_DIRS."""
+    try:
+        return AssetPolicy.uploaded(asset_dirs=settings.asset_dirs, uploads=uploads)
+    except UploadRefused as exc:
+        raise ManifestError.at("uploads", str(exc)) from None
+
+
 def problems(exc: ManifestError) -> list[Problem]:
     return [Problem(e.path, e.message) for e in exc.errors]
 
 
-def preview(data: bytes, settings: Settings) -> dict[str, Any]:
+def preview(data: bytes, settings: Settings, uploads: dict[str, bytes] | None = None) -> dict[str, Any]:
     """The dry run: counts of what the manifest expands to. Raises ManifestError."""
-    return dispatch.dry_run(data, settings=settings)
+    return dispatch.dry_run(data, settings=settings, assets=asset_policy(settings, uploads))
 
 
-def submit(data: bytes, settings: Settings) -> dispatch.Submitted:
-    """Write the batch and hand it to the control queue. Raises ManifestError or BrokerUnavailable."""
+def submit(data: bytes, settings: Settings, uploads: dict[str, bytes] | None = None) -> dispatch.Submitted:
+    """Write the batch (and store the files uploaded with it) and hand it to the control queue. Raises
+    ManifestError or BrokerUnavailable; either way nothing is kept."""
     try:
-        return dispatch.submit(data, settings=settings)
+        return dispatch.submit(data, settings=settings, assets=asset_policy(settings, uploads))
     except ManifestError:
         raise
     except Exception as exc:  # kombu/redis connection errors come in many classes; all mean the same here

@@ -45,12 +45,14 @@ def create_batch() -> tuple[Response, int]:
     data = actions.from_api_request(request, settings)
     if data is None:
         return _errors(400, [{"path": None, "message": "send the manifest as a text/yaml body or as the "
-                                                          "multipart field 'manifest'"}])
+                                                          "multipart field 'manifest' (with the files it "
+                                                          "names in the multipart field 'files')"}])
     dry = request.args.get("dry_run", "").lower() in ("1", "true", "yes")
     try:
+        uploads = actions.uploads_from(request, settings)
         if dry:
-            return jsonify(dry_run=True, summary=actions.preview(data, settings)), 200
-        submitted = actions.submit(data, settings)
+            return jsonify(dry_run=True, summary=actions.preview(data, settings, uploads)), 200
+        submitted = actions.submit(data, settings, uploads)
     except ManifestError as exc:
         return _errors(400, [p.as_dict() for p in actions.problems(exc)])
     except actions.BrokerUnavailable as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from farm.assets import MAX_UPLOADED_FILES
+
 ERRORS_REF = {"$ref": "#/components/responses/Errors"}
 ERRORS_SCHEMA = {"$ref": "#/components/schemas/Errors"}
 NOT_FOUND_REF = {"$ref": "#/components/responses/NotFound"}
@@ -47,9 +49,30 @@ def openapi_document() -> dict[str, Any]:
                             "text/yaml": {"schema": manifest_body},
                             "application/x-yaml": {"schema": manifest_body},
                             "multipart/form-data": {
-                                "schema": {"type": "object", "required": ["manifest"],
-                                           "properties": {"manifest": {"type": "string",
-                                                                       "contentMediaType": "text/yaml"}}}
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["manifest"],
+                                    "properties": {
+                                        "manifest": {"type": "string", "contentMediaType": "text/yaml"},
+                                        "files": {
+                                            "type": "array",
+                                            "maxItems": MAX_UPLOADED_FILES,
+                                            "items": {"type": "string", "contentMediaType":
+                                                      "application/octet-stream"},
+                                            "description": (
+                                                "Files the manifest names (e.g. moderation.pdq_blocklist), "
+                                                "each by its file name alone: 1 to 128 letters, digits, '.', "
+                                                "'_' or '-', starting with a letter or digit. At most "
+                                                "FARM_MAX_ASSET_BYTES each; a file the manifest does not "
+                                                "name is refused. Stored with the batch once the manifest "
+                                                "is valid, not at all otherwise. An uploaded manifest may "
+                                                "name no other file than these and those inside the "
+                                                "folders listed in FARM_ASSET_DIRS."
+                                            ),
+                                        },
+                                    },
+                                },
+                                "encoding": {"files": {"contentType": "application/octet-stream"}},
                             },
                         },
                     },

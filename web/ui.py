@@ -202,7 +202,10 @@ def score_plot(batch_id: str) -> Response:
 @bp.route("/upload", methods=["GET", "POST"])
 def upload() -> Response | tuple[str, int] | str:
     settings = _settings()
-    context: dict[str, Any] = {"errors": [], "summary": None, "text": "", "limit": settings.max_upload_bytes}
+    context: dict[str, Any] = {
+        "errors": [], "summary": None, "text": "", "limit": settings.max_upload_bytes,
+        "asset_limit": settings.max_asset_bytes, "files": [],
+    }
     if request.method == "GET":
         return render_template("upload.html", **context)
     data = actions.from_form(request, settings)
@@ -211,10 +214,12 @@ def upload() -> Response | tuple[str, int] | str:
         return render_template("upload.html", **context), 400
     context["text"] = data.decode("utf-8", errors="replace")
     try:
+        uploads = actions.uploads_from(request, settings)
+        context["files"] = sorted(uploads)
         if request.form.get("action") == "preview":
-            context["summary"] = actions.preview(data, settings)
+            context["summary"] = actions.preview(data, settings, uploads)
             return render_template("upload.html", **context)
-        submitted = actions.submit(data, settings)
+        submitted = actions.submit(data, settings, uploads)
     except ManifestError as exc:
         context["errors"] = actions.problems(exc)
         return render_template("upload.html", **context), 400

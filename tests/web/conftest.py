@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from web_helpers import EXAMPLE_MANIFEST
+from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH
 
 from farm import artifacts
 from farm.config import Settings
@@ -36,9 +36,49 @@ def farm_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("FARM_HOME", str(home))
     for name in ("FARM_WEB_TOKEN", "FARM_WEB_SECRET", "FARM_DATABASE_URL", "FARM_MAX_UPLOAD_BYTES",
-                 "FARM_FLOWER_PORT"):
+                 "FARM_FLOWER_PORT", "FARM_ASSET_DIRS", "FARM_MAX_ASSET_BYTES"):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@dataclass
+class ServerDisk:
+    """What an uploader might probe on the server: an asset folder the operator listed (FARM_ASSET_DIRS) with
+    a good blocklist and a link pointing out of it, and outside it a good blocklist and a pipeline folder."""
+
+    assets: Path
+    outside: Path
+    pipe: Path
+
+    def refused_files(self) -> list[str]:
+        return ["/etc/passwd", str(self.outside / "hashes.txt"), "../private/hashes.txt",
+                "assets/../../private/hashes.txt", "link-out.txt", "~root/.bashrc", "/etc"]
+
+    def refused_models(self) -> list[str]:
+        return [str(self.pipe), str(self.outside), "~root", "../private/pipe", "/etc/passwd"]
+
+    def uploads(self, settings: Settings) -> list[Path]:
+        """Every file under the artifact store's uploads folder."""
+        folder = settings.artifacts_dir / "uploads"
+        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.fixture
+def server_disk(farm_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ServerDisk:
+    """A ServerDisk, listed in FARM_ASSET_DIRS for the apps the test builds, and the current folder set to
+    its private folder (so a path relative to the web process would find its files)."""
+    assets, outside = tmp_path / "assets", tmp_path / "private"
+    assets.mkdir()
+    outside.mkdir()
+    (assets / "ok.txt").write_text(f"{PDQ_HASH},known-bad\n")
+    (outside / "hashes.txt").write_text(f"{PDQ_HASH}\n")
+    pipe = outside / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text("{}")
+    (assets / "link-out.txt").symlink_to(outside / "hashes.txt")
+    monkeypatch.setenv("FARM_ASSET_DIRS", str(assets))
+    monkeypatch.chdir(outside)
+    return ServerDisk(assets, outside, pipe)
 
 
 @pytest.fixture

@@ -8,9 +8,11 @@ import zipfile
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import func, select
-from web_helpers import EXAMPLE_MANIFEST, queued_messages
+from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH, queued_messages
 
+from farm.assets import FILE_REFUSED, FOLDER_REFUSED
 from farm.db import Batch, Candidate, Item, session_scope
 
 
@@ -113,6 +115,176 @@ def test_oversize_manifest_is_413(make_app, monkeypatch):
     r = client.post("/api/v1/batches", data={"manifest": (io.BytesIO(just_over.encode()), "m.yaml")},
                     content_type="multipart/form-data")
     assert r.status_code == 413
+
+
+# -- files a manifest names (farm.assets) --------------------------------------------------------------------
+
+
+def manifest_naming(**fields: Any) -> str:
+    doc: dict[str, Any] = {"name": "files", "model": "tiny", "defaults": {"candidates": 2, "steps": 1,
+                                                                          "size": "64x64"},
+                           "items": ["a red fox"]}
+    doc.update(fields)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def multipart(manifest: str, **files: bytes) -> dict[str, Any]:
+    """A multipart body: the manifest, and each file under the field ``files`` with its keyword as its name
+    (``block_txt`` -> ``block.txt``)."""
+    return {"manifest": (io.BytesIO(manifest.encode()), "m.yaml"),
+            "files": [(io.BytesIO(data), name.replace("_", ".")) for name, data in files.items()]}
+
+
+def _refused_cases(disk: Any) -> list[tuple[str, dict[str, Any], str]]:
+    cases = [("moderation.pdq_blocklist", {"moderation": {"pdq_blocklist": v}}, FILE_REFUSED)
+             for v in disk.refused_files()]
+    for field in ("model", "validation.model", "scoring.model"):
+        for v in disk.refused_models():
+            fields = {"model": v} if field == "model" else {field.split(".")[0]: {"model": v}}
+            cases.append((field, fields, FOLDER_REFUSED))
+    return cases
+
+
+def test_api_refuses_every_path_outside_uploads_and_asset_dirs_with_one_message_and_keeps_nothing(
+    server_disk, make_app, broker
+):
+    """/etc/passwd, ../ paths, links out of an asset folder, ~root, folders and files that exist outside:
+    one message per kind of thing named, whatever is on the disk, and no row, no file, no message."""
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    for path, fields, message in _refused_cases(server_disk):
+        for data, kind in ((manifest_naming(**fields), "text/yaml"),
+                           (multipart(manifest_naming(**fields)), "multipart/form-data")):
+            r = client.post("/api/v1/batches", data=data, content_type=kind)
+            assert r.status_code == 400, (path, fields, r.json)
+            assert r.json["errors"] == [{"path": path, "message": message}], fields
+    assert _count(settings, Batch) == 0 and server_disk.uploads(settings) == []
+    assert queued_messages(broker, "control") == []
+
+
+def test_api_dry_run_refuses_paths_outside_as_submit_does(server_disk, make_app):
+    client = make_app().test_client()
+    r = client.post("/api/v1/batches?dry_run=1", content_type="text/yaml",
+                    data=manifest_naming(moderation={"pdq_blocklist": str(server_disk.outside / "x.txt")}))
+    assert r.status_code == 400 and r.json["errors"][0]["message"] == FILE_REFUSED
+
+
+def test_api_blocklist_uploaded_with_the_manifest_is_stored_and_read_back_by_the_worker_loader(
+    make_app, broker
+):
+    from farm.artifacts import store_for
+    from farm.ml.moderation import load_blocklist
+
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    listing = f"# exported\n{PDQ_HASH},known-bad-image\n{'0' * 64}\tother\n".encode()
+    text = manifest_naming(moderation={"pdq_blocklist": "block.txt"})
+    r = client.post("/api/v1/batches", content_type="multipart/form-data",
+                    data=multipart(text, block_txt=listing))
+    assert r.status_code == 202, r.json
+    with session_scope(settings.database_url) as s:
+        ref = s.get(Batch, r.json["id"]).settings["moderation"]["pdq_blocklist"]
+    assert ref.startswith("store:uploads/") and ref.endswith("/block.txt")
+    stored = settings.artifacts_dir / ref.removeprefix("store:")
+    assert stored.read_bytes() == listing
+    assert load_blocklist(ref, store=store_for(settings)) == [PDQ_HASH, "0" * 64]
+
+
+def test_api_dry_run_with_an_uploaded_file_stores_nothing(make_app, server_disk):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    r = client.post("/api/v1/batches?dry_run=1", content_type="multipart/form-data",
+                    data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}),
+                                   block_txt=PDQ_HASH.encode()))
+    assert r.status_code == 200, r.json
+    assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
+
+
+def test_api_refused_submission_leaves_no_uploaded_file(make_app, server_disk, broker):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    bad = manifest_naming(moderation={"pdq_blocklist": "block.txt"}, defaults={"size": "7x7"})
+    r = client.post("/api/v1/batches", content_type="multipart/form-data",
+                    data=multipart(bad, block_txt=PDQ_HASH.encode()))
+    assert r.status_code == 400 and r.json["errors"][0]["path"] == "defaults.size"
+    malformed = manifest_naming(moderation={"pdq_blocklist": "block.txt"})
+    r = client.post("/api/v1/batches", content_type="multipart/form-data",
+                    data=multipart(malformed, block_txt=b"not a hash\n"))
+    assert r.status_code == 400 and "line 1" in r.json["errors"][0]["message"]
+    assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
+
+
+@pytest.mark.slow
+def test_api_upload_with_the_broker_down_removes_the_stored_file_and_the_rows(
+    make_app, server_disk, broker_down
+):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    r = client.post("/api/v1/batches", content_type="multipart/form-data",
+                    data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}),
+                                   block_txt=PDQ_HASH.encode()))
+    assert r.status_code == 503, r.json
+    assert server_disk.uploads(settings) == []
+    assert list((settings.artifacts_dir / "uploads").iterdir()) == []
+    assert _count(settings, Batch) == 0 and _count(settings, Candidate) == 0
+
+
+def test_api_upload_the_manifest_does_not_name_is_refused(make_app, server_disk, broker):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    r = client.post("/api/v1/batches", content_type="multipart/form-data",
+                    data=multipart(manifest_naming(), spare_txt=b"x"))
+    assert r.status_code == 400
+    assert r.json["errors"][0]["path"] == "uploads" and "spare.txt" in r.json["errors"][0]["message"]
+    assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
+
+
+def test_api_file_in_an_asset_dir_is_accepted(server_disk, make_app, broker):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    for value in ("ok.txt", str(server_disk.assets / "ok.txt")):
+        r = client.post("/api/v1/batches", content_type="text/yaml",
+                        data=manifest_naming(moderation={"pdq_blocklist": value}))
+        assert r.status_code == 202, r.json
+        with session_scope(settings.database_url) as s:
+            recorded = s.get(Batch, r.json["id"]).settings["moderation"]["pdq_blocklist"]
+        assert recorded == str((server_disk.assets / "ok.txt").resolve())
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", ".hidden", "a b.txt", "..", "x" * 129])
+def test_api_upload_names_must_be_plain_file_names(make_app, server_disk, name):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    data = multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}))
+    data["files"] = [(io.BytesIO(PDQ_HASH.encode()), name)]
+    r = client.post("/api/v1/batches", content_type="multipart/form-data", data=data)
+    assert r.status_code == 400, r.json
+    assert r.json["errors"][0]["path"] == "uploads" and "not allowed" in r.json["errors"][0]["message"]
+    assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
+
+
+def test_api_uploaded_file_over_its_own_limit_is_413(make_app, server_disk, monkeypatch):
+    monkeypatch.setenv("FARM_MAX_ASSET_BYTES", "2048")
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    big = (PDQ_HASH + "\n").encode() * 40  # 2600 bytes: over the file limit, under the manifest's
+    r = client.post("/api/v1/batches", content_type="multipart/form-data",
+                    data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}), block_txt=big))
+    assert r.status_code == 413 and "FARM_MAX_ASSET_BYTES" in r.json["errors"][0]["message"]
+    assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
+
+
+def test_cli_submit_still_accepts_absolute_paths(server_disk, settings, broker):
+    """The operator's own manifest (farm submit) names files and model folders anywhere, as before."""
+    from farm import dispatch
+
+    hashes = server_disk.outside / "hashes.txt"
+    text = manifest_naming(moderation={"pdq_blocklist": str(hashes)})
+    done = dispatch.submit(text, settings=settings, base_dir=server_disk.assets)
+    with session_scope(settings.database_url) as s:
+        assert s.get(Batch, done.batch_id).settings["moderation"]["pdq_blocklist"] == str(hashes.resolve())
+    manifest, _ = dispatch.plan(manifest_naming(model=str(server_disk.pipe)), settings=settings)
+    assert manifest.model == str(server_disk.pipe.resolve())
 
 
 @pytest.mark.slow

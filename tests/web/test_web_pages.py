@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 
 import pytest
+from markupsafe import escape
 from PIL import Image
 from sqlalchemy import func, select
-from web_helpers import EXAMPLE_MANIFEST, csrf_from, queued_messages
+from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH, csrf_from, queued_messages
 
+from farm.assets import FILE_REFUSED, FOLDER_REFUSED
 from farm.db import Batch, session_scope
 
 
@@ -289,10 +292,12 @@ def test_upload_oversize_is_413(make_app, monkeypatch, settings):
     r = client.post("/upload", data={"csrf_token": token, "manifest_text": big, "action": "submit"})
     assert r.status_code == 413
     assert "limit is 2048 bytes" in r.get_data(as_text=True)
+    # A multipart upload may also carry files (FARM_MAX_ASSET_BYTES each), so its manifest is measured by the
+    # view against the manifest's own limit.
     r = client.post("/upload", data={"csrf_token": token, "action": "submit",
                                      "manifest_file": (io.BytesIO(b"#" * 400_000), "big.yaml")},
                     content_type="multipart/form-data")
-    assert r.status_code == 413 and "limit of 2048 bytes" in r.get_data(as_text=True)
+    assert r.status_code == 413 and "limit is 2048 bytes" in r.get_data(as_text=True)
     assert _batches(settings) == 0
 
 
@@ -307,6 +312,71 @@ def test_submit_file_through_the_form(client, settings, broker):
     assert [m["headers"]["task"] for m in queued_messages(broker, "control")] == ["farm.dispatch_batch"]
     page = client.get(r.headers["Location"]).get_data(as_text=True)
     assert "Submitted 4 items, 12 candidates." in page and "queued" in page
+
+
+def _page_manifest(**moderation: str) -> str:
+    return ("name: page-files\nmodel: tiny\ndefaults: {candidates: 2, steps: 1, size: 64x64}\n"
+            f"items: [a red fox]\nmoderation: {json.dumps(moderation)}\n")
+
+
+def test_upload_page_refuses_every_path_outside_with_one_message_and_keeps_nothing(
+    server_disk, make_app, broker
+):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    token = _csrf(client)
+    texts = [(_page_manifest(pdq_blocklist=v), FILE_REFUSED) for v in server_disk.refused_files()]
+    texts += [(_page_manifest().replace("model: tiny", f"model: {json.dumps(v)}"), FOLDER_REFUSED)
+              for v in server_disk.refused_models()]
+    for text, message in texts:
+        for action in ("preview", "submit"):
+            r = client.post("/upload", data={"csrf_token": token, "action": action, "manifest_text": text,
+                                             "files": [(io.BytesIO(b""), "")]},
+                            content_type="multipart/form-data")
+            html = r.get_data(as_text=True)
+            assert r.status_code == 400, (text, html)
+            assert html.count('class="field-error"') == 1 and escape(message) in html, text
+    assert _batches(settings) == 0 and server_disk.uploads(settings) == []
+    assert queued_messages(broker, "control") == []
+
+
+def test_upload_page_submits_a_manifest_with_the_blocklist_file_it_names(server_disk, make_app, broker):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    assert 'name="files"' in client.get("/upload").get_data(as_text=True)
+    listing = f"{PDQ_HASH}\tfrom the hash service\n".encode()
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "submit",
+                                     "manifest_text": _page_manifest(pdq_blocklist="bad-images.txt"),
+                                     "files": [(io.BytesIO(listing), "bad-images.txt")]},
+                    content_type="multipart/form-data")
+    assert r.status_code == 302, r.get_data(as_text=True)
+    batch_id = r.headers["Location"].rsplit("/", 1)[-1]
+    with session_scope(settings.database_url) as s:
+        ref = s.get(Batch, batch_id).settings["moderation"]["pdq_blocklist"]
+    assert ref.startswith("store:uploads/") and ref.endswith("/bad-images.txt")
+    assert [p.read_bytes() for p in server_disk.uploads(settings)] == [listing]
+
+
+def test_upload_page_preview_with_a_file_stores_nothing(server_disk, make_app):
+    client = make_app().test_client()
+    settings = client.application.config["FARM_SETTINGS"]
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "preview",
+                                     "manifest_text": _page_manifest(pdq_blocklist="b.txt"),
+                                     "files": [(io.BytesIO(PDQ_HASH.encode()), "b.txt")]},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200 and 'id="preview"' in r.get_data(as_text=True)
+    assert server_disk.uploads(settings) == [] and _batches(settings) == 0
+
+
+def test_upload_page_refuses_a_hidden_or_pathed_file_name(server_disk, make_app):
+    client = make_app().test_client()
+    for name in (".bashrc", "../b.txt"):
+        r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "submit",
+                                         "manifest_text": _page_manifest(pdq_blocklist="b.txt"),
+                                         "files": [(io.BytesIO(PDQ_HASH.encode()), name)]},
+                        content_type="multipart/form-data")
+        html = r.get_data(as_text=True)
+        assert r.status_code == 400 and 'data-path="uploads"' in html and "not allowed" in html
 
 
 def test_artifacts_dir_is_inside_farm_home(settings):

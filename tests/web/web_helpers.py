@@ -22,6 +22,9 @@ items:
 selection: {winners: 1}
 """
 
+#: A PDQ hash for the blocklists the tests upload.
+PDQ_HASH = "ab" * 32
+
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 

@@ -61,9 +61,33 @@ def save_png(image: Image.Image, path: Path, recipe: dict[str, Any]) -> None:
     LocalStore(Path(path).parent).save_png(Path(path).name, image, recipe)
 
 
+class RecipeError(ValueError):
+    """A file that holds no recipe the farm wrote; the message says which file and what is wrong."""
+
+
 def read_recipe(path: Path) -> dict[str, Any]:
-    with Image.open(path) as im:
-        return json.loads(im.text["farm:recipe"])
+    """The recipe in the ``farm:recipe`` text chunk of a PNG the farm wrote (``png_bytes``).
+
+    The one reader of that chunk (``farm replay`` reads recipes through it too), so what is checked here is
+    checked everywhere. Raises RecipeError when the file is missing, not an image, or holds no recipe object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path} does not exist")
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}).get("farm:recipe")
+    except OSError as exc:
+        raise RecipeError(f"{path} is not a readable image: {exc}") from exc
+    if text is None:
+        raise RecipeError(f"{path} has no farm:recipe text chunk: it was not written by the farm")
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path}: the farm:recipe chunk is not valid JSON ({exc})") from exc
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: the farm:recipe chunk is not a JSON object")
+    return recipe
 
 
 def safe_name(relative: str) -> str:

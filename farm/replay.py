@@ -14,13 +14,14 @@ package versions): those explain differences beyond that round-off.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from farm import artifacts
 
 #: Recipe keys replay cannot do without.
 REQUIRED_KEYS = ("model_ref", "fingerprint", "seed", "prompt", "steps", "guidance", "width", "height")
@@ -47,23 +48,13 @@ class ReplayResult:
 
 
 def read_recipe(candidate_png: Path) -> dict[str, Any]:
-    """The recipe from the PNG's ``farm:recipe`` text chunk, checked for what replay needs."""
+    """The recipe from the PNG's ``farm:recipe`` text chunk (read by farm.artifacts.read_recipe, the one
+    reader of that chunk), checked for what replay needs."""
     path = Path(candidate_png)
-    if not path.is_file():
-        raise ReplayError(f"{path} does not exist")
     try:
-        with Image.open(path) as im:
-            text = getattr(im, "text", {}).get("farm:recipe")
-    except OSError as exc:
-        raise ReplayError(f"{path} is not a readable image: {exc}") from exc
-    if text is None:
-        raise ReplayError(f"{path} has no farm:recipe text chunk: it was not written by the farm")
-    try:
-        recipe = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ReplayError(f"{path}: the farm:recipe chunk is not valid JSON ({exc})") from exc
-    if not isinstance(recipe, dict):
-        raise ReplayError(f"{path}: the farm:recipe chunk is not a JSON object")
+        recipe = artifacts.read_recipe(path)
+    except artifacts.RecipeError as exc:
+        raise ReplayError(str(exc)) from exc
     missing = [key for key in REQUIRED_KEYS if key not in recipe]
     if missing:
         raise ReplayError(f"{path}: the recipe lacks {', '.join(missing)}")

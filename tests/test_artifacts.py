@@ -210,3 +210,22 @@ def test_a_write_removes_temporary_files_left_by_a_writer_killed_mid_write(tmp_p
     store.save_png("b1/c1.png", _image(), RECIPE)
     assert not orphan.exists(), "a dead writer's temporary file is removed"
     assert live.exists() and other_host.exists(), "live writers and other hosts are left alone"
+
+
+def test_read_recipe_is_the_one_reader_of_the_recipe_chunk_and_says_what_is_wrong(tmp_path: Path) -> None:
+    """farm replay reads recipes through farm.artifacts.read_recipe: a PNG without one, a broken chunk and a
+    missing file are each refused with a message naming the file, not a KeyError."""
+    from farm.artifacts import RecipeError, read_recipe
+    from farm.replay import ReplayError
+    from farm.replay import read_recipe as replay_read_recipe
+
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(Image.new("RGB", (8, 8)), RECIPE))
+    assert read_recipe(good) == RECIPE
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    for path, words in ((plain, "no farm:recipe text chunk"), (tmp_path / "gone.png", "does not exist")):
+        with pytest.raises(RecipeError, match=words):
+            read_recipe(path)
+        with pytest.raises(ReplayError, match=words):
+            replay_read_recipe(path)

@@ -11,8 +11,10 @@ their input status and the rank stage flips an item to done only once. That make
 - resume: for a *queued or running* batch whose messages were lost (a broker restarted without persistence,
   a crash between a commit and a send), re-send the unsettled candidates of every running item, a rank for
   running items whose candidates are all settled, and the batch's dispatch message if items are still
-  pending. The reaper (farm.reaper) does the same on its own after FARM_STALL_SECONDS of silence; this is
-  the button for when someone does not want to wait.
+  pending. Candidates a live worker process holds (their lease, farm.tasks.lease, has not run out) are not
+  re-sent: they are not lost, and a twin delivery would only find them held. If their holder dies, the lease
+  runs out and the reaper re-sends them. The reaper (farm.reaper) does the same on its own after
+  FARM_STALL_SECONDS of silence; this is the button for when someone does not want to wait.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def _reset(c: Candidate) -> None:
 
 
 def resume(batch_id: str, *, settings: Settings) -> int:
-    """Re-send what a queued or running batch still needs; returns the number of messages sent.
+    """Re-send what a queued or running batch still needs, except what a live worker holds; returns the
+    number of messages sent (pressed again and again while a slice generates, it sends nothing for it).
 
     Raises NoSuchBatch, or ActionRefused when the batch is already closed.
     """
@@ -127,9 +130,14 @@ def resume(batch_id: str, *, settings: Settings) -> int:
             .order_by(Candidate.item_id, Candidate.index)
         ).all()
         by_item: dict[str, list[str]] = {iid: [] for iid in running}
+        held: set[str] = set()
         for c in unsettled:
+            if c.lease_expires_at is not None and c.lease_expires_at > now:
+                held.add(c.item_id)  # a live worker process holds it: a re-send would only wait for it
+                continue
             by_item[c.item_id].append(c.id)
             c.updated_at = now  # the reaper sees fresh activity and does not re-send the same work as well
+        by_item = {iid: ids for iid, ids in by_item.items() if ids or iid not in held}
         has_pending = s.scalar(
             select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending").limit(1)
         ) is not None

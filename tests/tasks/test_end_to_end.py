@@ -259,3 +259,50 @@ def test_a_slice_whose_images_are_in_no_store_is_generated_again_from_its_seeds(
         # The same seed makes the same image, up to float rounding on another worker's thread count.
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert item.status == "done" and item.winners
+
+
+BLOCKLIST = f"# exported from the hash service\n{'0' * 64},known-bad-image\n{'f' * 64}\treport 12\n"
+
+
+def _blocklisted(pdq_blocklist: str) -> str:
+    # pdq_max_distance 256 matches every image: what is pinned is that the worker read the list and used it.
+    return f"""
+name: blocklisted
+model: tiny
+defaults: {{candidates: 2, steps: 1, size: 64x64}}
+moderation: {{pdq_blocklist: "{pdq_blocklist}", pdq_max_distance: 256}}
+items: [a bowl of fruit]
+"""
+
+
+def _rejected_by_the_blocklist(settings, batch_id):
+    _batch, items, cands = _rows(settings, batch_id)
+    assert [c.status for c in cands] == ["rejected", "rejected"], [(c.status, c.error) for c in cands]
+    assert all(c.reasons[0].startswith("pdq_blocklist: matches blocklist entry") for c in cands)
+    assert items[0].status == "done" and items[0].winners == []
+
+
+def test_a_blocklist_of_labelled_hashes_that_validates_rejects_at_moderate(settings, run_batch, tmp_path):
+    """hash,label and hash<TAB>label lines pass validation and the worker reads them the same way (they used
+    to fail every candidate at moderate)."""
+    listing = tmp_path / "blocked.txt"
+    listing.write_text(BLOCKLIST)
+    _rejected_by_the_blocklist(settings, run_batch(_blocklisted(str(listing))))
+
+
+def test_a_blocklist_uploaded_with_the_manifest_through_the_api_rejects_at_moderate(settings, wait_batch):
+    """The file goes up with the manifest, into the artifact store; the workers read it from there."""
+    import io
+
+    from web import create_app
+
+    client = create_app({"TESTING": True, "FARM_SETTINGS": settings}).test_client()
+    r = client.post(
+        "/api/v1/batches",
+        data={"manifest": (io.BytesIO(_blocklisted("blocked.txt").encode()), "m.yaml"),
+              "files": [(io.BytesIO(BLOCKLIST.encode()), "blocked.txt")]},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 202, r.json
+    assert wait_batch(r.json["id"]) == "done"
+    _rejected_by_the_blocklist(settings, r.json["id"])

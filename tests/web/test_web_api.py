@@ -420,6 +420,15 @@ def test_schema_is_the_manifest_json_schema(client):
     assert {"name", "items"} <= set(schema["properties"])
 
 
+def test_openapi_describes_the_files_sent_with_a_manifest(client):
+    body = client.get("/api/v1/openapi.json").json["paths"]["/batches"]["post"]["requestBody"]["content"]
+    schema = body["multipart/form-data"]["schema"]
+    assert schema["required"] == ["manifest"]
+    files = schema["properties"]["files"]
+    assert files["type"] == "array" and files["maxItems"] == 16
+    assert "FARM_MAX_ASSET_BYTES" in files["description"] and "FARM_ASSET_DIRS" in files["description"]
+
+
 def test_openapi_describes_every_endpoint(client, app):
     doc = client.get("/api/v1/openapi.json").json
     assert doc["openapi"].startswith("3.1")

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import beat_embedded_init, worker_init, worker_process_init, worker_ready
+from celery.signals import beat_embedded_init, worker_init, worker_ready
 from celery.worker.control import control_command, ok
 from sqlalchemy import func, select, update
 
@@ -506,17 +506,11 @@ def _remember_main(**_kwargs: Any) -> None:
     _MAIN_PID = os.getpid()
 
 
-@worker_process_init.connect
-def _pool_child_dies_with_main(**_kwargs: Any) -> None:
-    """A pool child ends with its worker's main process: killed outright, that one cannot stop it, and an
-    orphaned child would go on with its slice (the lease's new holder redoes it) and hold its device."""
-    die_with_parent(signal.SIGKILL, _MAIN_PID)
-
-
 @beat_embedded_init.connect
 def _beat_dies_with_worker(**_kwargs: Any) -> None:
     """The control worker's embedded beat ends with it: one beat at any time, never an orphan scheduling
-    the reaper beside the next control worker's."""
+    the reaper beside the next control worker's. (Celery ties its prefork pool children to the main process
+    this way itself, but not the embedded beat.)"""
     die_with_parent(signal.SIGKILL, _MAIN_PID)
 
 

@@ -93,6 +93,7 @@ def _run_to_exit(argv: list[str], env: dict[str, str], timeout: float = 120) -> 
     return proc.returncode, stderr
 
 
+@pytest.mark.slow
 def test_plain_celery_worker_dash_q_cuda0_is_pinned_named_and_finishes_a_slice(tmp_path: Path):
     """Real processes on the embedded Redis: `-Q slices` refuses before taking anything (the batch's slice
     stays queued), then `celery -A farm.celery_app worker -Q cuda0` serves it as cuda0@host: one prefork child

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-postgres lint bench clean
+.PHONY: demo test test-postgres lint bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test-postgres: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/farm bench
+
+# A fault soak of a farm of its own (farm chaos): MINUTES of random faults, then the audit. SEED to repeat one.
+MINUTES ?= 30
+soak: $(STAMP)
+	$(BIN)/farm chaos --minutes $(MINUTES) $(if $(SEED),--seed $(SEED))
 
 lint: $(STAMP)
 	$(BIN)/ruff check farm web tests

@@ -284,7 +284,8 @@ def _take_slices(device: str, *, take: bool) -> list[str]:
 @click.option(
     "--device",
     default=None,
-    help="Where to regenerate (cpu, cuda:0, ...); default: the recorded device if this host has it, else cpu.",
+    help="Where to regenerate (cpu, cuda:0, ...); default: the recorded device where this host has it, "
+    "else cpu.",
 )
 def replay(candidate: str, device: str | None) -> None:
     """Regenerate CANDIDATE (an id or a PNG path) from its recorded recipe; say whether the pixels match.
@@ -292,6 +293,8 @@ def replay(candidate: str, device: str | None) -> None:
     Its whole slice is regenerated in order under the recorded torch thread count, so on the recording host
     the pixels are equal bit for bit. Exit status: 0 identical, 1 the pixels differ, 2 cannot replay.
     """
+    from sqlalchemy import select
+
     from farm.db import Candidate, session_scope
     from farm.replay import ReplayError
     from farm.replay import replay as replay_png
@@ -299,11 +302,11 @@ def replay(candidate: str, device: str | None) -> None:
     settings = _settings()
     path = Path(candidate)
     if not path.exists():
+        # Only the image path: a database of an older schema still answers (replay never writes to it).
         with session_scope(settings.database_url) as s:
-            row = s.get(Candidate, candidate)
-            if row is None or not row.image_path:
-                raise _cannot_replay(f"{candidate} is neither a PNG file nor a candidate with an image")
-            name = row.image_path
+            name = s.scalar(select(Candidate.image_path).where(Candidate.id == candidate))
+        if not name:
+            raise _cannot_replay(f"{candidate} is neither a PNG file nor a candidate with an image")
         path = _local_copy(settings, name)
     try:
         result = replay_png(path, models_dir=settings.models_dir, device=device)
@@ -572,6 +575,66 @@ def bench(
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(data, indent=2) if as_json else b.format_report(data))
+
+
+@cli.command()
+@click.option("--minutes", default=2.0, show_default=True, help="How long faults are injected.")
+@click.option(
+    "--settle",
+    "settle_minutes",
+    default=3.0,
+    show_default=True,
+    help="Then, how long the batches may take to close.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the faults and the load (default: random).")
+@click.option(
+    "--database-url",
+    default=None,
+    help="An EMPTY database to run on, e.g. postgresql+psycopg2://... (default: SQLite under the soak's "
+    "home); PostgreSQL adds pg_terminate_backend of the farm's connections to the faults.",
+)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="FARM_HOME of the soak's own farm (default: a new temporary folder, removed when the soak passes).",
+)
+def chaos(
+    minutes: float, settle_minutes: float, seed: int | None, database_url: str | None, home: Path | None
+) -> None:
+    """Soak a farm of its own under random faults, then check that nothing was lost, doubled or left behind.
+
+    Starts two CPU-backed devices (one with a QC worker) and the control worker under a fresh FARM_HOME, feeds
+    them batches, and kills, pauses and restarts their processes, Redis and (PostgreSQL) database connections
+    at seeded random moments. Exits 1, printing the seed, when any check fails."""
+    import random
+    import shutil
+    import tempfile
+
+    from farm.chaos import Chaos
+
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    own_home = home is None
+    home = Path(tempfile.mkdtemp(prefix="farm-chaos-")) if home is None else home.resolve()
+    soak = Chaos(
+        home,
+        seed=seed,
+        minutes=minutes,
+        settle_minutes=settle_minutes,
+        database_url=database_url,
+        say=click.echo,
+    )
+    report = soak.run()
+    click.echo(report.table())
+    if not report.ok:
+        problems = report.audit.problems or ["batches still open when the settling time ran out"]
+        click.echo(
+            "FAILED: " + "; ".join(problems) + f"\nrerun with --seed {seed}; logs in {soak.stack.log_dir}",
+            err=True,
+        )
+        sys.exit(1)
+    if own_home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _where(settings: Settings, name: str) -> str:

@@ -320,7 +320,7 @@ def _offline() -> bool:
 
 
 def _check_preload(settings: Settings) -> Check:
-    from farm.ml.presets import HUB_PRESETS, TINY_PRESETS, check_model_ref
+    from farm.ml.presets import HUB_PRESETS, TINY_PRESETS, check_model_ref, spelled_path
 
     ref = settings.preload_generator
     error = check_model_ref(ref, "generator")
@@ -330,8 +330,8 @@ def _check_preload(settings: Settings) -> Check:
                      "diffusers folder, or a hub id owner/name")
     if ref in TINY_PRESETS["generator"]:
         return Check("preload generator", True, f"{ref}: tiny preset, built locally on first use")
-    path = Path(ref).expanduser()
-    if path.is_dir():
+    path = spelled_path(ref)
+    if path is not None and path.is_dir():
         return Check("preload generator", True, f"{ref}: local folder")
     repo_id = HUB_PRESETS["generator"].get(ref, ref)
     if _hub_cached(repo_id):

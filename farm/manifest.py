@@ -741,14 +741,24 @@ def _resolve_model_ref(value: str, base_dir: Path | None, policy: AssetPolicy) -
 
 
 def _check_plain_model_path(value: str, base_dir: Path | None, policy: AssetPolicy, kind: str) -> str:
-    """A validator or scorer reference under ``policy``: the operator's is kept as written (``farm.ml``
-    resolves it on the worker, as before); an uploaded manifest's must be a preset or hub id, or a folder
-    inside FARM_ASSET_DIRS (recorded resolved). ``clip-score:<validator>`` is checked as its validator."""
-    if policy.trusted:
-        return value
+    """A validator or scorer reference under ``policy``, a folder in it recorded as its absolute path.
+
+    The operator's: a relative path (``models/clip``, ``./clip``) that names a folder in the manifest's
+    folder, else in the current one, is recorded absolute (workers look up no relative ``owner/name`` in
+    their own working folder); anything else is kept as written for ``farm.ml`` to resolve on the worker.
+    An uploaded manifest's must be a preset or hub id, or a folder inside FARM_ASSET_DIRS; any other path
+    gets ``FOLDER_REFUSED``. ``clip-score:<validator>`` is checked as its validator.
+    """
     prefix = ""
     if kind == "scorer" and value.startswith(_CLIP_SCORE + ":"):
         prefix, value, kind = _CLIP_SCORE + ":", value[len(_CLIP_SCORE) + 1 :], "validator"
+    if policy.trusted:
+        if "/" in value or value.startswith((".", "~")):
+            for base in (base_dir, None):
+                found = policy.find_folder(value, base_dir=base)
+                if found is not None and found.is_dir():
+                    return prefix + str(found)
+        return prefix + value
     found = policy.find_folder(value, base_dir=base_dir)
     if found is not None:
         if not found.is_dir():

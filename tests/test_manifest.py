@@ -730,6 +730,26 @@ def test_operator_manifest_still_names_any_path(disk: dict[str, Path]) -> None:
         assert m.validation.model == "/abs/clip"
 
 
+def test_operator_relative_validator_and_scorer_folders_are_recorded_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers look up no relative owner/name in their working folder, so the operator's relative folders
+    are resolved here: against the manifest's folder, else the current one."""
+    batches, cwd = tmp_path / "batches", tmp_path / "cwd"
+    (batches / "models" / "clip").mkdir(parents=True)
+    (cwd / "models" / "aesthetic").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    m = parse_manifest(
+        doc(validation={"model": "models/clip"}, scoring={"model": "models/aesthetic"}), base_dir=batches
+    )
+    assert m.validation.model == str((batches / "models" / "clip").resolve())
+    assert m.scoring.model == str((cwd / "models" / "aesthetic").resolve())
+    m = parse_manifest(doc(scoring={"model": "clip-score:models/clip"}), base_dir=batches)
+    assert m.scoring.model == f"clip-score:{(batches / 'models' / 'clip').resolve()}"
+    preset = parse_manifest(doc(validation={"model": "tiny-clip"}), base_dir=batches)
+    assert preset.validation.model == "tiny-clip"
+
+
 # --- expansion
 
 

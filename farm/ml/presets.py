@@ -107,8 +107,18 @@ def _clip_score_validator(ref: str) -> str | None:
     return None
 
 
-def _looks_like_path(ref: str) -> bool:
-    return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
+def spelled_path(ref: str) -> Path | None:
+    """The local path ``ref`` spells, or None where it spells a hub id (``owner/name``) or a plain name.
+
+    Only an absolute path, one starting with ``.`` or ``~``, or one of three or more parts is a path; a
+    relative ``owner/name`` or a bare word is never looked up in this process's working folder. Why:
+    farm.manifest records the folders a manifest names as absolute paths (resolved against the manifest's
+    folder, or inside FARM_ASSET_DIRS for an uploaded manifest), so a worker's working folder is never what a
+    manifest means, and looking there would let an uploaded manifest probe it and load models from it.
+    """
+    if ref.startswith(("/", ".", "~")) or "\\" in ref or ref.count("/") > 1:
+        return Path(ref).expanduser()
+    return None
 
 
 def check_model_ref(ref: str, kind: str) -> str | None:
@@ -131,10 +141,10 @@ def check_model_ref(ref: str, kind: str) -> str | None:
             return (
                 f"{ref!r} is a {other} preset, not a {kind}; {kind} presets: {', '.join(known_presets(kind))}"
             )
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return _folder_error(path, kind)
-    if _looks_like_path(ref):
+    path = spelled_path(ref)
+    if path is not None:
+        if path.is_dir():
+            return _folder_error(path, kind)
         return f"{kind} model folder {ref!r} does not exist"
     if _HUB_ID.match(ref):
         return None
@@ -183,8 +193,8 @@ def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
     if ref in HUB_PRESETS[kind]:
         hub_id = HUB_PRESETS[kind][ref]
         return ResolvedModel(ref, kind, "hub", hub_id, hub_id, ref)  # type: ignore[arg-type]
-    path = Path(ref).expanduser()
-    if path.is_dir():
+    path = spelled_path(ref)
+    if path is not None and path.is_dir():
         folder = path.resolve()
         return ResolvedModel(ref, kind, "folder", str(folder), folder_fingerprint(folder), None)  # type: ignore[arg-type]
     return ResolvedModel(ref, kind, "hub", ref, ref, None)  # type: ignore[arg-type]

@@ -91,3 +91,20 @@ def test_check_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_unknown_kind_raises() -> None:
     with pytest.raises(ValueError, match="kind"):
         check_model_ref("tiny", "upscaler")
+
+
+def test_relative_owner_name_and_bare_words_are_never_looked_up_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker resolves the references an uploaded manifest sent: a folder of a hub id's spelling or a bare
+    word in its working folder must neither answer differently nor be loaded."""
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for kind in ("generator", "validator", "scorer"):
+        assert check_model_ref("owner/name", kind) is None
+        assert resolve_model("owner/name", kind=kind, models_dir=tmp_path / "m").source == "hub"
+        assert check_model_ref("var", kind) == check_model_ref("zzz", kind).replace("'zzz'", "'var'")
+    # Spelled as paths they are still the operator's folders.
+    assert "config.json" in check_model_ref("./owner/name", "validator")
+    assert "config.json" in check_model_ref(str(tmp_path / "var"), "validator")

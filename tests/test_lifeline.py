@@ -9,11 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from farm.embedded import EmbeddedRedis
 from farm.lifeline import tied, untied
 from farm.stack import leftovers
+from tests import pgutil
+
+# Signals and processes do not depend on the database: CI runs these in its SQLite pass only.
+pytestmark = pytest.mark.skipif(pgutil.enabled(), reason="database-independent: runs in the SQLite pass only")
 
 
 def _gone(pid: int, timeout: float) -> bool:

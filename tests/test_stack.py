@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 
 from farm.stack import HURRY_S, Stack, leftovers
+from tests import pgutil
+
+# Signals and processes do not depend on the database: CI runs these in its SQLite pass only.
+pytestmark = pytest.mark.skipif(pgutil.enabled(), reason="database-independent: runs in the SQLite pass only")
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_FLIGHT = ("generated", "moderated", "validated")

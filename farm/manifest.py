@@ -666,8 +666,8 @@ class Manifest(_Strict):
         policy = _assets(info)
         ref = _resolve_model_ref(value, _base_dir(info), policy)
         hook = (info.context or {}).get("check_model") if isinstance(info.context, dict) else None
-        # The ML layer's check looks for a folder of a hub id's spelling in the current folder: not for an
-        # uploaded manifest, which may name no folder outside FARM_ASSET_DIRS (its folders are absolute here).
+        # An uploaded manifest's hub id goes to no check that could look at the disk: its folders, all inside
+        # FARM_ASSET_DIRS, are absolute paths by now.
         if hook is not None and (policy.trusted or not _is_hub_id(ref)):
             try:
                 problem = hook(ref)

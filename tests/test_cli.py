@@ -32,6 +32,24 @@ def test_dry_run_prints_expanded_counts_and_enqueues_nothing(tmp_path, monkeypat
     assert not (tmp_path / "home" / "farm.db").exists()
 
 
+def test_dry_run_of_the_operators_manifest_still_names_absolute_paths(tmp_path, monkeypatch):
+    """The CLI is the operator: files and model folders anywhere on the disk, as before uploads were
+    limited to FARM_ASSET_DIRS (which is empty here)."""
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "pipe").mkdir(parents=True)
+    (elsewhere / "pipe" / "model_index.json").write_text("{}")
+    (elsewhere / "blocked.txt").write_text("ab" * 32 + ",known-bad\n")
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    path = manifests / "m.yaml"
+    path.write_text(f"name: op\nmodel: {elsewhere / 'pipe'}\nitems: [a cat]\n"
+                    f"moderation: {{pdq_blocklist: {elsewhere / 'blocked.txt'}}}\n")
+    result = CliRunner().invoke(cli, ["submit", "--dry-run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["model"] == str((elsewhere / "pipe").resolve())
+
+
 def test_submit_of_an_invalid_manifest_names_the_field_and_exits_nonzero(tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
     bad = tmp_path / "bad.yaml"
@@ -162,16 +180,14 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
             ).stdout.split()
         ]
         assert len(children) >= 5, "redis, a worker, control, web and flower"
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
         assert proc.wait(120) == 0
-        alive = []
-        for pid in children:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        assert not alive, f"processes left running after Ctrl-C: {alive}"
+        from farm.stack import leftovers
+
+        deadline = time.monotonic() + 10
+        while leftovers(env["FARM_HOME"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not leftovers(env["FARM_HOME"]), "processes left running after Ctrl-C"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -229,3 +229,35 @@ def test_read_recipe_is_the_one_reader_of_the_recipe_chunk_and_says_what_is_wron
             read_recipe(path)
         with pytest.raises(ReplayError, match=words):
             replay_read_recipe(path)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_files_uploaded_with_a_manifest_are_stored_read_back_through_the_store_and_removed_when_refused(
+    kind, tmp_path, request
+):
+    """What lets a worker on another host read an uploaded blocklist: it lives in the artifact store (the
+    shared folder or the bucket) and the batch records a store: name; a refused submission leaves none."""
+    from farm.assets import AssetPolicy, read_asset
+    from farm.manifest import parse_manifest
+
+    if kind == "s3":
+        store = S3Store("s3://farm-test/assets", endpoint_url=request.getfixturevalue("s3")["endpoint"])
+    else:
+        store = LocalStore(tmp_path / "artifacts")
+    listing = b"ab" * 32 + b",known-bad\n"
+    text = "name: up\nitems: [a cat]\nmoderation: {pdq_blocklist: block.txt}\n"
+    kept = AssetPolicy.uploaded(asset_dirs=[], uploads={"block.txt": listing})
+    ref = parse_manifest(text, assets=kept).moderation.pdq_blocklist
+    with kept.stored(store) as keys:
+        assert keys == [ref.removeprefix("store:")]
+    assert read_asset(ref, store=store) == listing
+    refused = AssetPolicy.uploaded(asset_dirs=[], uploads={"block.txt": listing})
+    parse_manifest(text, assets=refused)
+    with pytest.raises(RuntimeError), refused.stored(store):
+        raise RuntimeError("the broker said no")
+    with pytest.raises(FileNotFoundError):
+        read_asset(refused.store_ref("block.txt"), store=store)
+    if kind == "s3":
+        assert store.names("uploads") == [ref.removeprefix("store:")]
+    else:
+        assert [p.name for p in (tmp_path / "artifacts" / "uploads").iterdir()] == [kept.folder]

@@ -108,3 +108,14 @@ def test_relative_owner_name_and_bare_words_are_never_looked_up_in_the_working_f
     # Spelled as paths they are still the operator's folders.
     assert "config.json" in check_model_ref("./owner/name", "validator")
     assert "config.json" in check_model_ref(str(tmp_path / "var"), "validator")
+
+
+def test_the_manifest_accepts_exactly_the_generator_presets_and_schedulers_the_ml_layer_knows() -> None:
+    """farm.manifest keeps its own lists (it may not import the ML layer); a name validation accepts that the
+    worker does not know would fail every candidate at run time, so the lists must agree."""
+    from farm.manifest import MODEL_PRESETS, SCHEDULERS
+    from farm.ml.generator import SCHEDULERS as GENERATOR_SCHEDULERS
+    from farm.ml.presets import HUB_PRESETS, TINY_PRESETS
+
+    assert set(MODEL_PRESETS) == set(TINY_PRESETS["generator"]) | set(HUB_PRESETS["generator"])
+    assert set(SCHEDULERS) == set(GENERATOR_SCHEDULERS)

@@ -2,13 +2,19 @@
 
 Why an adapter: the generate stage must not care whether the pipeline is the tiny preset, SD-Turbo, SDXL or
 FLUX; it asks for one batched forward pass over a slice of seeds and a recipe for provenance. Each seed gets
-its own ``torch.Generator`` so a candidate's image depends on its seed, not on the slice it landed in.
+its own ``torch.Generator`` so a candidate's picture depends on its seed, not on the slice it landed in; its
+exact pixels do not: float sums over a batch of another size round differently (one uint8 level here and
+there on a CPU). So the recipe also records what decides the numerics (the slice's seeds in order, torch's
+thread count, the CPU's kernel level or the GPU's name, the precision flags), and ``numerics_as`` puts the
+recorded ones back for a replay.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -62,12 +68,68 @@ def package_versions() -> dict[str, str]:
     """Versions of the packages that decide the pixels, for provenance (read once: they cannot change under
     a running process, and reading package metadata costs milliseconds per slice)."""
     versions: dict[str, str] = {}
-    for name in ("torch", "diffusers", "transformers"):
+    for name in ("torch", "diffusers", "transformers", "numpy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "missing"
     return versions
+
+
+def numerics(device: str) -> dict[str, Any]:
+    """The process settings that decide how this device's float sums round, read at generation time.
+
+    ``torch_threads`` splits a CPU matmul's sums differently per count (a CPU-backed worker runs with its
+    share of the cores, FARM_WORKER_THREADS); ``cpu_capability`` is the SIMD kernel level torch dispatched to;
+    on a GPU its name and the TF32/cuDNN flags decide the kernels."""
+    out: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    if device.startswith("cuda"):
+        out["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        out["cudnn_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        out["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+    return out
+
+
+@contextmanager
+def numerics_as(recorded: dict[str, Any] | None) -> Iterator[None]:
+    """Run the block with the recorded thread count and precision flags, then put this process's back.
+
+    Keys the recording lacks are left as they are (an old recipe, or a CPU recipe replayed on a GPU)."""
+    recorded = recorded or {}
+    before = (
+        torch.get_num_threads(),
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        if recorded.get("torch_threads"):
+            torch.set_num_threads(int(recorded["torch_threads"]))
+        if recorded.get("matmul_precision"):
+            torch.set_float32_matmul_precision(str(recorded["matmul_precision"]))
+        if "cudnn_tf32" in recorded:
+            torch.backends.cudnn.allow_tf32 = bool(recorded["cudnn_tf32"])
+        if "cudnn_benchmark" in recorded:
+            torch.backends.cudnn.benchmark = bool(recorded["cudnn_benchmark"])
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.set_float32_matmul_precision(before[1])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def replay_device(recorded: str | None) -> str:
+    """Where to replay by default: the recorded device when this host has it, else the CPU."""
+    if recorded and recorded.startswith("cuda") and torch.cuda.is_available():
+        index = int(recorded.partition(":")[2] or 0)
+        if index < torch.cuda.device_count():
+            return recorded
+    return "cpu"
 
 
 @dataclass
@@ -80,6 +142,8 @@ class Generator:
     dtype: str
     scheduler_name: str | None = None
     options: dict[str, bool] = field(default_factory=dict)
+    #: The last slice's seeds in order and the numerics it ran under (see ``numerics``), for its recipe.
+    last_slice: dict[str, Any] = field(default_factory=dict)
     _original_scheduler: Any = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -160,7 +224,8 @@ class Generator:
         height: int,
         scheduler: str | None,
     ) -> list[Image.Image]:
-        """One image per seed in ONE batched forward pass; image i depends on seeds[i], not on the slice."""
+        """One image per seed in ONE batched forward pass; image i shows seeds[i] whatever the slice, and its
+        pixels are reproduced bit for bit by the same slice under the same numerics (``last_slice``)."""
         if not seeds:
             return []
         if steps < 1:
@@ -180,12 +245,14 @@ class Generator:
         }
         if negative_prompt and guidance > 1.0:
             kwargs["negative_prompt"] = [negative_prompt] * len(seeds)
+        self.last_slice = {"slice_seeds": [int(s) for s in seeds], "numerics": numerics(self.device)}
         with torch.inference_mode():
             result = self.pipe(**kwargs)
         return list(result.images)
 
     def recipe(self) -> dict[str, Any]:
-        """Everything needed to say how an image was made: model, fingerprint, classes, options, versions."""
+        """Everything needed to say how the last slice was made: model, fingerprint, classes, options,
+        versions, and that slice's seeds and numerics (a candidate's recipe adds its ``slice_position``)."""
         return {
             "model_ref": self.resolved.ref,
             "model_source": self.resolved.source,
@@ -198,4 +265,5 @@ class Generator:
             "dtype": self.dtype,
             **self.options,
             "versions": dict(package_versions()),
+            **self.last_slice,
         }

@@ -44,7 +44,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     )
     base = gen.recipe()
     out, files = {}, []
-    for c, image in zip(cands, images, strict=True):
+    for position, (c, image) in enumerate(zip(cands, images, strict=True)):
         rel = image_name(batch.id, c.id)
         recipe = {
             **base,
@@ -53,6 +53,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
             "prompt": item.prompt,
             "negative_prompt": item.negative_prompt,
             "seed": c.seed,
+            "slice_position": position,  # in base["slice_seeds"]: replay regenerates the whole slice
             "steps": p["steps"],
             "guidance": p["guidance"],
             "width": p["width"],

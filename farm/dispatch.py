@@ -77,6 +77,7 @@ def plan(
         base_dir=base_dir,
         check_model=lambda ref: check_model_ref(ref, kind="generator"),
         assets=assets,
+        check_ref=check_model_ref,
     )
     return manifest, expand(manifest)
 

@@ -568,7 +568,8 @@ class Validation(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model_path(cls, value: str, info: ValidationInfo) -> str:
-        return _check_plain_model_path(value, _base_dir(info), _assets(info), "validator")
+        ref = _check_plain_model_path(value, _base_dir(info), _assets(info), "validator")
+        return _checked_ref(ref, "validator", info)
 
 
 class ScoringWeights(_Strict):
@@ -595,7 +596,8 @@ class Scoring(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model_path(cls, value: str, info: ValidationInfo) -> str:
-        return _check_plain_model_path(value, _base_dir(info), _assets(info), "scorer")
+        ref = _check_plain_model_path(value, _base_dir(info), _assets(info), "scorer")
+        return _checked_ref(ref, "scorer", info)
 
 
 class Selection(_Strict):
@@ -770,6 +772,20 @@ def _check_plain_model_path(value: str, base_dir: Path | None, policy: AssetPoli
     if _looks_like_path(value) or (":" in value and not _is_hub_id(value)):
         raise ValueError(FOLDER_REFUSED)
     return prefix + value
+
+
+def _checked_ref(ref: str, kind: str, info: ValidationInfo) -> str:
+    """``ref`` once the plugged-in ``check_ref`` (the ML layer's) has no objection to it as a ``kind``."""
+    hook = (info.context or {}).get("check_ref") if isinstance(info.context, dict) else None
+    if hook is None:
+        return ref
+    try:
+        problem = hook(ref, kind)
+    except Exception as exc:  # noqa: BLE001 - a plugged-in check must not crash parsing
+        problem = f"model check failed: {type(exc).__name__}: {exc}"
+    if problem:
+        raise ValueError(str(problem))
+    return ref
 
 
 def _check_pdq_file(value: str, base_dir: Path | None, policy: AssetPolicy) -> str:
@@ -1224,12 +1240,15 @@ def parse_manifest(
     base_dir: Path | None = None,
     check_model: Callable[[str], str | None] | None = None,
     assets: AssetPolicy | None = None,
+    check_ref: Callable[[str, str], str | None] | None = None,
 ) -> Manifest:
     """Parse and fully validate a manifest; raise ``ManifestError`` listing every problem, and nothing else.
 
     ``base_dir`` is the manifest's folder: relative model folders and the PDQ blocklist resolve against it
     (the current directory when None). ``check_model``, if given, is called with the resolved model reference
-    and returns an error message or None; the ML layer plugs in what only it knows. Expansion limits
+    and returns an error message or None; the ML layer plugs in what only it knows. ``check_ref`` does the
+    same for ``validation.model`` and ``scoring.model``, called with the reference and its kind ("validator"
+    or "scorer"), so a name no worker knows fails here, not on every candidate. Expansion limits
     (item/candidate totals, template variables, winners vs candidates) are checked here too, so a manifest
     that parses will expand. ``assets`` decides which files and folders the manifest may name (farm.assets):
     the operator's policy when None (any path, as the CLI always allowed); the web passes an uploader's.
@@ -1248,7 +1267,12 @@ def parse_manifest(
         raise ManifestError.at(
             "(root)", f"expected a mapping of fields at the top level, got {_describe(raw)}"
         )
-    context = {"base_dir": base_dir, "check_model": check_model, "assets": assets or AssetPolicy.operator()}
+    context = {
+        "base_dir": base_dir,
+        "check_model": check_model,
+        "check_ref": check_ref,
+        "assets": assets or AssetPolicy.operator(),
+    }
     try:
         manifest = Manifest.model_validate(raw, context=context)
     except ValidationError as exc:

@@ -274,6 +274,22 @@ def test_api_uploaded_file_over_its_own_limit_is_413(make_app, server_disk, monk
     assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
 
 
+@pytest.mark.parametrize(
+    ("fields", "path", "words"),
+    [
+        ({"validation": {"model": "tinny-clip"}}, "validation.model", "unknown validator model 'tinny-clip'"),
+        ({"scoring": {"model": "tiny-clip"}}, "scoring.model", "validator preset, not a scorer"),
+        ({"scoring": {"model": "clip-score:tiny-aesthetic"}}, "scoring.model",
+         "scorer preset, not a validator"),
+    ],
+)
+def test_a_validator_or_scorer_no_worker_knows_is_refused_at_validation(client, fields, path, words):
+    """They used to pass validation and fail every candidate at validate or score."""
+    r = client.post("/api/v1/batches?dry_run=1", data=manifest_naming(**fields), content_type="text/yaml")
+    assert r.status_code == 400, r.json
+    assert r.json["errors"][0]["path"] == path and words in r.json["errors"][0]["message"]
+
+
 def test_cli_submit_still_accepts_absolute_paths(server_disk, settings, broker):
     """The operator's own manifest (farm submit) names files and model folders anywhere, as before."""
     from farm import dispatch

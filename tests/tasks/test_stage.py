@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 
 from farm import dispatch, records
 from farm.config import load_settings
-from farm.db import READ_ONLY, Candidate, get_engine, migrate, session_scope
+from farm.db import READ_ONLY, Candidate, get_engine, migrate, session_scope, utcnow
 from farm.tasks import runtime as runtime_module
 from farm.tasks.runtime import Runtime
 from farm.tasks.stage import Stage, run_stages
@@ -184,3 +185,47 @@ def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and
     assert {c.id: c.status for c in worked} == {ids[0]: "pending", ids[1]: "scored", ids[2]: "scored"}
     lost = _rows(url, [ids[0]])[0]
     assert (lost.image_path, lost.recipe, lost.stage) == (None, {}, None), "the row names no missing image"
+
+
+def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_holder_writes_once(one_slice):
+    url, ids = one_slice
+    events: list[str] = []
+    rt = runtime_module.runtime()
+    other: list[records.StageStart] = []
+
+    def paused_past_its_lease(start, cands):
+        # This run stopped here past its lease: the reaper moved the generation on and another worker took
+        # the slice (it has not written yet); then this run goes on.
+        with session_scope(url) as s:
+            s.execute(update(Candidate).where(Candidate.id.in_(ids)).values(lease_expires_at=utcnow()))
+        assert sorted(r.id for r in records.take_expired_leases(url, utcnow() + timedelta(seconds=1))) == ids
+        claim = records.Claim("cuda1@elsewhere pid 2", 60)
+        other.append(records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=claim))
+        rt.lease._renewed -= 3600  # its clock ran on while it was stopped: the next check renews first
+        events.append("taken over")
+        return {c.id: {"image_path": "old.png", "worker": "cuda0@here"} for c in cands}
+
+    stages = [Stage("generate", paused_past_its_lease, settle=lambda cands: {}), *_four_stages(events)[1:]]
+    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+
+    assert events == ["taken over"], "nothing after generate ran: the slice was dropped"
+    assert rt.lease is None
+    rows = _rows(url, ids)
+    assert {(c.status, c.image_path, c.worker, c.lease_token) for c in rows} == {("pending", None, None, 3)}
+    new = other[0]
+    (written,) = records.apply_stages(
+        url,
+        [
+            records.StageWrite(
+                "generate",
+                {c.id: {"image_path": "new.png", "worker": "cuda1@elsewhere"} for c in new.todo},
+                {"s": 0.1},
+                started={c.id: c for c in new.todo},
+                keeps=frozenset(),
+            )
+        ],
+    )
+    assert len(written) == 3
+    rows = _rows(url, ids)
+    assert {(c.status, c.image_path, c.worker) for c in rows} == {("generated", "new.png", "cuda1@elsewhere")}
+    assert all(c.stage_attempts == {"generate": 2} and c.lease_expires_at is None for c in rows)

@@ -89,7 +89,22 @@ def test_recipe_records_provenance(tiny_generator: Generator) -> None:
     assert recipe["model_ref"] == "tiny"
     assert recipe["pipeline_class"] == "StableDiffusionPipeline"
     assert len(recipe["fingerprint"]) == 16
-    assert set(recipe["versions"]) == {"torch", "diffusers", "transformers"}
+    assert set(recipe["versions"]) == {"torch", "diffusers", "transformers", "numpy"}
+
+
+def test_recipe_records_the_last_slice_and_the_threads_it_ran_under(tiny_generator: Generator) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tiny_generator.generate(seeds=[8, 3, 5], scheduler=None, **KW)
+    finally:
+        torch.set_num_threads(threads)
+    recipe = tiny_generator.recipe()
+    assert recipe["slice_seeds"] == [8, 3, 5]
+    assert recipe["numerics"]["torch_threads"] == 1
+    assert recipe["numerics"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_tiny_xl_generates(models_dir: Path) -> None:

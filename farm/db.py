@@ -130,7 +130,7 @@ class Candidate(Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     recipe: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    #: The lease of the worker process working on this candidate (farm.lease): its generation, which every
+    #: The lease of the process working on this candidate (farm.tasks.lease): its generation, which every
     #: stage write must still match (a fencing token), who holds it, and until when. No expiry: not held
     #: (queued, handed on, settled); an expiry in the past: its holder stopped renewing, the reaper re-sends.
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

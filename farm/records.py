@@ -473,6 +473,10 @@ class Ranked:
     winners: list[str]
     ranked: list[str]
     batch_closed: bool
+    #: ``(candidate id, image path)`` of candidates closed cancelled or failed whose row names an image: an
+    #: image handed to a QC task that never stored it (the batch was cancelled, the slice given up) is not in
+    #: the store, and :func:`forget_missing_images` clears those rows.
+    closed_with_images: list[tuple[str, str]] = field(default_factory=list)
 
 
 def finish_item(
@@ -503,14 +507,17 @@ def finish_item(
             .with_for_update(of=_B)
         ).one()
         stopped = batch_status in BATCH_STOPPED
-        rows = []
+        rows, closed_with_images = [], []
         for c in conn.execute(
-            select(_C.c.id, _C.c.status, _C.c.error, _C.c.score).where(_C.c.item_id == item_id)
+            select(_C.c.id, _C.c.status, _C.c.error, _C.c.score, _C.c.image_path)
+            .where(_C.c.item_id == item_id)
         ):
             status, error = ("passed" if c.status == "scored" else c.status), c.error
             if status not in CANDIDATE_FINAL:
                 status = "cancelled" if stopped else "failed"
                 error = error or "the item was ranked before this candidate finished"
+            if status in ("cancelled", "failed") and c.image_path:
+                closed_with_images.append((c.id, c.image_path))
             rows.append(
                 {
                     "b_id": c.id,
@@ -541,7 +548,22 @@ def finish_item(
                     .values(status="cancelled" if stopped else "done", finished_at=utcnow())
                 )
                 closed = True
-        return Ranked(item_id, winners, ranking, closed)
+        return Ranked(item_id, winners, ranking, closed, closed_with_images)
+
+
+def forget_missing_images(url: str, images: list[tuple[str, str]], present: set[str]) -> list[str]:
+    """Closed candidates whose row names an image that is not in the store (``present``: the store's names)
+    name none, so rows and files agree; returns their ids. Guarded by the name and a closed status."""
+    gone = [(cid, path) for cid, path in images if path not in present]
+    if gone:
+        with get_engine(url).begin() as conn:
+            for cid, path in gone:
+                conn.execute(
+                    update(_C)
+                    .where(_C.c.id == cid, _C.c.image_path == path, _C.c.status.in_(("cancelled", "failed")))
+                    .values(image_path=None)
+                )
+    return [cid for cid, _ in gone]
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,15 @@ def rank_item(self: Task, item_id: str) -> dict:
         scores=result.scores,
         during=lambda: faults.trigger("rank", prompt, [0], attempt=self.request.retries + 1),
     )
+    if done.closed_with_images:
+        from farm.artifacts import store_for
+
+        batch = done.closed_with_images[0][1].split("/", 1)[0]
+        forgotten = records.forget_missing_images(
+            settings.database_url, done.closed_with_images, set(store_for(settings).names(batch))
+        )
+        if forgotten:
+            logs.event(log, "closed candidates whose image was never stored", item=item_id, ids=forgotten)
     logs.event(
         log,
         "item ranked",

@@ -34,6 +34,8 @@ __all__ = [
     "AssetPolicy",
     "UploadRefused",
     "check_upload_name",
+    "is_hub_id",
+    "looks_like_path",
     "read_asset",
 ]
 
@@ -54,6 +56,35 @@ FOLDER_REFUSED = (
 )
 
 _UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+#: A Hugging Face hub id: ``owner/name``, each part 1 to 96 letters, digits, ``_``, ``.`` or ``-`` starting
+#: with a letter or digit (the hub's own rule, which also forbids ``--`` and ``..`` anywhere: ``is_hub_id``).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether ``value`` is spelled as a hub id (``owner/name``), the way the hub itself validates one.
+
+    Why here, once: manifest validation (farm.manifest) and the worker's resolution (farm.ml.presets) must
+    agree on what a hub id is, or a reference one accepts the other treats as something else.
+    """
+    return _HUB_ID.fullmatch(value) is not None and ".." not in value and "--" not in value
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a model reference is spelled as a local path: absolute, starting with ``.`` or ``~``, holding a
+    backslash, of three or more ``/`` parts, or with a ``..`` part (``./x``, ``~root``, ``a/b/c``, ``x/..``).
+
+    Anything else (``owner/name``, a bare ``name``) is a preset or a hub id and is never looked up on the disk
+    relative to a working folder. Why one rule: farm.manifest decides from it what an uploaded manifest may
+    name, farm.ml.presets what a worker looks up on its disk; two copies had already drifted apart.
+    """
+    return (
+        value.startswith(("/", ".", "~"))
+        or "\\" in value
+        or value.count("/") > 1
+        or ".." in value.split("/")
+    )
 
 
 class UploadRefused(ValueError):

@@ -58,7 +58,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from farm.assets import FOLDER_REFUSED, AssetPolicy
+from farm.assets import FOLDER_REFUSED, AssetPolicy, is_hub_id, looks_like_path
 from farm.formats import FormatError, model_folder_problem, parse_pdq_blocklist
 
 __all__ = [
@@ -140,7 +140,6 @@ DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
-_HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _SIZE_RE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
 _SIZE_PATTERN = r"^[0-9]+[xX][0-9]+$"
 _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -670,7 +669,7 @@ class Manifest(_Strict):
         hook = (info.context or {}).get("check_model") if isinstance(info.context, dict) else None
         # An uploaded manifest's hub id goes to no check that could look at the disk: its folders, all inside
         # FARM_ASSET_DIRS, are absolute paths by now.
-        if hook is not None and (policy.trusted or not _is_hub_id(ref)):
+        if hook is not None and (policy.trusted or not is_hub_id(ref)):
             try:
                 problem = hook(ref)
             except Exception as exc:  # noqa: BLE001 - a plugged-in check must not crash parsing
@@ -698,16 +697,6 @@ def _assets(info: ValidationInfo) -> AssetPolicy:
     return policy if isinstance(policy, AssetPolicy) else AssetPolicy.operator()
 
 
-def _looks_like_path(value: str) -> bool:
-    return (
-        value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1 or ".." in value.split("/")
-    )
-
-
-def _is_hub_id(value: str) -> bool:
-    return _HUB_ID_RE.fullmatch(value) is not None and ".." not in value and "--" not in value
-
-
 def _resolve_model_ref(value: str, base_dir: Path | None, policy: AssetPolicy) -> str:
     """Preset name -> itself; existing folder -> its absolute path; ``owner/name`` -> itself; else ValueError.
 
@@ -728,9 +717,9 @@ def _resolve_model_ref(value: str, base_dir: Path | None, policy: AssetPolicy) -
         return str(found)
     if found is not None:
         raise ValueError(f"{_clip(value)} is a file; a local model must be a diffusers pipeline folder")
-    if _is_hub_id(value):
+    if is_hub_id(value):
         return value
-    if _looks_like_path(value):
+    if looks_like_path(value):
         if not policy.trusted:
             raise ValueError(FOLDER_REFUSED)
         raise ValueError(f"folder {_clip(value)} does not exist")
@@ -769,7 +758,7 @@ def _check_plain_model_path(value: str, base_dir: Path | None, policy: AssetPoli
         if problem:
             raise ValueError(f"folder {_clip(value)} {problem}")
         return prefix + str(found)
-    if _looks_like_path(value) or (":" in value and not _is_hub_id(value)):
+    if looks_like_path(value) or (":" in value and not is_hub_id(value)):
         raise ValueError(FOLDER_REFUSED)
     return prefix + value
 

@@ -10,11 +10,11 @@ fingerprint for provenance.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from farm.assets import is_hub_id, looks_like_path
 from farm.formats import MODEL_FOLDER_MARKERS, model_folder_problem
 
 KINDS = ("generator", "validator", "scorer")
@@ -55,8 +55,6 @@ DEFAULT_CLIP_SCORE_VALIDATOR = "tiny-clip"
 #: Files a local folder must contain (any one of them) to count as a model of each kind (farm.formats, which
 #: manifest validation reads too).
 FOLDER_MARKERS = MODEL_FOLDER_MARKERS
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 class ModelRefError(ValueError):
@@ -110,13 +108,13 @@ def _clip_score_validator(ref: str) -> str | None:
 def spelled_path(ref: str) -> Path | None:
     """The local path ``ref`` spells, or None where it spells a hub id (``owner/name``) or a plain name.
 
-    Only an absolute path, one starting with ``.`` or ``~``, or one of three or more parts is a path; a
-    relative ``owner/name`` or a bare word is never looked up in this process's working folder. Why:
+    Which spellings are paths is ``farm.assets.looks_like_path``'s rule, the one manifest validation applies:
+    a relative ``owner/name`` or a bare word is never looked up in this process's working folder. Why:
     farm.manifest records the folders a manifest names as absolute paths (resolved against the manifest's
     folder, or inside FARM_ASSET_DIRS for an uploaded manifest), so a worker's working folder is never what a
     manifest means, and looking there would let an uploaded manifest probe it and load models from it.
     """
-    if ref.startswith(("/", ".", "~")) or "\\" in ref or ref.count("/") > 1:
+    if looks_like_path(ref):
         return Path(ref).expanduser()
     return None
 
@@ -146,7 +144,7 @@ def check_model_ref(ref: str, kind: str) -> str | None:
         if path.is_dir():
             return _folder_error(path, kind)
         return f"{kind} model folder {ref!r} does not exist"
-    if _HUB_ID.match(ref):
+    if is_hub_id(ref):
         return None
     return _unknown(ref, kind)
 

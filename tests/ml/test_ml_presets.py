@@ -119,3 +119,33 @@ def test_the_manifest_accepts_exactly_the_generator_presets_and_schedulers_the_m
 
     assert set(MODEL_PRESETS) == set(TINY_PRESETS["generator"]) | set(HUB_PRESETS["generator"])
     assert set(SCHEDULERS) == set(GENERATOR_SCHEDULERS)
+
+
+@pytest.mark.parametrize(
+    ("value", "is_path", "is_hub"),
+    [
+        ("./x", True, False),
+        ("../x", True, False),
+        ("a/b/../../etc", True, False),
+        ("x/..", True, False),
+        ("~root", True, False),
+        ("/abs", True, False),
+        ("owner/name", False, True),
+        ("owner/name/extra", True, False),
+        ("C:\\x", True, False),
+        ("name", False, False),
+        ("a--b/name", False, False),
+        ("owner/name\n", False, False),
+    ],
+)
+def test_one_rule_says_what_is_a_path_and_what_is_a_hub_id(value: str, is_path: bool, is_hub: bool) -> None:
+    """Manifest validation and the worker's resolution ask the same two functions: a spelling one takes for a
+    hub id and the other for a path would be checked by one rule and loaded by another."""
+    import farm.manifest
+    from farm.assets import is_hub_id, looks_like_path
+    from farm.ml.presets import spelled_path
+
+    assert (looks_like_path(value), is_hub_id(value)) == (is_path, is_hub)
+    assert (spelled_path(value) is not None) == is_path
+    assert farm.manifest.looks_like_path is looks_like_path and farm.manifest.is_hub_id is is_hub_id
+

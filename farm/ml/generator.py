@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from farm.ml.presets import ResolvedModel
+from farm.ml.presets import ResolvedModel, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,8 @@ class Generator:
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        pipe = DiffusionPipeline.from_pretrained(resolved.path_or_id, dtype=DTYPES[dtype])
+        # A folder, never a hub id: from_pretrained would look for the id in the working folder first.
+        pipe = DiffusionPipeline.from_pretrained(model_folder(resolved), dtype=DTYPES[dtype])
         pipe.set_progress_bar_config(disable=True)
         if attention_slicing and hasattr(pipe, "enable_attention_slicing"):
             pipe.enable_attention_slicing()

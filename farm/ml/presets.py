@@ -10,12 +10,16 @@ fingerprint for provenance.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from farm.assets import is_hub_id, looks_like_path
 from farm.formats import MODEL_FOLDER_MARKERS, model_folder_problem
+
+log = logging.getLogger(__name__)
 
 KINDS = ("generator", "validator", "scorer")
 
@@ -196,6 +200,97 @@ def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
         folder = path.resolve()
         return ResolvedModel(ref, kind, "folder", str(folder), folder_fingerprint(folder), None)  # type: ignore[arg-type]
     return ResolvedModel(ref, kind, "hub", ref, ref, None)  # type: ignore[arg-type]
+
+
+def model_folder(resolved: ResolvedModel) -> str:
+    """What a loader is given for ``resolved``: a preset's or a local model's folder as resolved, and for a
+    hub id the absolute folder of its snapshot in the Hugging Face cache (``hub_snapshot``).
+
+    Why never the hub id itself: ``DiffusionPipeline.from_pretrained`` and ``AutoModel.from_pretrained`` first
+    take a name as a folder relative to the working directory, and only then as a hub id. A hub id comes from
+    whoever wrote the manifest, an uploader included, so ``acme/secret`` would probe the worker's working
+    folder (the two errors differ) and load whatever model lies there. ``resolved`` keeps the hub id as its
+    ``path_or_id`` and fingerprint, so recipes, replay and fingerprints are unchanged.
+    """
+    if resolved.source != "hub":
+        return resolved.path_or_id
+    return str(hub_snapshot(resolved.path_or_id, resolved.kind))
+
+
+#: What a hub validator or scorer fetches when the worker may download: configs, tokenizer files and
+#: safetensors weights (``*.bin`` only for a repo without safetensors), not the repo's other weight formats.
+_HUB_MODEL_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
+
+
+def hub_snapshot(hub_id: str, kind: str) -> Path:
+    """The absolute snapshot folder of ``hub_id`` in the Hugging Face cache, downloaded first unless
+    HF_HUB_OFFLINE is set (the hub library's own setting, which it honours everywhere else too).
+
+    Raises ``ModelRefError`` naming the hub id and how to fetch it when the model is not available: the
+    message says nothing about this worker's disk, since it is stored on candidates and shown to whoever
+    submitted the manifest.
+    """
+    from huggingface_hub import constants
+
+    cached = _cached_snapshot(hub_id, kind)
+    if constants.HF_HUB_OFFLINE:
+        if cached is None:
+            raise ModelRefError(
+                f"{kind} model {hub_id!r} is not in this worker's Hugging Face cache, and HF_HUB_OFFLINE is "
+                f"set so it is not downloaded: {_fetch_hint(hub_id)}"
+            )
+        return cached
+    try:
+        return Path(os.path.abspath(_download(hub_id, kind)))
+    except Exception as exc:  # noqa: BLE001 - the hub's failures vary (network, not found, gated)
+        if cached is not None:
+            log.warning("%s %r: the hub did not answer (%s); using its cached snapshot", kind, hub_id, exc)
+            return cached
+        raise ModelRefError(
+            f"{kind} model {hub_id!r} could not be downloaded from the Hugging Face hub "
+            f"({type(exc).__name__}) and is not in this worker's cache: {_fetch_hint(hub_id)}"
+        ) from None
+
+
+def _fetch_hint(hub_id: str) -> str:
+    return (
+        f"fetch it once into the Hugging Face cache the workers use (`hf download {hub_id}` on the worker "
+        "host, or a run with HF_HUB_OFFLINE unset), or name a preset"
+    )
+
+
+def _cached_snapshot(hub_id: str, kind: str) -> Path | None:
+    """The cached snapshot folder (of the ``main`` revision) that holds a marker file of ``kind``, or None.
+
+    Why look for a marker rather than ask ``snapshot_download(local_files_only=True)``: a snapshot fetched
+    by a library's own loader holds only the files that loader wanted, and the hub library calls such a
+    snapshot incomplete once it knows the repo's full listing.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    for marker in MODEL_FOLDER_MARKERS[kind]:
+        try:
+            hit = try_to_load_from_cache(hub_id, marker)
+        except ValueError:  # HFValidationError: not an id the hub accepts, so never cached
+            return None
+        if isinstance(hit, str):
+            return Path(os.path.abspath(os.path.dirname(hit)))
+    return None
+
+
+def _download(hub_id: str, kind: str) -> str:
+    """Fetch ``hub_id`` into the cache the way its library's loader would, and return its snapshot folder."""
+    if kind == "generator":
+        from diffusers import DiffusionPipeline
+
+        # diffusers' own download: the files of the pipeline's components only, as from_pretrained fetches.
+        return str(DiffusionPipeline.download(hub_id))
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(hub_id, allow_patterns=_HUB_MODEL_FILES)
+    if not any(Path(folder).glob("*.safetensors")):
+        folder = snapshot_download(hub_id, allow_patterns=[*_HUB_MODEL_FILES, "*.bin"])
+    return str(folder)
 
 
 def describe(resolved: ResolvedModel) -> dict[str, str | None]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from farm.ml.presets import ResolvedModel
+from farm.ml.presets import ResolvedModel, model_folder
 
 
 def negate(phrase: str) -> str:
@@ -41,11 +41,13 @@ class ClipAlignment:
 
     @classmethod
     def load(cls, resolved: ResolvedModel, device: str = "cpu") -> ClipAlignment:
-        """Load through ``AutoModel``/``AutoProcessor.from_pretrained`` (a folder or a hub id)."""
+        """Load through ``AutoModel``/``AutoProcessor.from_pretrained`` from a folder: a hub id's is its
+        cached snapshot (``model_folder``): transformers would look for an id in the working folder first."""
         from transformers import AutoModel, AutoProcessor
 
-        model = AutoModel.from_pretrained(resolved.path_or_id)
-        processor = AutoProcessor.from_pretrained(resolved.path_or_id)
+        folder = model_folder(resolved)
+        model = AutoModel.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder)
         if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
             raise ValueError(
                 f"validator {resolved.ref!r} is a {type(model).__name__}, not a CLIP-style model"

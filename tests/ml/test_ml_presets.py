@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,110 @@ def test_one_rule_says_what_is_a_path_and_what_is_a_hub_id(value: str, is_path: 
     assert (spelled_path(value) is not None) == is_path
     assert farm.manifest.looks_like_path is looks_like_path and farm.manifest.is_hub_id is is_hub_id
 
+
+def _load(kind: str, resolved):  # noqa: ANN202 - a generator, a validator or a scorer
+    if kind == "generator":
+        from farm.ml.generator import Generator
+
+        return Generator.load(resolved)
+    if kind == "validator":
+        from farm.ml.validation import ClipAlignment
+
+        return ClipAlignment.load(resolved)
+    from farm.ml.scoring import load_scorer
+
+    return load_scorer(resolved)
+
+
+#: (kind, the preset whose folder stands in for the model, the reference naming hub id ``acme/<name>``).
+_HUB_CASES = [
+    ("generator", "tiny", "{}"),
+    ("validator", "tiny-clip", "{}"),
+    ("scorer", "tiny-clip", "clip-score:{}"),
+]
+
+
+def _preset_kind(kind: str) -> str:
+    return "generator" if kind == "generator" else "validator"
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache of this test's own, offline, as a worker without the hub has it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize(("kind", "preset", "ref"), _HUB_CASES)
+def test_a_hub_id_is_never_loaded_from_the_working_folder(
+    kind: str, preset: str, ref: str, models_dir: Path, hf_cache: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``acme/secret`` from an uploaded manifest: diffusers and transformers would load ./acme/secret of the
+    worker's working folder, and their errors told an uploader whether it exists. The same error either way,
+    naming the hub id and how to fetch it, and nothing about the disk."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    resolved = resolve_model(ref.format("acme/secret"), kind=kind, models_dir=models_dir)
+    with pytest.raises(Exception) as absent:  # noqa: PT011 - the error must be the same, whatever it is
+        _load(kind, resolved)
+    real = resolve_model(preset, kind=_preset_kind(kind), models_dir=models_dir)
+    shutil.copytree(real.path_or_id, work / "acme" / "secret")  # a model that loads, under the hub id's name
+    with pytest.raises(Exception) as present:  # noqa: PT011
+        _load(kind, resolved)
+    assert (type(present.value), str(present.value)) == (type(absent.value), str(absent.value))
+    assert isinstance(absent.value, ModelRefError)
+    message = str(absent.value)
+    assert "'acme/secret'" in message and "hf download acme/secret" in message
+    assert str(tmp_path) not in message and "hf-cache" not in message
+
+
+def _cache_repo(cache: Path, hub_id: str, folder: Path) -> Path:
+    """Lay ``folder`` out in ``cache`` as the hub library does: blobs by hash, a snapshot of links to them
+    named by a commit, and ``refs/main`` naming that commit. Returns the snapshot folder."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    commit = hashlib.sha1(hub_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.mark.parametrize(("kind", "preset", "ref"), _HUB_CASES)
+def test_a_cached_hub_id_loads_from_its_snapshot_not_from_the_working_folder(
+    kind: str, preset: str, ref: str, models_dir: Path, hf_cache: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hub id in the worker's Hugging Face cache loads from its absolute snapshot folder, even where the
+    working folder holds a folder of the same spelling; the recipe keeps the hub id (replay, fingerprints)."""
+    real = resolve_model(preset, kind=_preset_kind(kind), models_dir=models_dir)
+    snapshot = _cache_repo(hf_cache, "acme/tiny", Path(real.path_or_id))
+    work = tmp_path / "work"
+    (work / "acme" / "tiny").mkdir(parents=True)
+    for marker in ("model_index.json", "config.json"):
+        (work / "acme" / "tiny" / marker).write_text("not a model")
+    monkeypatch.chdir(work)
+    resolved = resolve_model(ref.format("acme/tiny"), kind=kind, models_dir=models_dir)
+    assert (resolved.source, resolved.path_or_id, resolved.fingerprint) == ("hub", "acme/tiny", "acme/tiny")
+    loaded = _load(kind, resolved)
+    if kind == "generator":
+        assert loaded.pipe.name_or_path == str(snapshot)
+        recipe = loaded.recipe()
+        assert (recipe["model_path_or_id"], recipe["fingerprint"]) == ("acme/tiny", "acme/tiny")
+    else:
+        alignment = loaded if kind == "validator" else loaded.alignment
+        assert alignment.model.name_or_path == str(snapshot)

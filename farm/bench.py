@@ -30,6 +30,8 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from farm.lifeline import tied
+
 STAGES = ("generate", "moderate", "validate", "score")
 
 
@@ -157,7 +159,7 @@ def run_bare(
         with errs[-1].open("w") as err:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(share))],
+                    tied([sys.executable, "-m", "farm", "bench", "--inner-loop", json.dumps(asdict(share))]),
                     env=child_env,
                     stdout=subprocess.PIPE,
                     stderr=err,

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from sqlalchemy import func, select
 
 from farm.config import Settings, load_settings
 from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
-from farm.stack import Proc, Stack, leftovers
+from farm.stack import Proc, Stack, children, cmdline, descendants, leftovers
 
 #: Settings of the soak's own farm: the timeouts short enough that recovery happens within its settling time.
 CHAOS_ENV = {
@@ -278,27 +277,30 @@ class Chaos:
         return f"{device} pid {proc.popen.pid}"
 
     def _kill_pool_child(self, device: str) -> str | None:
-        proc = self._proc(f"worker-{device}")
-        children = _children(proc.popen.pid) if proc else []
-        child = next((p for p in children if "--qc" not in _cmdline(p)), None)
+        child = self._worker_child(device, qc=False)
         if child is None:
             return None
         _signal(child, signal.SIGKILL)
         return f"{device} pool child pid {child}"
 
     def _kill_qc_worker(self, _device: str) -> str | None:
-        proc = self._proc(f"worker-{QC_DEVICE}")
-        qc = next((p for p in _children(proc.popen.pid) if "--qc" in _cmdline(p)), None) if proc else None
+        qc = self._worker_child(QC_DEVICE, qc=True)
         if qc is None:
             return None
         _signal(qc, signal.SIGKILL)
         return f"qc-{QC_DEVICE} pid {qc}"
 
+    def _worker_child(self, device: str, *, qc: bool) -> int | None:
+        """The device worker's pool child, or (``qc``) the QC worker it started."""
+        proc = self._proc(f"worker-{device}")
+        found = [p for p in children(proc.popen.pid) if ("--qc" in cmdline(p)) == qc] if proc else []
+        return found[0] if found else None
+
     def _pause_worker(self, device: str) -> str | None:
         proc = self._proc(f"worker-{device}")
         if proc is None:
             return None
-        pids = [proc.popen.pid, *_tree(proc.popen.pid)]
+        pids = [proc.popen.pid, *descendants(proc.popen.pid)]
         for pid in pids:
             _signal(pid, signal.SIGSTOP)
         seconds = self.rng.uniform(5, 90)  # sometimes past the lease, so its slice is re-sent meanwhile
@@ -463,22 +465,3 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _tree(pid: int) -> list[int]:
-    found = []
-    for child in _children(pid):
-        found += [child, *_tree(child)]
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""

@@ -52,6 +52,13 @@ def up(no_web: bool, no_flower: bool) -> None:
     stopping = False
     hurry = threading.Event()
 
+    def say(text: str, err: bool = False) -> None:
+        """Print, unless the terminal is gone: after a hangup a write fails, and the stop must go on."""
+        try:
+            click.echo(text, err=err)
+        except OSError:
+            pass
+
     def _stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
         if not stopping:
@@ -59,7 +66,7 @@ def up(no_web: bool, no_flower: bool) -> None:
             return
         if not hurry.is_set():
             hurry.set()
-            click.echo(
+            say(
                 f"{signal.Signals(signum).name} again: stopping now without waiting for the slices in flight "
                 "(their messages go back to the queue; the farm picks them up when it starts again)",
                 err=True,
@@ -74,35 +81,35 @@ def up(no_web: bool, no_flower: bool) -> None:
             stack.start_web()
         if not no_flower:
             stack.start_flower()
-        click.echo(f"broker     {settings.broker_url}")
-        click.echo(f"database   {settings.database_url}")
-        click.echo(f"artifacts  {settings.artifacts_dir}")
+        say(f"broker     {settings.broker_url}")
+        say(f"database   {settings.database_url}")
+        say(f"artifacts  {settings.artifacts_dir}")
         qc = " and its QC worker (FARM_QC=worker)" if settings.qc == "worker" else ""
         for queue, device in settings.devices.items():
-            click.echo(f"worker     {queue} on {device}{qc}")
+            say(f"worker     {queue} on {device}{qc}")
         if not no_web:
-            click.echo(f"dashboard  {settings.web_url}")
+            say(f"dashboard  {settings.web_url}")
         if not no_flower:
-            click.echo(
+            say(
                 f"flower     http://{settings.web_host}:{settings.flower_port} "
                 "(basic auth from FARM_FLOWER_AUTH)"
             )
-        click.echo(f"logs       {stack.log_dir}\nPress Ctrl-C to stop.")
+        say(f"logs       {stack.log_dir}\nPress Ctrl-C to stop.")
         while not stopping:
             for name in stack.supervise():
-                click.echo(f"{name} exited; restarted it (see {stack.log_dir / (name + '.log')})", err=True)
+                say(f"{name} exited; restarted it (see {stack.log_dir / (name + '.log')})", err=True)
             time.sleep(1.0)
     finally:
-        click.echo(
+        say(
             "stopping: the workers finish the slices in flight, then Redis stops "
             f"(up to FARM_DRAIN_TIMEOUT={settings.drain_timeout}s; Ctrl-C again to stop now)"
         )
         stack.stop(
             stack.drain_allowance,
-            report=lambda what: click.echo(f"stopping: waiting for {what}"),
+            report=lambda what: say(f"stopping: waiting for {what}"),
             hurry=hurry,
         )
-        click.echo("stopped")
+        say("stopped")
 
 
 @cli.command()

@@ -13,6 +13,7 @@ the keeper's (farm.lifeline): nothing is left running.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -71,7 +72,13 @@ class EmbeddedRedis:
         except (redis.RedisError, OSError):
             return False
 
+    @property
+    def keeper_file(self) -> Path:
+        return self.data_dir / "keeper.pid"
+
     def start(self, timeout: float = 20.0) -> EmbeddedRedis:
+        if self.ping():
+            self._stop_orphaned_keeper()
         if self.ping():
             raise RuntimeError(f"a Redis server already answers on {self.socket}; is `farm up` running?")
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +102,20 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"embedded redis-server did not answer on {self.socket} within {timeout}s")
 
+    def _stop_orphaned_keeper(self, timeout: float = 15.0) -> None:
+        """A keeper whose owner died keeps Redis up while clients finish (up to its grace); a new owner (a
+        restarted `farm up`) takes over at once: it stops that keeper instead of refusing to start."""
+        try:
+            keeper, owner = (int(n) for n in self.keeper_file.read_text().split())
+        except (OSError, ValueError):
+            return
+        if _alive(owner) or not _alive(keeper):
+            return
+        os.kill(keeper, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(keeper) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Redis now (its keeper saves the append-only file and exits)."""
         if self.process is None or self.process.poll() is not None:
@@ -113,6 +134,14 @@ class EmbeddedRedis:
         self.stop()
 
 
+def _alive(pid: int) -> bool:
+    """``pid`` runs and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def other_clients(socket: Path) -> int:
     """Connections to the server on ``socket`` other than this one's; 0 when it does not answer."""
     try:
@@ -127,7 +156,9 @@ def keep(binary: str, conf: Path, socket: Path, grace: float) -> int:
     """The keeper: run redis-server until told to stop; returns the exit status.
 
     SIGTERM (the owner's stop) shuts Redis down at once. SIGUSR1 (the owner died: farm.lifeline) first waits,
-    up to ``grace`` seconds, for the clients still connected to leave. Ctrl-C is ignored: the owner decides.
+    up to ``grace`` seconds, for the clients still connected to leave; a SIGTERM meanwhile (a new owner taking
+    over) cuts that short. Ctrl-C is ignored: the owner decides. ``keeper.pid`` beside the configuration names
+    the keeper and its owner while it runs.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     asked: list[int] = []
@@ -139,22 +170,32 @@ def keep(binary: str, conf: Path, socket: Path, grace: float) -> int:
 
     signal.signal(signal.SIGTERM, _ask)
     signal.signal(signal.SIGUSR1, _ask)
+    pid_file = conf.parent / "keeper.pid"
+    pid_file.write_text(f"{os.getpid()} {os.getppid()}\n")
     server = subprocess.Popen(tied([binary, str(conf)]), stdin=subprocess.DEVNULL)
-    while not wake.wait(0.5):
-        if server.poll() is not None:
-            return server.returncode
-    if asked[0] == signal.SIGUSR1:
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and server.poll() is None and other_clients(socket):
-            time.sleep(0.2)
-    if server.poll() is None:
-        server.terminate()  # redis-server's SIGTERM: flush the append-only file, then exit
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    return 0
+    try:
+        while not wake.wait(0.5):
+            if server.poll() is not None:
+                return server.returncode
+        if asked[0] == signal.SIGUSR1:
+            deadline = time.monotonic() + grace
+            while (
+                time.monotonic() < deadline
+                and server.poll() is None
+                and signal.SIGTERM not in asked
+                and other_clients(socket)
+            ):
+                time.sleep(0.2)
+        if server.poll() is None:
+            server.terminate()  # redis-server's SIGTERM: flush the append-only file, then exit
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        return 0
+    finally:
+        pid_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # started through farm.lifeline: SIGUSR1 when the owner dies

@@ -110,6 +110,34 @@ def test_embedded_redis_outlives_a_killed_owner_while_clients_finish_then_stops(
     assert not leftovers(tmp_path)
 
 
+def test_a_restarted_owner_takes_over_from_the_keeper_of_a_killed_one_at_once(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from farm.embedded import EmbeddedRedis\n"
+        "home = Path(sys.argv[1])\n"
+        "server = EmbeddedRedis(home / 'redis', home / 'redis.sock', grace=600).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    owner, keeper = _owner(code, tmp_path)
+    client = redis.Redis(unix_socket_path=str(tmp_path / "redis.sock"))
+    client.rpush("queue", "message")
+    owner.kill()
+    owner.wait()
+    time.sleep(1.0)
+    assert client.ping(), "the keeper waits for its client"
+    server = EmbeddedRedis(tmp_path / "redis", tmp_path / "redis.sock")
+    try:
+        server.start()  # a supervisor restarting `farm up` while the old keeper still waits
+        assert _gone(keeper, 5)
+        again = redis.Redis(unix_socket_path=str(tmp_path / "redis.sock"))
+        assert again.lrange("queue", 0, -1) == [b"message"]
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_embedded_redis_restarts_in_place_with_its_queued_data(tmp_path):
     server = EmbeddedRedis(tmp_path / "redis", tmp_path / "redis.sock").start()
     try:

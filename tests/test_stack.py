@@ -9,6 +9,7 @@ short by the old fixed 60 s kill, or by a drain timing out, cannot pass for a cl
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.stack import HURRY_S, Stack, leftovers
+from farm.stack import HURRY_S, Stack, children, cmdline, descendants, leftovers
 from tests import pgutil
 
 # Signals and processes do not depend on the database: CI runs these in its SQLite pass only.
@@ -61,26 +62,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _tree(pid: int) -> list[int]:
-    """All descendants of ``pid``."""
-    found = []
-    for child in _children(pid):
-        found += [child, *_tree(child)]
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _logs(home: Path) -> str:
     return "\n".join(
         f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}"
@@ -111,19 +92,31 @@ def _ready(home: Path, devices: tuple[str, ...], timeout: float = 300) -> None:
     raise AssertionError(f"the stack did not come up in {timeout}s\n{_logs(home)}")
 
 
-def _up(home: Path, **extra: str) -> subprocess.Popen[str]:
+def _up(home: Path, *, terminal: bool = False, **extra: str) -> subprocess.Popen[str]:
+    """`farm up` in a process group of its own, as a shell runs a foreground job; with ``terminal`` its output
+    goes to a pseudo-terminal (the master end is ``proc.terminal``), which the test can hang up."""
+    master = slave = None
+    if terminal:
+        master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-W", "ignore", "-m", "farm", "up", "--no-web", "--no-flower"],
         env=_env(home, **extra),
         cwd=ROOT,
-        stdout=subprocess.PIPE,
+        stdout=slave if terminal else subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group, as a shell gives a foreground job
+        start_new_session=True,
     )
-    for line in proc.stdout:
-        if "Press Ctrl-C" in line:
-            break
+    proc.terminal = master  # type: ignore[attr-defined]
+    if terminal:
+        os.close(slave)
+        seen = b""
+        while b"Press Ctrl-C" not in seen:
+            seen += os.read(master, 4096)
+    else:
+        for line in proc.stdout:
+            if "Press Ctrl-C" in line:
+                break
     _ready(home, ("cuda0", "cuda1"))
     return proc
 
@@ -157,26 +150,38 @@ def _candidates(home: Path) -> list[tuple[str, str, str]]:
     return [(r[0], r[1], r[2] or "{}") for r in rows]
 
 
+def _wait_for_a_slice(home: Path, before: dict[str, str] | None = None, timeout: float = 180) -> None:
+    """Until a slice has started since ``before`` (the candidates' stage attempts then; none by default)."""
+    before = before or {}
+    deadline = time.monotonic() + timeout
+    while not any(a != before.get(c, "{}") for c, _, a in _candidates(home)):
+        assert time.monotonic() < deadline, _logs(home)
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "signum, to_group",
-    [(signal.SIGTERM, True), (signal.SIGTERM, False)],
-    ids=["sigterm-to-the-group", "sigterm-to-farm-up-alone"],
+    "signum, to_group, hangup",
+    [(signal.SIGTERM, True, False), (signal.SIGTERM, False, False), (signal.SIGHUP, True, True)],
+    ids=["sigterm-to-the-group", "sigterm-to-farm-up-alone", "terminal-hung-up"],
 )
-def test_sigterm_stops_an_idle_farm_up_in_seconds_draining_workers_while_redis_is_up(
-    tmp_path, signum, to_group
+def test_a_stop_signal_stops_an_idle_farm_up_in_seconds_draining_workers_while_redis_is_up(
+    tmp_path, signum, to_group, hangup
 ):
     home = tmp_path / "home"
-    proc = _up(home)
+    proc = _up(home, terminal=hangup)
     try:
         started = time.monotonic()
+        if hangup:
+            os.close(proc.terminal)  # the ssh session dropped: every later write to the terminal fails
         if to_group:
             os.killpg(proc.pid, signum)
         else:
             proc.send_signal(signum)
         out, _ = proc.communicate(timeout=DRAIN_TIMEOUT)
         took = time.monotonic() - started
-        assert proc.returncode == 0, out
+        if not hangup:
+            assert proc.returncode == 0, out
         assert took < IDLE_STOP_S, f"an idle stack took {took:.1f}s to stop\n{out}\n{_logs(home)}"
         _assert_drained_cleanly(home)
         assert not _gone(leftovers(home), 5), f"left running: {leftovers(home)}"
@@ -196,10 +201,7 @@ def test_ctrl_c_on_a_busy_farm_up_records_the_slices_in_flight_and_a_second_ctrl
         manifest = "name: busy\nmodel: tiny\ndefaults: {candidates: 2, steps: 2, size: 64x64}\nitems:\n"
         manifest += "".join(f"  - prompt {i}\n" for i in range(12))
         dispatch.submit(manifest, settings=settings)
-        deadline = time.monotonic() + 180
-        while not any(a != "{}" for _, _, a in _candidates(home)):  # a slice has started
-            assert time.monotonic() < deadline, _logs(home)
-            time.sleep(0.2)
+        _wait_for_a_slice(home)
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=DRAIN_TIMEOUT)
         assert proc.returncode == 0, out
@@ -212,11 +214,7 @@ def test_ctrl_c_on_a_busy_farm_up_records_the_slices_in_flight_and_a_second_ctrl
         assert not _gone(leftovers(home), 5)
 
         proc = _up(home, FARM_FAULTS="1", FARM_FAULT_SLOW_GENERATE="30")
-        deadline = time.monotonic() + 180
-        before = {c: a for c, _, a in rows}
-        while not any(a != before.get(c) for c, _, a in _candidates(home)):  # a slow slice is running again
-            assert time.monotonic() < deadline, _logs(home)
-            time.sleep(0.2)
+        _wait_for_a_slice(home, {c: a for c, _, a in rows})
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(1.0)
         second = time.monotonic()
@@ -261,29 +259,26 @@ def test_sigkill_of_a_worker_main_process_ends_its_busy_pool_child_beat_and_qc_w
         stack.start_control()
         _ready(home, ("cuda0",))
         device, control = stack.proc("worker-cuda0").popen.pid, stack.proc("control").popen.pid
-        qc = next(pid for pid in _children(device) if "--qc" in _cmdline(pid))
-        qc_child, control_children = _children(qc), _children(control)
+        qc = next(pid for pid in children(device) if "--qc" in cmdline(pid))
+        qc_child, control_children = children(qc), children(control)
         assert qc_child, "the QC worker's pool child"
         assert len(control_children) >= 3, "two pool children and the embedded beat"
 
         os.kill(qc, signal.SIGKILL)
         assert not _gone(qc_child, 30), "the QC worker's pool child outlived it"
         dispatch.submit("name: slow\nmodel: tiny\nitems: [a fox]\n", settings=settings)
-        deadline = time.monotonic() + 120
-        while not any(a != "{}" for _, _, a in _candidates(home)):  # the pool child is generating
-            assert time.monotonic() < deadline, _logs(home)
-            time.sleep(0.2)
-        busy = [pid for pid in _children(device) if "--qc" not in _cmdline(pid)]
-        restarted_qc = [pid for pid in _children(device) if "--qc" in _cmdline(pid)]
+        _wait_for_a_slice(home)
+        busy = [pid for pid in children(device) if "--qc" not in cmdline(pid)]
+        restarted_qc = [pid for pid in children(device) if "--qc" in cmdline(pid)]
         os.kill(device, signal.SIGKILL)
         alive = _gone(busy + restarted_qc, 30)
-        assert not alive, f"outlived the device worker: {[(pid, _cmdline(pid)) for pid in alive]}"
+        assert not alive, f"outlived the device worker: {[(pid, cmdline(pid)) for pid in alive]}"
         os.kill(control, signal.SIGKILL)
         alive = _gone(control_children, 30)
-        assert not alive, f"outlived the control worker: {[(pid, _cmdline(pid)) for pid in alive]}"
-        redis = {stack.redis.process.pid, *_tree(stack.redis.process.pid)}
+        assert not alive, f"outlived the control worker: {[(pid, cmdline(pid)) for pid in alive]}"
+        redis = {stack.redis.process.pid, *descendants(stack.redis.process.pid)}
         orphans = set(leftovers(home)) - redis
-        assert not orphans, f"orphans: {[(pid, _cmdline(pid)) for pid in orphans]}"
+        assert not orphans, f"orphans: {[(pid, cmdline(pid)) for pid in orphans]}"
     finally:
         stack.stop(30)
     assert not _gone(leftovers(home), 10)

@@ -217,9 +217,9 @@ class Chaos:
             if len(open_batches) < 2:
                 self.batches.append(dispatch.submit(self._manifest(), settings=self.settings).batch_id)
             roll = self.load_rng.random()
-            if open_batches and roll < 0.15:
+            if open_batches and roll < 0.04:  # about one batch in four or five is cancelled
                 dispatch.cancel(self.load_rng.choice(open_batches), settings=self.settings)
-            elif roll < 0.3:
+            elif roll < 0.12:
                 done = self._batches_with_failed()
                 if done:
                     actions.retry_failed(self.load_rng.choice(done), settings=self.settings)

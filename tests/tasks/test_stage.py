@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import replace
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -10,8 +13,9 @@ from sqlalchemy import event, select, update
 
 from farm import dispatch, records
 from farm.config import load_settings
-from farm.db import READ_ONLY, Candidate, get_engine, migrate, session_scope, utcnow
+from farm.db import READ_ONLY, Candidate, Worker, get_engine, migrate, session_scope, utcnow
 from farm.tasks import runtime as runtime_module
+from farm.tasks.lease import Lease, keep_renewing
 from farm.tasks.runtime import Runtime
 from farm.tasks.stage import Stage, run_stages
 
@@ -229,3 +233,30 @@ def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_h
     rows = _rows(url, ids)
     assert {(c.status, c.image_path, c.worker) for c in rows} == {("generated", "new.png", "cuda1@elsewhere")}
     assert all(c.stage_attempts == {"generate": 2} and c.lease_expires_at is None for c in rows)
+
+
+def test_the_process_running_a_slice_renews_its_lease_and_its_worker_row_from_a_thread_of_its_own(one_slice):
+    url, ids = one_slice
+    rt = runtime_module.runtime()
+    rt.settings = replace(rt.settings, heartbeat_seconds=1, lease_seconds=3)
+    rt.heartbeat("farm.slice")  # the worker's row, as its first task writes it
+    start = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=rt.claim())
+    assert rt.claim().owner.endswith(f" pid {os.getpid()}")
+    taken = {c.id: c.lease_expires_at for c in _rows(url, ids)}
+    with session_scope(url) as s:
+        beat = s.get(Worker, rt.name).heartbeat_at
+    rt.lease = Lease(rt, ids, start.token)
+    keep_renewing(rt)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rows = _rows(url, ids)
+            if all(c.lease_expires_at > taken[c.id] for c in rows):
+                break
+            time.sleep(0.2)
+        assert all(c.lease_expires_at > taken[c.id] for c in rows), "renewed while the task works"
+        with session_scope(url) as s:
+            assert s.get(Worker, rt.name).heartbeat_at > beat, "the worker row beats from this process"
+    finally:
+        rt.lease = None
+    assert rt.lease is None and rt.renewer.is_alive()

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import Enum
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -27,7 +28,6 @@ from farm.db import (
     Candidate,
     Item,
     get_engine,
-    session_scope,
     utcnow,
 )
 
@@ -467,6 +467,41 @@ def image_lost(c: StagedCandidate) -> dict[str, Any]:
     }
 
 
+class Raced(Enum):
+    """What :func:`add_topup_round` and :func:`finish_item` return, having written nothing, when the item
+    changed since the caller's :class:`RankView` (another rank of it added a round or closed it). Two ranks
+    of one item are normal in recovery (each lease re-send makes a chord of its own); the one holding the
+    stale view must neither add a second round nor close the item over the newer round's candidates: the
+    rank that changed the item, or its round's own rank, carries on."""
+
+    RACED = "raced"
+
+
+RACED = Raced.RACED
+_CLOSED_ITEM = ("done", "cancelled")
+
+
+def _lock_batch_then_read_item(
+    conn: Connection, item_id: str, batch_columns: list[Any], item_columns: list[Any]
+) -> tuple[Row[Any], Row[Any]]:
+    """Lock the item's batch row, then read the item: ``(batch columns, item columns)``.
+
+    Everything that closes an item or adds a round to it takes the batch row first (FOR UPDATE on
+    PostgreSQL; SQLite's write lock serialises them anyway), so such transactions of one item run one after
+    the other and never lock item and batch in opposite orders (a deadlock). The item is read in a second
+    statement, after the lock: on PostgreSQL the locking statement's snapshot predates its wait, and only the
+    locked row is re-read when the wait ends, so item columns read with it could predate the other's commit.
+    """
+    batch = conn.execute(
+        select(*batch_columns)
+        .join(_I, _I.c.batch_id == _B.c.id)
+        .where(_I.c.id == item_id)
+        .with_for_update(of=_B)
+    ).one()
+    item = conn.execute(select(*item_columns).where(_I.c.id == item_id)).one()
+    return batch, item
+
+
 @dataclass(frozen=True)
 class Ranked:
     item_id: str
@@ -486,12 +521,16 @@ def finish_item(
     ranking: list[str],
     winners: list[str],
     scores: dict[str, float],
+    rounds: int,
     during: Callable[[], None] | None = None,
-) -> Ranked:
+) -> Ranked | Raced:
     """Write ranks and winners, mark the item done, and close the batch if this was its last item.
 
     The item flips to done only once (guarded update), and only that flip moves the batch counter, all in one
-    transaction: a rank delivered twice cannot close a batch early or count an item twice.
+    transaction: a rank delivered twice cannot close a batch early or count an item twice. ``rounds`` is the
+    item's round count in the caller's view: if another rank added a round (or closed the item) since, this
+    writes nothing and returns ``RACED``, so a stale rank never fails the newer round's candidates as
+    "ranked before this candidate finished" nor closes the item under them.
     """
     position = {cid: n for n, cid in enumerate(ranking, start=1)}
     # SQL Core, not the ORM: the transaction holds SQLite's write lock, which the next slice's first write
@@ -500,12 +539,11 @@ def finish_item(
         # The batch row is locked before its status is read (FOR UPDATE on PostgreSQL; SQLite's write lock
         # already serialises this with a cancel): a cancel committed between the read and the close below
         # would otherwise be overwritten with 'done'. A cancel now waits, then finds the batch closed.
-        batch_id, batch_status = conn.execute(
-            select(_I.c.batch_id, _B.c.status)
-            .join(_B, _B.c.id == _I.c.batch_id)
-            .where(_I.c.id == item_id)
-            .with_for_update(of=_B)
-        ).one()
+        (batch_id, batch_status), item = _lock_batch_then_read_item(
+            conn, item_id, [_B.c.id, _B.c.status], [_I.c.rounds, _I.c.status]
+        )
+        if item.rounds != rounds or item.status in _CLOSED_ITEM:
+            return RACED
         stopped = batch_status in BATCH_STOPPED
         rows, closed_with_images = [], []
         for c in conn.execute(
@@ -534,7 +572,7 @@ def finish_item(
             during()
         flipped = conn.execute(
             update(_I)
-            .where(_I.c.id == item_id, _I.c.status.not_in(("done", "cancelled")))
+            .where(_I.c.id == item_id, _I.c.status.not_in(_CLOSED_ITEM), _I.c.rounds == rounds)
             .values(status="cancelled" if stopped else "done", winners=winners, finished_at=utcnow())
         ).rowcount
         closed = False
@@ -574,39 +612,44 @@ class TopUp:
     priority: int
 
 
-def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
+def add_topup_round(url: str, item_id: str, *, passed: int, rounds: int) -> TopUp | Raced | None:
     """Add a round of new candidates (new seeds) to an item whose passing candidates fell short.
 
-    Adds ``2 x shortfall`` candidates (at most the item's first-round count), once per round: the round number
-    moves by a guarded update, so a rank delivered twice adds one round, not two. None when no round is due.
+    Adds ``2 x shortfall`` candidates (at most the item's first-round count), once per decision: ``rounds`` is
+    the item's round count in the caller's view, and if another rank added a round (or closed the item) since,
+    this adds none and returns ``RACED`` (reading the fresh count instead would add a second round for one
+    shortfall, and the newer round is still to be ranked). None when no round is due. Locks the batch row
+    before writing the item, in the order :func:`finish_item` does, so the two never deadlock on PostgreSQL.
     """
     from farm.dispatch import candidate_row
     from farm.manifest import MAX_CANDIDATES_PER_ITEM, candidate_seeds
 
-    with session_scope(url) as s:
-        item = s.get(Item, item_id)
-        batch = s.get(Batch, item.batch_id)
+    with get_engine(url).begin() as conn:
+        batch, item = _lock_batch_then_read_item(
+            conn,
+            item_id,
+            [_B.c.id, _B.c.status, _B.c.settings, _B.c.priority],
+            [_I.c.rounds, _I.c.status, _I.c.params, _I.c.index],
+        )
+        if item.rounds != rounds or item.status in _CLOSED_ITEM:
+            return RACED
         selection = batch.settings["selection"]
         shortfall = selection["min_accepted"] - passed
-        if batch.status in BATCH_STOPPED or shortfall <= 0 or item.rounds >= selection["max_topup_rounds"]:
+        if batch.status in BATCH_STOPPED or shortfall <= 0 or rounds >= selection["max_topup_rounds"]:
             return None
-        first_round = s.scalar(
-            select(func.count())
-            .select_from(Candidate)
-            .where(Candidate.item_id == item_id, Candidate.round == 0)
-        )
-        existing = s.scalars(
-            select(Candidate).where(Candidate.item_id == item_id).order_by(Candidate.index)
+        existing = conn.execute(
+            select(_C.c.round, _C.c.seed).where(_C.c.item_id == item_id).order_by(_C.c.index)
         ).all()
+        first_round = sum(1 for c in existing if c.round == 0)
         count = max(1, min(2 * shortfall, first_round, MAX_CANDIDATES_PER_ITEM))
-        round_ = item.rounds + 1
-        moved = s.execute(
-            update(Item)
-            .where(Item.id == item_id, Item.rounds == item.rounds)
-            .values(rounds=round_, candidates_total=Item.candidates_total + count)
+        round_ = rounds + 1
+        moved = conn.execute(
+            update(_I)
+            .where(_I.c.id == item_id, _I.c.rounds == rounds, _I.c.status.not_in(_CLOSED_ITEM))
+            .values(rounds=round_, candidates_total=_I.c.candidates_total + count)
         ).rowcount
-        if not moved:
-            return None
+        if not moved:  # cannot happen while the batch lock is held; kept so a stale view never adds a round
+            return RACED
         seeds = candidate_seeds(
             batch.settings["defaults"]["seed"],
             item.params.get("seed"),
@@ -619,9 +662,9 @@ def add_topup_round(url: str, item_id: str, *, passed: int) -> TopUp | None:
             candidate_row(batch.id, item_id, len(existing) + k, seed, round_=round_)
             for k, seed in enumerate(seeds)
         ]
-        s.execute(Candidate.__table__.insert(), rows)
-        s.execute(
-            update(Batch).where(Batch.id == batch.id).values(candidates_total=Batch.candidates_total + count)
+        conn.execute(_C.insert(), rows)
+        conn.execute(
+            update(_B).where(_B.c.id == batch.id).values(candidates_total=_B.c.candidates_total + count)
         )
         return TopUp(batch.id, round_, [r["id"] for r in rows], batch.priority)
 

@@ -34,7 +34,9 @@ def rank_item(self: Task, item_id: str) -> dict:
     of the item), it waits for them rather than ranking half an item; the reaper takes over if they never
     come. An item already closed is left as it is: its candidates are final, so a second rank (the chord of
     a slice the reaper re-sent, firing when the original message comes back; a redelivery after the commit)
-    would find none scored and clear the winners, or start a top-up round on a finished item.
+    would find none scored and clear the winners, or start a top-up round on a finished item. Likewise a rank
+    whose view another rank overtook (it added a round or closed the item after this one read it) writes
+    nothing: it neither adds a second round for the same shortfall nor closes the item over the new round.
     """
     settings = load_settings()
     view = records.rank_view(settings.database_url, item_id)
@@ -48,10 +50,12 @@ def rank_item(self: Task, item_id: str) -> dict:
     cfg, prompt = view.settings, view.prompt
     contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in view.scored]
     topup = (
-        records.add_topup_round(settings.database_url, item_id, passed=len(contenders))
+        records.add_topup_round(settings.database_url, item_id, passed=len(contenders), rounds=view.rounds)
         if view.topup_due()
         else None
     )
+    if topup is records.RACED:
+        return _raced(item_id)
     if topup is not None:
         # Short of min_accepted: a round of new seeds goes through the same chord, whose rank comes back here.
         from farm import dispatch
@@ -78,8 +82,11 @@ def rank_item(self: Task, item_id: str) -> dict:
         ranking=result.order,
         winners=result.winners,
         scores=result.scores,
+        rounds=view.rounds,
         during=lambda: faults.trigger("rank", prompt, [0], attempt=self.request.retries + 1),
     )
+    if done is records.RACED:
+        return _raced(item_id)
     if done.closed_with_images:
         from farm.artifacts import store_for
 
@@ -98,6 +105,15 @@ def rank_item(self: Task, item_id: str) -> dict:
         batch_closed=done.batch_closed,
     )
     return {"item": item_id, "winners": done.winners, "batch_closed": done.batch_closed}
+
+
+def _raced(item_id: str) -> dict:
+    """This rank's view is stale: another rank of the item (recovery makes two: each lease re-send is a chord
+    of its own) added a round or closed the item after it was read, and nothing was written. A closed item
+    is done; a new round is ranked by its own chord's rank (or the reaper, if its messages are lost), so
+    closing the item here would fail that round's candidates, and waiting here would only poll beside it."""
+    logs.event(log, "item changed since this rank read it; left to the newer rank", item=item_id)
+    return {"item": item_id, "raced": True}
 
 
 @app.task(name="farm.reap", ignore_result=True)

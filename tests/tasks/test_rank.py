@@ -82,3 +82,50 @@ def test_a_candidate_closed_before_its_image_was_stored_names_no_image():
         rows = {c.id: c for c in s.query(Candidate).where(Candidate.item_id == item_id)}
     assert rows[handed].status == "cancelled" and rows[handed].image_path is None
     assert rows[stored].status == "cancelled" and rows[stored].image_path == f"{batch_id}/{stored}.png"
+
+
+@pytest.mark.parametrize("max_rounds", [1, 2])
+def test_a_rank_whose_view_another_rank_overtook_with_a_round_writes_nothing(monkeypatch, max_rounds):
+    """Review 5a/5b: two ranks of one short item (each lease re-send makes a chord, and so a rank, of its
+    own). The other rank added round 1 after this one read the item. This one must leave the item to that
+    round: with rounds to spare it used to add a second round for the same shortfall (5a); with none left
+    (max_topup_rounds 1) it closed the item, failing round 1's pending candidates as "ranked before this
+    candidate finished" (5b)."""
+    from sqlalchemy import select, update
+
+    from farm import dispatch, records
+    from farm.config import load_settings
+    from farm.db import Batch, Candidate, Item, migrate, session_scope
+
+    settings = load_settings()
+    migrate(settings.database_url)
+    text = (
+        f"name: overtaken\nmodel: tiny\ndefaults: {{candidates: 3}}\n"
+        f"selection: {{min_accepted: 1, max_topup_rounds: {max_rounds}}}\nitems: [a fox]\n"
+    )
+    manifest, items = dispatch.plan(text, settings=settings)
+    batch_id = dispatch.create_batch(manifest, items, text, settings=settings).batch_id
+    item_id = dispatch.item_id(batch_id, 0)
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Batch).where(Batch.id == batch_id).values(status="running"))
+        s.execute(update(Candidate).where(Candidate.item_id == item_id).values(status="rejected"))
+    stale = records.rank_view(settings.database_url, item_id)
+    assert isinstance(
+        records.add_topup_round(settings.database_url, item_id, passed=0, rounds=stale.rounds), records.TopUp
+    )
+    sent: list[tuple] = []
+    monkeypatch.setattr(records, "rank_view", lambda url, iid: stale)
+    monkeypatch.setattr(dispatch, "send_item", lambda *args, **kwargs: sent.append(args))
+
+    out = rank_item.apply(args=(item_id,)).get()
+
+    assert out == {"item": item_id, "raced": True} and sent == []
+    with session_scope(settings.database_url) as s:
+        item = s.get(Item, item_id)
+        rows = s.execute(
+            select(Candidate.round, Candidate.status, Candidate.error)
+            .where(Candidate.item_id == item_id)
+            .order_by(Candidate.index)
+        ).all()
+    assert (item.status, item.rounds) == ("pending", 1)
+    assert [tuple(r) for r in rows] == [(0, "rejected", None)] * 3 + [(1, "pending", None)] * 2

@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from farm import dispatch
 from farm.config import CONTROL_QUEUE, Settings
 from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+from farm.records import REAPER
 
 SETTLED = (*CANDIDATE_FINAL, "scored")
 RESUMABLE = ("queued", "running")
@@ -132,7 +133,7 @@ def resume(batch_id: str, *, settings: Settings) -> int:
         by_item: dict[str, list[str]] = {iid: [] for iid in running}
         held: set[str] = set()
         for c in unsettled:
-            if c.lease_expires_at is not None and c.lease_expires_at > now:
+            if c.lease_expires_at is not None and c.lease_expires_at > now and c.lease_owner != REAPER:
                 held.add(c.item_id)  # a live worker process holds it: a re-send would only wait for it
                 continue
             by_item[c.item_id].append(c.id)

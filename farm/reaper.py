@@ -4,7 +4,9 @@ A chord whose header task is lost never fires (CELERY-NOTES.md), and a batch who
 never starts. SQL knows better. First, leases (farm.tasks.lease): a candidate whose lease ran out (the
 worker process that held it stopped renewing it: killed, paused, cut off) moves to a new lease generation,
 which fences the old holder off, and is re-sent at once, routed as new work is; the old message, when kombu
-brings it back, finds it settled or leased by its new holder and does nothing. This runs whatever is
+brings it back, finds it settled or leased by its new holder and does nothing. Until the re-send went out the
+reaper holds the new generation, for FARM_LEASE_SECONDS: a send that failed is taken and sent again by a
+later run. This runs whatever is
 queued: the holder is gone either way. Each delivery counted against FARM_MAX_ATTEMPTS when it took the
 lease, so a slice that kills its worker every time still ends failed.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
@@ -82,21 +85,29 @@ def queued_messages(app: object, settings: Settings) -> int:
 
 
 def resend_expired_leases(settings: Settings, now: datetime) -> list[str]:
-    """Re-send the candidates whose lease ran out before ``now``, per item, to be placed as new work is."""
-    from farm import dispatch
-    from farm.records import take_expired_leases
+    """Re-send the candidates whose lease ran out before ``now``, per item, to be placed as new work is;
+    returns the items sent.
 
-    taken = take_expired_leases(settings.database_url, now)
-    by_item: dict[tuple[str, str], list[str]] = {}
+    A send that fails (the broker restarting) is logged and the other items are still sent: the candidates
+    of that item stay held by the reaper until FARM_LEASE_SECONDS from now (``take_expired_leases``), and a
+    later run takes and sends them again. Nor does the failure stop the rest of ``reap``."""
+    from farm import dispatch
+    from farm.records import sent_leases, take_expired_leases
+
+    taken = take_expired_leases(settings.database_url, now, seconds=settings.lease_seconds)
+    by_item: dict[tuple[str, str], list[Any]] = {}
     for row in sorted(taken, key=lambda r: (r.item_id, r.index)):
-        by_item.setdefault((row.batch_id, row.item_id), []).append(row.id)
+        by_item.setdefault((row.batch_id, row.item_id), []).append(row)
     if not by_item:
         return []
     with session_scope(settings.database_url, read_only=True) as s:
         priority = dict(
             s.execute(select(Batch.id, Batch.priority).where(Batch.id.in_({b for b, _ in by_item}))).all()
         )
-    for (batch_id, item_id), ids in by_item.items():
+    sent: list[Any] = []
+    items: list[str] = []
+    for (batch_id, item_id), rows in by_item.items():
+        ids = [r.id for r in rows]
         logs.event(
             log,
             "lease ran out: re-sending its candidates",
@@ -105,10 +116,24 @@ def resend_expired_leases(settings: Settings, now: datetime) -> list[str]:
             item=item_id,
             candidates=ids,
         )
-        dispatch.send_item(
-            batch_id, item_id, ids, settings=settings, priority=dispatch.celery_priority(priority[batch_id])
-        )
-    return [item_id for _, item_id in by_item]
+        try:
+            rank = dispatch.celery_priority(priority[batch_id])
+            dispatch.send_item(batch_id, item_id, ids, settings=settings, priority=rank)
+        except Exception as exc:  # the broker is away: the reaper's hold runs out, a later run sends again
+            logs.event(
+                log,
+                "could not re-send candidates whose lease ran out; a later reaper run sends them again",
+                level=logging.WARNING,
+                batch=batch_id,
+                item=item_id,
+                candidates=ids,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            continue
+        sent += rows
+        items.append(item_id)
+    sent_leases(settings.database_url, sent)
+    return items
 
 
 def reap(

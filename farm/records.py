@@ -59,8 +59,14 @@ class StageStart:
     cancelled: bool = False
     #: The generation of the lease this delivery took on ``todo`` (None when it took none).
     token: int | None = None
-    #: Candidates at a stage input that another live worker process holds (not started here).
+    #: Candidates at a stage input that another live worker process holds, or took while this delivery read
+    #: them (not started here).
     held_elsewhere: list[str] = field(default_factory=list)
+
+
+#: The holder of a lease the reaper took over and is re-sending (``take_expired_leases``). Any delivery takes
+#: it: it holds no work, only keeps the candidates from being lost between the takeover and the send.
+REAPER = "reaper"
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class Claim:
         """Whether candidate row ``c``'s lease is free for this claim: not held, run out, held by this very
         owner (an earlier run in the same process, which is over), or held by a process that is gone."""
         expires = c.lease_expires_at
-        if expires is None or expires <= now or c.lease_owner == self.owner:
+        if expires is None or expires <= now or c.lease_owner in (self.owner, REAPER):
             return True
         return self.gone(c.lease_owner or "")
 
@@ -236,9 +242,15 @@ def _begin(
                 )
             )
         writes.append(row)
+    # The claim is exactly what was written: run one row at a time (the retry after a race), an update can
+    # match no row, because another delivery or the reaper moved that candidate on after it was read here.
+    # Kept in ``todo`` with ``token``, it would have two live holders of one generation (this one and
+    # whoever wrote it), and both would pass every token guard.
+    applied = _write_guarded(conn, writes, one_by_one=one_by_one)
+    start.held_elsewhere += [c.id for c in start.todo if c.id not in applied]
+    start.todo = [c for c in start.todo if c.id in applied]
     if start.todo:
         start.token = token
-    _write_guarded(conn, writes, one_by_one=one_by_one)
     return start
 
 
@@ -366,11 +378,16 @@ def release_lease(url: str, candidate_ids: list[str], token: int) -> None:
         )
 
 
-def take_expired_leases(url: str, now: datetime) -> list[Row[Any]]:
+def take_expired_leases(url: str, now: datetime, *, seconds: float = 60.0) -> list[Row[Any]]:
     """The reaper's side of the lease: every unsettled candidate whose lease ran out (its holder stopped
-    renewing it: killed, paused, cut off) moves to a new generation, held by nobody, in one atomic UPDATE.
-    The old holder's writes no longer match its token; the candidates, returned (id, item_id, batch_id,
-    index), are for the reaper to re-send. A renewal that commits first keeps its lease."""
+    renewing it: killed, paused, cut off) moves to a new generation in one atomic UPDATE. The old holder's
+    writes no longer match its token; the candidates, returned (id, item_id, batch_id, index, lease_token),
+    are for the reaper to re-send. A renewal that commits first keeps its lease.
+
+    The new generation is held by ``REAPER`` for ``seconds`` (any delivery may take it): the takeover
+    commits before the re-send, so if the send fails (the broker restarting) or the reaper dies in between,
+    the hold runs out and a later reaper run takes the candidates and sends them again, instead of leaving
+    them with neither a lease nor a message. ``sent_leases`` ends the hold once the send went out."""
     with get_engine(url).begin() as conn:
         return list(
             conn.execute(
@@ -379,9 +396,33 @@ def take_expired_leases(url: str, now: datetime) -> list[Row[Any]]:
                     _C.c.lease_expires_at < now,
                     _C.c.status.not_in((*CANDIDATE_FINAL, "scored")),
                 )
-                .values(lease_token=_C.c.lease_token + 1, lease_owner=None, lease_expires_at=None)
-                .returning(_C.c.id, _C.c.item_id, _C.c.batch_id, _C.c.index)
+                .values(
+                    lease_token=_C.c.lease_token + 1,
+                    lease_owner=REAPER,
+                    lease_expires_at=now + timedelta(seconds=seconds),
+                )
+                .returning(_C.c.id, _C.c.item_id, _C.c.batch_id, _C.c.index, _C.c.lease_token)
             ).all()
+        )
+
+
+def sent_leases(url: str, taken: list[Row[Any]]) -> None:
+    """End the reaper's hold on candidates ``take_expired_leases`` returned, whose re-send went out: held by
+    nobody, as new work is (a hold kept until it ran out would re-send a message still queued behind a
+    backlog, again every FARM_LEASE_SECONDS). Only a hold still the reaper's, of that generation, is
+    ended: a delivery that took the candidates meanwhile keeps its lease."""
+    if not taken:
+        return
+    with get_engine(url).begin() as conn:
+        conn.execute(
+            update(_C)
+            .where(
+                _C.c.id == bindparam("b_id"),
+                _C.c.lease_token == bindparam("b_token"),
+                _C.c.lease_owner == REAPER,
+            )
+            .values(lease_owner=None, lease_expires_at=None, updated_at=_C.c.updated_at),
+            [{"b_id": r.id, "b_token": r.lease_token} for r in taken],
         )
 
 

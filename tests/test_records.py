@@ -6,6 +6,7 @@ import socket
 import subprocess
 import threading
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select, update
@@ -524,3 +525,145 @@ def test_a_lease_of_a_process_of_this_host_that_is_gone_is_taken_at_once(slice_i
     mine = records.Claim(owner=owner_name(f"cuda0@{host}"), seconds=60, gone=gone)
     start = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=mine)
     assert sorted(c.id for c in start.todo) == ids and start.token == 2
+
+
+def test_a_holder_in_another_pid_namespace_of_this_host_is_never_taken_for_gone():
+    """Review F10: containers sharing the host's network (hostNetwork) share its hostname, but each numbers
+    its processes on its own; a pid missing here may be a live process of the other container. The owner
+    names its pid namespace, and only a holder of this very namespace can be found gone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    assert gone(owner_name(f"cuda0@{host}", dead.pid))
+    assert not gone(f"cuda0@{host} pid {dead.pid}"), "the namespace unknown: cannot tell"
+    assert not gone(f"cuda0@{host} ns 4026531836.0000abcd pid {dead.pid}"), "another container's"
+
+
+def test_a_delivery_whose_update_matched_no_row_holds_nothing_of_that_candidate(slice_ids, monkeypatch):
+    """Review F2, on one connection: run one row at a time (the retry after a race), a guarded update that
+    matches no row (another holder moved the candidate on after this delivery read it) must leave the
+    candidate out of the claim; the delivery used to keep it, with the token, as a second holder."""
+    url, ids = slice_ids
+    records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=_claim("a pid 1"))
+    _expire(url, ids)
+    write = records._write_guarded
+    moved: list[str] = []
+
+    def moved_meanwhile(conn, rows, one_by_one=False):
+        # What another holder's committed write looks like to this transaction on PostgreSQL.
+        bumped = update(Candidate).where(Candidate.id.in_(moved))
+        conn.execute(bumped.values(lease_token=Candidate.lease_token + 5))
+        return write(conn, rows, one_by_one=one_by_one)
+
+    monkeypatch.setattr(records, "_write_guarded", moved_meanwhile)
+    claim = _claim("b pid 2")
+    for moved[:] in (ids[:1], ids):
+        with get_engine(url).begin() as conn:
+            start = records._begin(conn, ids, ("generate",), 3, None, claim, True)
+            conn.rollback()
+        held = [c.id for c in start.todo]
+        assert held == [i for i in ids if i not in moved] and start.held_elsewhere == moved
+        assert start.token == (2 if held else None), "a token only for what was written"
+
+
+@pytest.mark.postgres
+def test_two_deliveries_racing_the_reaper_on_postgresql_never_hold_one_generation_both(monkeypatch, tmp_path):
+    """Review F2 as it happened on PostgreSQL, each party on its own connection and committing: the lease of
+    a dead holder ran out; kombu's redelivery B reads it; the reaper takes it over (so B's batched update
+    matches fewer rows and B runs again one row at a time); B reads the reaper's generation, and before its
+    updates the reaper's re-send C takes the next one. B's updates match no row: B must hold nothing, not
+    C's generation beside C."""
+    url = pgutil.create_database("farm_lease_race")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    monkeypatch.setenv("FARM_DATABASE_URL", url)
+    try:
+        migrate(url)
+        manifest, items = dispatch.plan(MANIFEST, settings=load_settings())
+        batch_id = dispatch.create_batch(manifest, items, MANIFEST, settings=load_settings()).batch_id
+        with session_scope(url) as s:
+            ids = sorted(s.scalars(select(Candidate.id).where(Candidate.batch_id == batch_id)))
+        records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=_claim("a pid 1"))
+        _expire(url, ids)
+        write, calls, other = records._write_guarded, [], []
+
+        def meanwhile(conn, rows, one_by_one=False):
+            calls.append(one_by_one)
+            # The others' own writes go straight through.
+            monkeypatch.setattr(records, "_write_guarded", write)
+            if len(calls) == 1:
+                assert len(records.take_expired_leases(url, utcnow())) == 3
+            else:
+                claim = _claim("c pid 3")
+                other.append(records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=claim))
+            monkeypatch.setattr(records, "_write_guarded", meanwhile)
+            return write(conn, rows, one_by_one=one_by_one)
+
+        monkeypatch.setattr(records, "_write_guarded", meanwhile)
+        b = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=_claim("b pid 2"))
+        monkeypatch.setattr(records, "_write_guarded", write)
+        (c,) = other
+        assert calls == [False, True], "B raced the reaper, then ran one row at a time"
+        assert sorted(x.id for x in c.todo) == ids and c.token == 3
+        assert (b.todo, b.token, b.held_elsewhere) == ([], None, ids), "B holds nothing C holds"
+        rows = _rows(url, ids)
+        assert {(r.lease_token, r.lease_owner) for r in rows.values()} == {(3, "c pid 3")}
+        assert all(r.stage_attempts == {"generate": 2} for r in rows.values()), "B counted nothing"
+    finally:
+        get_engine(url).dispose()
+        pgutil.drop_database(url)
+
+
+def test_a_lease_re_send_that_fails_is_sent_by_a_later_reaper_run_and_the_reap_goes_on(
+    slice_ids, monkeypatch
+):
+    """Review F4: the reaper commits the takeover, then sends; a send that raised (the broker restarting)
+    left the candidates with neither a lease nor a message, skipped the other items and aborted the reap.
+    Now the reaper holds the taken lease until FARM_LEASE_SECONDS: the other items are sent, the rest of
+    the reap runs, and a run after the hold ran out sends the failed item again."""
+    from farm import reaper
+    from farm.db import Batch
+
+    url, _ = slice_ids
+    settings = load_settings()
+    two = MANIFEST.replace('  - "a kite"', '  - "a kite"\n  - "a boat"')
+    manifest, items = dispatch.plan(two, settings=settings)
+    batch_id = dispatch.create_batch(manifest, items, two, settings=settings).batch_id
+    with session_scope(url) as s:
+        by_item: dict[str, list[str]] = {}
+        for c in s.scalars(select(Candidate).where(Candidate.batch_id == batch_id).order_by(Candidate.index)):
+            by_item.setdefault(c.item_id, []).append(c.id)
+        s.execute(update(Batch).where(Batch.id == batch_id).values(created_at=utcnow() - timedelta(hours=1)))
+    first, second = sorted(by_item)
+    for cids in by_item.values():
+        records.begin_stages(url, cids, ("generate",), max_attempts=3, claim=_claim("cuda0@h pid 1"))
+    _expire(url, [*by_item[first], *by_item[second]])
+    sent: list[tuple[str, list[str]]] = []
+
+    def broker(batch, item, cids, **kwargs):
+        if not sent:
+            sent.append(("failed", cids))
+            raise ConnectionError("Error 111 connecting to redis: Connection refused")
+        sent.append((item, cids))
+
+    monkeypatch.setattr(dispatch, "send_item", broker)
+    signatures: list[str] = []
+    app = SimpleNamespace(
+        signature=lambda name, **kw: SimpleNamespace(apply_async=lambda: signatures.append(name))
+    )
+
+    report = reaper.reap(app, settings, ignore_queues=True)
+    assert sent == [("failed", by_item[first]), (second, by_item[second])] and report.leases == [second]
+    assert report.redispatched == [batch_id] and signatures == ["farm.dispatch_batch"], "the reap went on"
+    rows = _rows(url, [*by_item[first], *by_item[second]])
+    assert {(rows[i].lease_owner, rows[i].lease_expires_at) for i in by_item[second]} == {(None, None)}
+    assert {rows[i].lease_owner for i in by_item[first]} == {records.REAPER}
+
+    assert reaper.resend_expired_leases(settings, utcnow()) == [], "held until the hold runs out"
+    later = utcnow() + timedelta(seconds=settings.lease_seconds + 1)
+    assert reaper.resend_expired_leases(settings, later) == [first]
+    assert sent[-1] == (first, by_item[first])
+    rows = _rows(url, by_item[first])
+    assert {(r.lease_token, r.lease_owner, r.lease_expires_at) for r in rows.values()} == {(3, None, None)}
+    claim = _claim("cuda1@h pid 2")
+    start = records.begin_stages(url, by_item[first], ("generate",), max_attempts=3, claim=claim)
+    assert len(start.todo) == 3 and start.token == 4

@@ -17,6 +17,7 @@ differ by less than a heartbeat), and otherwise renews first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -34,16 +35,35 @@ log = logging.getLogger(__name__)
 
 
 def owner_name(worker: str, pid: int | None = None) -> str:
-    """How a lease names its holder: the worker (``cuda0@host``) and the pid of the process that runs it."""
-    return f"{worker} pid {os.getpid() if pid is None else pid}"
+    """How a lease names its holder: the worker (``cuda0@host``), the pid namespace its pid is a number in
+    (``pid_namespace``) and the pid of the process that runs it."""
+    return f"{worker} ns {pid_namespace()} pid {os.getpid() if pid is None else pid}"
+
+
+@functools.cache
+def pid_namespace() -> str:
+    """This process's pid namespace, as ``<namespace inode>.<boot id>``: containers on one host share its
+    hostname when they share its network (hostNetwork), yet each numbers its processes on its own, and a
+    namespace inode is unique only until the host boots again. ``?`` where /proc does not say."""
+    try:
+        inode = os.stat("/proc/self/ns/pid").st_ino
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()[:8]  # with the host's name and the inode, enough to tell boots apart
+    except OSError:
+        return "?"
+    return f"{inode}.{boot}"
 
 
 def gone(owner: str) -> bool:
-    """Whether the holder ``owner`` is a process of this host that no longer exists (a pool child killed
-    while its slice ran: the requeued message then takes the slice at once). A holder on another host, or
-    one that cannot be told apart (a pid reused, a zombie), counts as alive: its lease runs out instead."""
-    worker, sep, pid = owner.rpartition(" pid ")
-    if not sep or not pid.isdigit() or worker.rpartition("@")[2] != socket.gethostname():
+    """Whether the holder ``owner`` is a process of this host and pid namespace that no longer exists (a
+    pool child killed while its slice ran: the requeued message then takes the slice at once). A holder on
+    another host or in another pid namespace (another container), or one that cannot be told apart (a pid
+    reused, a zombie, an owner named without its namespace), counts as alive: its lease runs out instead."""
+    head, sep, pid = owner.rpartition(" pid ")
+    worker, nsep, namespace = head.rpartition(" ns ")
+    if not sep or not nsep or not pid.isdigit() or worker.rpartition("@")[2] != socket.gethostname():
+        return False
+    if namespace == "?" or namespace != pid_namespace():
         return False
     if int(pid) == os.getpid():
         return True  # this process: tasks run one after another here, so the run that took it is over
@@ -59,7 +79,13 @@ def gone(owner: str) -> bool:
 class Lease:
     """The lease of one task run on its candidates: generation ``token``, the ids still held."""
 
-    def __init__(self, rt: Runtime, candidate_ids: Iterable[str], token: int) -> None:
+    def __init__(
+        self, rt: Runtime, candidate_ids: Iterable[str], token: int, *, taken: float | None = None
+    ) -> None:
+        """``taken``: ``time.monotonic()`` read before the transaction that took the lease began. Its expiry
+        counts from a clock read inside that transaction, which may have waited on row locks (PostgreSQL)
+        longer than a heartbeat before it did; stamping the lease when this object is built, after the
+        commit, would let ``keep`` trust a lease older than it assumes."""
         self.url = rt.settings.database_url
         self.seconds = float(rt.settings.lease_seconds)
         self.heartbeat = float(rt.settings.heartbeat_seconds)
@@ -68,7 +94,7 @@ class Lease:
         self.held = set(candidate_ids)
         self.lost: set[str] = set()
         self._lock = threading.Lock()
-        self._renewed = time.monotonic()
+        self._renewed = time.monotonic() if taken is None else taken
 
     def due(self) -> bool:
         return bool(self.held) and time.monotonic() - self._renewed >= self.heartbeat

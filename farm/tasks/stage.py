@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 from celery import Task
@@ -139,6 +139,7 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     from farm.tasks.runtime import describe_task, runtime
 
     rt = runtime()
+    taken = monotonic()  # before the lease's transaction: its expiry counts from no earlier than this
     start = records.begin_stages(
         rt.settings.database_url,
         payload["candidates"],
@@ -159,7 +160,7 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     if start.token is None:  # nothing to do here
         rt.heartbeat(None)
         return start.todo
-    rt.lease = lease = Lease(rt, [c.id for c in start.todo], start.token)
+    rt.lease = lease = Lease(rt, [c.id for c in start.todo], start.token, taken=taken)
     keep_renewing(rt)
     try:
         _run(start, stages, lease)

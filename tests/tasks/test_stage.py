@@ -260,3 +260,32 @@ def test_the_process_running_a_slice_renews_its_lease_and_its_worker_row_from_a_
     finally:
         rt.lease = None
     assert rt.lease is None and rt.renewer.is_alive()
+
+
+def test_a_slice_dates_its_lease_from_before_the_transaction_that_took_it(one_slice, monkeypatch):
+    """Review F8: the lease's expiry counts from the clock read inside the transaction that took it, and
+    that transaction may then wait on row locks (PostgreSQL) before it commits. The run dated its lease
+    when it built it, after the commit, so ``keep`` trusted a lease older than it assumed; it dates it from
+    before the transaction began."""
+    from farm.tasks import stage as stage_module
+
+    url, ids = one_slice
+    write, read = records._write_guarded, []
+
+    def waits_for_locks(conn, rows, one_by_one=False):
+        if not read:  # the first write is the lease's: its expiry was read, then the update waits
+            read.append(time.monotonic())
+            time.sleep(0.05)
+        return write(conn, rows, one_by_one=one_by_one)
+
+    stamps: list[float] = []
+
+    class Stamped(Lease):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            stamps.append(self._renewed)
+
+    monkeypatch.setattr(records, "_write_guarded", waits_for_locks)
+    monkeypatch.setattr(stage_module, "Lease", Stamped)
+    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages([]))
+    assert len(stamps) == 1 and stamps[0] <= read[0], "dated no later than its expiry was read"

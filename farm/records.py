@@ -553,6 +553,7 @@ class Ranked:
     #: image handed to a QC task that never stored it (the batch was cancelled, the slice given up) is not in
     #: the store, and :func:`forget_missing_images` clears those rows.
     closed_with_images: list[tuple[str, str]] = field(default_factory=list)
+    batch_id: str = ""
 
 
 def finish_item(
@@ -627,7 +628,14 @@ def finish_item(
                     .values(status="cancelled" if stopped else "done", finished_at=utcnow())
                 )
                 closed = True
-        return Ranked(item_id, winners, ranking, closed, closed_with_images)
+        return Ranked(item_id, winners, ranking, closed, closed_with_images, batch_id)
+
+
+def image_names(url: str, batch_id: str) -> set[str]:
+    """The store names of the images the batch's rows name."""
+    with _reading(url) as conn:
+        named = select(_C.c.image_path).where(_C.c.batch_id == batch_id, _C.c.image_path.is_not(None))
+        return set(conn.scalars(named))
 
 
 def forget_missing_images(url: str, images: list[tuple[str, str]], present: set[str]) -> list[str]:

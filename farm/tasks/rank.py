@@ -4,12 +4,13 @@ the item from SQL and closes the batch when it is the last."""
 from __future__ import annotations
 
 import logging
+from pathlib import PurePosixPath
 
 from celery import Task
 
 from farm import faults, logs, records
 from farm.celery_app import app
-from farm.config import load_settings
+from farm.config import Settings, load_settings
 from farm.db import BATCH_STOPPED, TRANSIENT_DB_ERRORS
 from farm.ranking import Contender, rank
 
@@ -87,15 +88,8 @@ def rank_item(self: Task, item_id: str) -> dict:
     )
     if done is records.RACED:
         return _raced(item_id)
-    if done.closed_with_images:
-        from farm.artifacts import store_for
-
-        batch = done.closed_with_images[0][1].split("/", 1)[0]
-        forgotten = records.forget_missing_images(
-            settings.database_url, done.closed_with_images, set(store_for(settings).names(batch))
-        )
-        if forgotten:
-            logs.event(log, "closed candidates whose image was never stored", item=item_id, ids=forgotten)
+    if done.closed_with_images or done.batch_closed:
+        store_matches_rows(settings, done)
     logs.event(
         log,
         "item ranked",
@@ -114,6 +108,34 @@ def _raced(item_id: str) -> dict:
     closing the item here would fail that round's candidates, and waiting here would only poll beside it."""
     logs.event(log, "item changed since this rank read it; left to the newer rank", item=item_id)
     return {"item": item_id, "raced": True}
+
+
+def store_matches_rows(settings: Settings, done: records.Ranked) -> None:
+    """Rows and files one to one, after the item's close. A closed row naming an image the store never got
+    (handed to a QC task that never ran: the batch was cancelled) names none. When the batch closes, files no
+    row names are removed: a worker killed, or fenced off by its lease, between writing a candidate's PNG and
+    committing its row leaves one, which the candidate's next generation would overwrite, but a cancelled
+    batch has no next generation. Both found by `farm chaos`."""
+    from farm.artifacts import store_for
+
+    store = store_for(settings)
+    present = set(store.names(done.batch_id))
+    forgotten = records.forget_missing_images(settings.database_url, done.closed_with_images, present)
+    if forgotten:
+        logs.event(log, "closed candidates whose image was never stored", item=done.item_id, ids=forgotten)
+    if not done.batch_closed:
+        return
+    named = {_stem(n) for n in records.image_names(settings.database_url, done.batch_id)}
+    unnamed = sorted(n for n in present if _stem(n) not in named)
+    for name in unnamed:
+        store.delete(name)
+    if unnamed:
+        logs.event(log, "removed images no candidate names", batch=done.batch_id, names=unnamed)
+
+
+def _stem(name: str) -> str:
+    """``<batch>/<candidate>``: an image and its ``.json`` sidecar share it."""
+    return str(PurePosixPath(name).with_suffix(""))
 
 
 @app.task(name="farm.reap", ignore_result=True)

@@ -49,10 +49,10 @@ def test_a_rank_delivered_again_after_its_item_closed_keeps_ranks_winners_and_ro
     assert _snapshot(settings, batch_id) == before
 
 
-def test_a_candidate_closed_before_its_image_was_stored_names_no_image():
-    """FARM_QC=worker: generate records the PNG's name when it hands the image off, and the QC task stores
-    it. A batch cancelled meanwhile is ranked at once and its QC task stores nothing, so the closed row must
-    not name a file that never came (found by `farm chaos`: 1 row of 350 in a 30-minute soak)."""
+def _one_item_batch(rows: list[tuple[str, bool]], stored: list[int]) -> tuple[object, str, list[str]]:
+    """A batch of one item written to SQL as dispatch writes it, then candidate ``i`` given the status
+    ``rows[i][0]`` and, where ``rows[i][1]``, the name of its image; the images of ``stored`` are put in the
+    store. The batch is being cancelled, so farm.rank closes it at once. Returns settings, item and ids."""
     from sqlalchemy import update
 
     from farm import dispatch
@@ -62,70 +62,55 @@ def test_a_candidate_closed_before_its_image_was_stored_names_no_image():
 
     settings = load_settings()
     migrate(settings.database_url)
-    manifest, items = dispatch.plan("name: qc-cancel\nmodel: tiny\nitems: [a fox]\n", settings=settings)
+    text = f"name: closing\nmodel: tiny\ndefaults: {{candidates: {len(rows)}}}\nitems: [a fox]\n"
+    manifest, items = dispatch.plan(text, settings=settings)
     batch_id = dispatch.create_batch(manifest, items, "", settings=settings).batch_id
     item_id = dispatch.item_id(batch_id, 0)
-    handed, stored = dispatch.candidate_id(item_id, 0), dispatch.candidate_id(item_id, 1)
-    store_for(settings).put(f"{batch_id}/{stored}.png", b"an image stored before the cancel", "image/png")
+    ids = [dispatch.candidate_id(item_id, i) for i in range(len(rows))]
+    store = store_for(settings)
+    for i in stored:
+        store.put(f"{batch_id}/{ids[i]}.png", b"an image", "image/png")
+        store.put(f"{batch_id}/{ids[i]}.json", b"{}", "application/json")
     with session_scope(settings.database_url) as s:
-        for cid in (handed, stored):
-            s.execute(
-                update(Candidate)
-                .where(Candidate.id == cid)
-                .values(status="generated", image_path=f"{batch_id}/{cid}.png")
-            )
+        for cid, (status, named) in zip(ids, rows, strict=True):
+            image = f"{batch_id}/{cid}.png" if named else None
+            s.execute(update(Candidate).where(Candidate.id == cid).values(status=status, image_path=image))
         s.execute(update(Batch).where(Batch.id == batch_id).values(status="cancelling"))
+    return settings, item_id, ids
+
+
+def _closed_rows(settings, item_id: str) -> dict:
+    from farm.db import Candidate, session_scope
+
+    with session_scope(settings.database_url) as s:
+        rows = s.query(Candidate).where(Candidate.item_id == item_id)
+        return {c.id: (c.status, c.image_path) for c in rows}
+
+
+def test_a_candidate_closed_before_its_image_was_stored_names_no_image():
+    """FARM_QC=worker: generate records the PNG's name when it hands the image off, and the QC task stores
+    it. A batch cancelled meanwhile is ranked at once and its QC task stores nothing, so the closed row must
+    not name a file that never came (found by `farm chaos`: 1 row of 350 in a 30-minute soak)."""
+    settings, item_id, ids = _one_item_batch([("generated", True), ("generated", True)], stored=[1])
+    batch = item_id.rsplit("-", 1)[0]
 
     rank_item.apply(args=(item_id,)).get()
 
-    with session_scope(settings.database_url) as s:
-        rows = {c.id: c for c in s.query(Candidate).where(Candidate.item_id == item_id)}
-    assert rows[handed].status == "cancelled" and rows[handed].image_path is None
-    assert rows[stored].status == "cancelled" and rows[stored].image_path == f"{batch_id}/{stored}.png"
+    rows = _closed_rows(settings, item_id)
+    assert rows[ids[0]] == ("cancelled", None)
+    assert rows[ids[1]] == ("cancelled", f"{batch}/{ids[1]}.png")
 
 
-@pytest.mark.parametrize("max_rounds", [1, 2])
-def test_a_rank_whose_view_another_rank_overtook_with_a_round_writes_nothing(monkeypatch, max_rounds):
-    """Review 5a/5b: two ranks of one short item (each lease re-send makes a chord, and so a rank, of its
-    own). The other rank added round 1 after this one read the item. This one must leave the item to that
-    round: with rounds to spare it used to add a second round for the same shortfall (5a); with none left
-    (max_topup_rounds 1) it closed the item, failing round 1's pending candidates as "ranked before this
-    candidate finished" (5b)."""
-    from sqlalchemy import select, update
+def test_files_no_row_names_are_removed_when_the_batch_closes():
+    """A worker killed (or fenced off by its lease) between writing a candidate's PNG and committing its row
+    leaves a file no row names; the candidate's next generation would overwrite it, but a batch cancelled
+    first has none (found by `farm chaos` on PostgreSQL: 2 orphan files in a 30-minute soak)."""
+    from farm.artifacts import store_for
 
-    from farm import dispatch, records
-    from farm.config import load_settings
-    from farm.db import Batch, Candidate, Item, migrate, session_scope
+    settings, item_id, ids = _one_item_batch([("scored", True), ("pending", False)], stored=[0, 1])
+    batch = item_id.rsplit("-", 1)[0]
 
-    settings = load_settings()
-    migrate(settings.database_url)
-    text = (
-        f"name: overtaken\nmodel: tiny\ndefaults: {{candidates: 3}}\n"
-        f"selection: {{min_accepted: 1, max_topup_rounds: {max_rounds}}}\nitems: [a fox]\n"
-    )
-    manifest, items = dispatch.plan(text, settings=settings)
-    batch_id = dispatch.create_batch(manifest, items, text, settings=settings).batch_id
-    item_id = dispatch.item_id(batch_id, 0)
-    with session_scope(settings.database_url) as s:
-        s.execute(update(Batch).where(Batch.id == batch_id).values(status="running"))
-        s.execute(update(Candidate).where(Candidate.item_id == item_id).values(status="rejected"))
-    stale = records.rank_view(settings.database_url, item_id)
-    assert isinstance(
-        records.add_topup_round(settings.database_url, item_id, passed=0, rounds=stale.rounds), records.TopUp
-    )
-    sent: list[tuple] = []
-    monkeypatch.setattr(records, "rank_view", lambda url, iid: stale)
-    monkeypatch.setattr(dispatch, "send_item", lambda *args, **kwargs: sent.append(args))
+    rank_item.apply(args=(item_id,)).get()
 
-    out = rank_item.apply(args=(item_id,)).get()
-
-    assert out == {"item": item_id, "raced": True} and sent == []
-    with session_scope(settings.database_url) as s:
-        item = s.get(Item, item_id)
-        rows = s.execute(
-            select(Candidate.round, Candidate.status, Candidate.error)
-            .where(Candidate.item_id == item_id)
-            .order_by(Candidate.index)
-        ).all()
-    assert (item.status, item.rounds) == ("pending", 1)
-    assert [tuple(r) for r in rows] == [(0, "rejected", None)] * 3 + [(1, "pending", None)] * 2
+    assert store_for(settings).names(batch) == [f"{batch}/{ids[0]}.json", f"{batch}/{ids[0]}.png"]
+    assert _closed_rows(settings, item_id)[ids[1]] == ("cancelled", None)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -525,6 +527,20 @@ def test_a_lease_of_a_process_of_this_host_that_is_gone_is_taken_at_once(slice_i
     mine = records.Claim(owner=owner_name(f"cuda0@{host}"), seconds=60, gone=gone)
     start = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=mine)
     assert sorted(c.id for c in start.todo) == ids and start.token == 2
+
+
+def test_a_holder_that_died_but_is_not_yet_reaped_is_gone():
+    """Celery may requeue a killed pool child's message before the worker has reaped the child: a zombie
+    holds no slice, and its lease is taken at once (seen once as a re-send by the reaper instead)."""
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert gone(owner_name(f"cuda0@{socket.gethostname()}", zombie.pid))
+    finally:
+        zombie.wait()
 
 
 def test_a_holder_in_another_pid_namespace_of_this_host_is_never_taken_for_gone():

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm import logs, records
@@ -58,7 +59,8 @@ def gone(owner: str) -> bool:
     """Whether the holder ``owner`` is a process of this host and pid namespace that no longer exists (a
     pool child killed while its slice ran: the requeued message then takes the slice at once). A holder on
     another host or in another pid namespace (another container), or one that cannot be told apart (a pid
-    reused, a zombie, an owner named without its namespace), counts as alive: its lease runs out instead."""
+    reused, an owner named without its namespace), counts as alive: its lease runs out instead. A zombie is
+    gone: Celery may requeue a killed child's message before its parent has reaped it."""
     head, sep, pid = owner.rpartition(" pid ")
     worker, nsep, namespace = head.rpartition(" ns ")
     if not sep or not nsep or not pid.isdigit() or worker.rpartition("@")[2] != socket.gethostname():
@@ -73,7 +75,10 @@ def gone(owner: str) -> bool:
         return True
     except OSError:
         return False
-    return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:  # gone meanwhile
+        return True
 
 
 class Lease:

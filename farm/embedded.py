@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from farm.lifeline import tied
+from farm.lifeline import alive, tied
 
 
 def redis_server_binary() -> str:
@@ -109,11 +109,11 @@ class EmbeddedRedis:
             keeper, owner = (int(n) for n in self.keeper_file.read_text().split())
         except (OSError, ValueError):
             return
-        if _alive(owner) or not _alive(keeper):
+        if alive(owner) or not alive(keeper):
             return
         os.kill(keeper, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(keeper) and time.monotonic() < deadline:
+        while alive(keeper) and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -132,14 +132,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _alive(pid: int) -> bool:
-    """``pid`` runs and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def other_clients(socket: Path) -> int:

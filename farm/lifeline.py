@@ -18,6 +18,7 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,6 +37,19 @@ def die_with_parent(sig: int, parent: int | None = None) -> bool:
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
     return True
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs: it exists and is not a zombie (a dead process its parent has not reaped yet)."""
+    return state(pid) not in ("", "Z")
+
+
+def state(pid: int) -> str:
+    """The state letter in /proc (``R``, ``S``, ``T``, ``Z``...); empty when there is no such pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def tied(argv: list[str], sig: int = signal.SIGKILL, parent: int | None = None) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from farm.config import Settings
 from farm.db import migrate
 from farm.embedded import EmbeddedRedis
-from farm.lifeline import tied
+from farm.lifeline import alive, tied
 
 #: Seconds between the reports of what a stop waits for, and the cold shutdown's allowance after ``hurry``.
 REPORT_S = 5.0
@@ -50,10 +50,9 @@ def leftovers(home: Path | str) -> list[int]:
         try:
             if mine not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if state != "Z":
+        if alive(int(entry.name)):
             found.append(int(entry.name))
     return sorted(found)
 

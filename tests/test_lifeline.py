@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from farm.embedded import EmbeddedRedis
-from farm.lifeline import tied, untied
+from farm.lifeline import alive, tied, untied
 from farm.stack import leftovers
 from tests import pgutil
 
@@ -23,15 +23,11 @@ pytestmark = pytest.mark.skipif(pgutil.enabled(), reason="database-independent: 
 
 def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 def _owner(code: str, home: Path) -> tuple[subprocess.Popen[str], int]:

@@ -184,7 +184,6 @@ def test_a_cancel_while_the_last_item_is_ranked_on_postgresql_waits_and_never_en
     between used to be overwritten with 'done' (the read took no lock). The cancel runs on a second
     connection while finish_item's transaction is open (its ``during`` hook): it must wait for the batch row,
     then find the batch closed and change nothing."""
-    from sqlalchemy import text
 
     from farm.db import Batch, Item
 
@@ -208,19 +207,7 @@ def test_a_cancel_while_the_last_item_is_ranked_on_postgresql_waits_and_never_en
 
         def cancel_meanwhile() -> None:
             canceller.start()
-            with get_engine(url).connect() as watch:
-                for _ in range(200):
-                    waiting = watch.execute(
-                        text(
-                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                            "AND wait_event_type = 'Lock'"
-                        )
-                    ).scalar()
-                    if waiting or not canceller.is_alive():
-                        return
-                    watch.rollback()
-                    canceller.join(0.05)
-            raise AssertionError("the cancel neither finished nor waited for a lock")
+            _lock_wait_or_end(url, canceller)
 
         records.finish_item(
             url, item_id, ranking=[], winners=[], scores={}, rounds=0, during=cancel_meanwhile

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from farm.lifeline import alive
 from farm.stack import HURRY_S, Stack, children, cmdline, descendants, leftovers
 from tests import pgutil
 
@@ -49,17 +50,10 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
     """Of ``pids``, those still alive (not zombies) after waiting up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [pid for pid in pids if _alive(pid)]
+        alive = [pid for pid in pids if alive(pid)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _logs(home: Path) -> str:

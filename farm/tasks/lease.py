@@ -24,10 +24,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm import logs, records
+from farm.lifeline import alive
 
 if TYPE_CHECKING:
     from farm.tasks.runtime import Runtime
@@ -75,10 +75,7 @@ def gone(owner: str) -> bool:
         return True
     except OSError:
         return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:  # gone meanwhile
-        return True
+    return not alive(int(pid))
 
 
 class Lease:

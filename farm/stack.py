@@ -239,7 +239,7 @@ class Stack:
                 next_report = time.monotonic() + REPORT_S
             time.sleep(0.1)
         for p in self._alive():
-            os.killpg(p.popen.pid, signal.SIGKILL)
+            _killpg_quietly(p.popen.pid)
         for p in self.procs:
             p.popen.wait()
             _killpg_quietly(p.popen.pid)  # a pool child or QC worker its main process left behind

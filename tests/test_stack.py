@@ -50,9 +50,9 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
     """Of ``pids``, those still alive (not zombies) after waiting up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [pid for pid in pids if alive(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
+        running = [pid for pid in pids if alive(pid)]
+        if not running or time.monotonic() > deadline:
+            return running
         time.sleep(0.1)
 
 
@@ -231,8 +231,8 @@ def test_sigkill_of_farm_up_leaves_no_process_of_its_stack(tmp_path):
         assert len(stack) >= 9, "redis and its keeper, two workers with pool children and QC workers, control"
         proc.kill()
         proc.wait()
-        alive = _gone(stack, 30)
-        assert not alive, f"left running after SIGKILL of farm up: {alive}\n{_logs(home)}"
+        left = _gone(stack, 30)
+        assert not left, f"left running after SIGKILL of farm up: {left}\n{_logs(home)}"
         assert not leftovers(home)
     finally:
         _kill_all(home, proc)
@@ -265,11 +265,11 @@ def test_sigkill_of_a_worker_main_process_ends_its_busy_pool_child_beat_and_qc_w
         busy = [pid for pid in children(device) if "--qc" not in cmdline(pid)]
         restarted_qc = [pid for pid in children(device) if "--qc" in cmdline(pid)]
         os.kill(device, signal.SIGKILL)
-        alive = _gone(busy + restarted_qc, 30)
-        assert not alive, f"outlived the device worker: {[(pid, cmdline(pid)) for pid in alive]}"
+        left = _gone(busy + restarted_qc, 30)
+        assert not left, f"outlived the device worker: {[(pid, cmdline(pid)) for pid in left]}"
         os.kill(control, signal.SIGKILL)
-        alive = _gone(control_children, 30)
-        assert not alive, f"outlived the control worker: {[(pid, cmdline(pid)) for pid in alive]}"
+        left = _gone(control_children, 30)
+        assert not left, f"outlived the control worker: {[(pid, cmdline(pid)) for pid in left]}"
         redis = {stack.redis.process.pid, *descendants(stack.redis.process.pid)}
         orphans = set(leftovers(home)) - redis
         assert not orphans, f"orphans: {[(pid, cmdline(pid)) for pid in orphans]}"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.lifeline import tied
+from farm.procs import children, parent_of
 
 STAGES = ("generate", "moderate", "validate", "score")
 
@@ -242,7 +243,8 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
         peaks = {p.name: _peak_rss_mb(p.popen.pid) for p in stack.procs}
         peaks.update({f"child-{pid}": _peak_rss_mb(pid) for _, pid in workers})
         # A QC worker (FARM_QC=worker) runs under its device worker: its main is its pool child's parent.
-        peaks.update({n.split("@")[0]: _peak_rss_mb(_ppid(pid)) for n, pid in workers if n.startswith("qc-")})
+        qc = {n.split("@")[0]: parent_of(pid) for n, pid in workers if n.startswith("qc-")}
+        peaks.update({name: _peak_rss_mb(main) for name, main in qc.items()})
     return RunResult(name, seconds, workload.total, stage, peaks, devices)
 
 
@@ -273,13 +275,6 @@ def _wait_for_models(settings: Any, workers: int, stack: Any, timeout: float = 3
                 return
         time.sleep(0.2)
     raise RuntimeError("workers did not load their models in time")
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def _peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -592,10 +587,10 @@ def scale(sizes: tuple[int, ...] = (100, 10_000, 10_000)) -> dict[str, Any]:
                     "page_ms_p95_during_enqueue": _pct(during, 0.95),
                     "web_peak_rss_mb": _peak_rss_mb(web.popen.pid),
                     "control_peak_rss_mb": max(
-                        _peak_rss_mb(p) for p in _children(stack.proc("control").popen.pid)
+                        _peak_rss_mb(p) for p in _with_children(stack.proc("control").popen.pid)
                     ),
                     "control_rss_after_mb": max(
-                        _peak_rss_mb(p, "VmRSS") for p in _children(stack.proc("control").popen.pid)
+                        _peak_rss_mb(p, "VmRSS") for p in _with_children(stack.proc("control").popen.pid)
                     ),
                 }
     return results
@@ -624,13 +619,6 @@ def worker_memory(sizes: tuple[int, ...] = (100, 10_000)) -> dict[str, Any]:
     return out
 
 
-def _children(pid: int) -> list[int]:
+def _with_children(pid: int) -> list[int]:
     """``pid`` and its direct children (the control worker's pool processes)."""
-    out = [pid]
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            children = (task / "children").read_text().split()
-            out += [int(c) for c in children]
-    except OSError:
-        pass
-    return out
+    return [pid, *children(pid)]

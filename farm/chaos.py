@@ -18,19 +18,20 @@ import os
 import random
 import signal
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, select
 
 from farm.config import Settings, load_settings
 from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
-from farm.stack import Proc, Stack, children, cmdline, descendants, leftovers
+from farm.procs import children, cmdline, descendants, leftovers
+from farm.stack import Proc, Stack
 
 #: Settings of the soak's own farm: the timeouts short enough that recovery happens within its settling time.
 CHAOS_ENV = {
@@ -46,16 +47,6 @@ CHAOS_ENV = {
 #: The device whose slices are checked by a QC worker beside it.
 QC_DEVICE = "cuda0"
 CLOSED = ("done", "cancelled", "failed")
-KINDS = (
-    "kill_device_worker",
-    "kill_pool_child",
-    "kill_qc_worker",
-    "pause_worker",
-    "kill_control",
-    "restart_redis",
-    "terminate_db_connections",
-    "restart_farm",
-)
 #: How many of each kind a deck of faults holds: process faults are the common case, whole-stack restarts
 #: the rare one. Faults are dealt from shuffled decks, so even a short soak meets every kind.
 DECK = {
@@ -68,6 +59,7 @@ DECK = {
     "terminate_db_connections": 1,
     "restart_farm": 1,
 }
+KINDS = tuple(DECK)
 
 
 @dataclass
@@ -349,7 +341,8 @@ class Chaos:
     def _restart_farm(self, _device: str) -> str | None:
         """The whole stack, as `farm up` is stopped and started again: a hurried stop, then a fresh start."""
         self._resume_paused(everything=True)
-        hurry = _set_event()
+        hurry = threading.Event()
+        hurry.set()
         self.stack.stop(self.stack.drain_allowance, hurry=hurry)
         self.start()
         return "whole stack"
@@ -450,14 +443,6 @@ class Chaos:
                         a.unranked.append(item.id)
         a.processes_left = leftovers(self.home)
         return a
-
-
-def _set_event() -> Any:
-    import threading
-
-    event = threading.Event()
-    event.set()
-    return event
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import redis
 
-from farm.lifeline import alive, tied
+from farm.lifeline import tied
+from farm.procs import alive
 
 
 def redis_server_binary() -> str:

@@ -18,7 +18,6 @@ import ctypes
 import os
 import signal
 import sys
-from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -39,30 +38,10 @@ def die_with_parent(sig: int, parent: int | None = None) -> bool:
     return True
 
 
-def alive(pid: int) -> bool:
-    """``pid`` runs: it exists and is not a zombie (a dead process its parent has not reaped yet)."""
-    return state(pid) not in ("", "Z")
-
-
-def state(pid: int) -> str:
-    """The state letter in /proc (``R``, ``S``, ``T``, ``Z``...); empty when there is no such pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
 def tied(argv: list[str], sig: int = signal.SIGKILL, parent: int | None = None) -> list[str]:
     """``argv`` wrapped so that the program it runs gets ``sig`` when its parent (this process) dies."""
     parent = os.getpid() if parent is None else parent
     return [sys.executable, "-m", "farm.lifeline", str(parent), signal.Signals(sig).name, "--", *argv]
-
-
-def untied(argv: list[str]) -> list[str]:
-    """The program's own argv from one made by :func:`tied` (anything else is returned as it is)."""
-    if len(argv) > 5 and argv[1:3] == ["-m", "farm.lifeline"] and argv[5] == "--":
-        return argv[6:]
-    return argv
 
 
 def main(args: list[str]) -> None:

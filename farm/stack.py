@@ -23,7 +23,7 @@ from pathlib import Path
 from farm.config import Settings
 from farm.db import migrate
 from farm.embedded import EmbeddedRedis
-from farm.lifeline import alive, tied
+from farm.lifeline import tied
 
 #: Seconds between the reports of what a stop waits for, and the cold shutdown's allowance after ``hurry``.
 REPORT_S = 5.0
@@ -37,53 +37,6 @@ def _killpg_quietly(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def leftovers(home: Path | str) -> list[int]:
-    """Live processes (zombies aside) whose environment names this FARM_HOME: what a stack must not leave
-    behind when it is gone. Linux only (reads /proc); the caller's own process is not counted."""
-    mine = f"FARM_HOME={home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if mine not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if alive(int(entry.name)):
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (Linux: /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return sorted(found)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: children, their children, and so on."""
-    found = []
-    for child in children(pid):
-        found += [child, *descendants(child)]
-    return found
-
-
-def cmdline(pid: int) -> str:
-    """The command line of ``pid`` with spaces between its arguments; empty when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @dataclass

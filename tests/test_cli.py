@@ -182,7 +182,7 @@ def test_farm_up_serves_dashboard_and_authenticated_flower_and_ctrl_c_stops_ever
         assert len(children) >= 5, "redis, a worker, control, web and flower"
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
         assert proc.wait(120) == 0
-        from farm.stack import leftovers
+        from farm.procs import leftovers
 
         deadline = time.monotonic() + 10
         while leftovers(env["FARM_HOME"]) and time.monotonic() < deadline:

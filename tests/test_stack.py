@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from farm.lifeline import alive
-from farm.stack import HURRY_S, Stack, children, cmdline, descendants, leftovers
+from farm.procs import alive, children, cmdline, descendants, leftovers
+from farm.stack import HURRY_S, Stack
 from tests import pgutil
 
 # Signals and processes do not depend on the database: CI runs these in its SQLite pass only.

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from farm import logs, records
-from farm.lifeline import alive
+from farm.procs import alive
 
 if TYPE_CHECKING:
     from farm.tasks.runtime import Runtime

@@ -11,17 +11,16 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from farm import records
 from farm.artifacts import read_recipe
-from farm.bench import _ppid
 from farm.config import CONTROL_QUEUE
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.gpu_pinning.pinning import qc_queue
+from farm.procs import alive, children, cmdline, parent_of
 from farm.worker import drain, undrain
 from tests.faults.conftest import FaultFarm, manifest
 
@@ -175,7 +174,7 @@ def test_while_its_qc_worker_is_stopped_a_device_checks_its_slices_itself(split:
     assert drain(split.app, "cuda1", database_url=split.settings.database_url)
     split.wait_until(lambda: qc_queue("cuda0") in {w.name for w in split.workers()}, what="the QC worker row")
     qc_main = _qc_main_pid(split, "cuda0")
-    stopped = [qc_main, *(pid for pid in _pids() if _ppid(pid) == qc_main)]
+    stopped = [qc_main, *children(qc_main)]
     done_before = {w.name: w.tasks_done for w in split.workers()}[qc_queue("cuda0")]
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
@@ -225,21 +224,13 @@ def test_a_device_generates_at_most_one_slice_ahead_of_a_slower_qc_worker(split:
 def _qc_main_pid(farm: FaultFarm, queue: str) -> int | None:
     """The QC worker's main process: the parent of the pool child its row names (None: that child is gone)."""
     (row,) = [w for w in farm.workers() if w.name == qc_queue(queue)]
-    return _ppid(row.pid) or None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    return parent_of(row.pid) or None
 
 
 def test_a_qc_worker_that_exits_is_started_again_by_its_device_worker(split: FaultFarm):
     old = _qc_main_pid(split, "cuda0")
     os.kill(old, signal.SIGTERM)
-    split.wait_until(lambda: not _alive(old), what="the QC worker to exit")
+    split.wait_until(lambda: not alive(old), what="the QC worker to exit")
     split.wait_until(
         lambda: _qc_main_pid(split, "cuda0") not in (None, old), what="a new QC worker for cuda0"
     )
@@ -252,24 +243,15 @@ def test_a_qc_worker_that_exits_is_started_again_by_its_device_worker(split: Fau
 def test_stopping_a_device_worker_stops_its_qc_worker_too(split: FaultFarm):
     qc = _qc_main_pid(split, "cuda1")
     split.stack.restart_worker("cuda1")  # SIGTERM: the device worker drains, then stops its QC worker
-    split.wait_until(lambda: not _alive(qc), timeout=60, what="the QC worker of the stopped device")
+    split.wait_until(lambda: not alive(qc), timeout=60, what="the QC worker of the stopped device")
     split.wait_ready()
     _wait_qc_ready(split)
 
 
 def test_a_device_worker_killed_outright_takes_its_qc_worker_with_it(split: FaultFarm):
     device = split.stack.proc("worker-cuda1").popen.pid
-    (qc,) = [pid for pid in _pids() if _ppid(pid) == device and b"--qc" in _cmdline(pid)]
+    (qc,) = [pid for pid in children(device) if "--qc" in cmdline(pid)]
     os.kill(device, signal.SIGKILL)
-    split.wait_until(lambda: not _alive(qc), timeout=60, what="the QC worker of the killed device worker")
+    split.wait_until(lambda: not alive(qc), timeout=60, what="the QC worker of the killed device worker")
 
 
-def _pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

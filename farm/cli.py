@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, ConfigError, Settings, load_settings
+from farm.config import CONTROL_QUEUE, ConfigError, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "batches" / "example.yaml"
 
@@ -163,11 +163,10 @@ def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
             name = qc_queue(queue)
             argv = ["worker", "-Q", name, "-n", name, "-c", "1"]
         else:
-            from farm.placement import preload_queue
+            from farm.placement import device_worker_queues
 
-            # The preloaded generator's model queue from the start (farm.placement); the others follow loads.
-            model_queue = preload_queue(settings.preload_generator, settings.preload_dtype)
-            argv = ["worker", "-Q", f"{queue},{SLICES_QUEUE},{model_queue}", "-n", f"{queue}@%h", "-c", "1"]
+            queues = device_worker_queues(queue, settings.preload_generator, settings.preload_dtype)
+            argv = ["worker", "-Q", ",".join(queues), "-n", f"{queue}@%h", "-c", "1"]
     from farm.celery_app import app
     from farm.db import migrate
 

@@ -82,6 +82,13 @@ def preload_queue(preload_generator: str, dtype: str = "fp32") -> str:
     return model_queue(generator_key(preload_generator, dtype=dtype))
 
 
+def device_worker_queues(queue: str, preload_generator: str, dtype: str = "fp32") -> list[str]:
+    """What a device worker consumes from its start, however it is started (`farm worker --device` or a
+    plain `celery worker -Q`): its device queue, the shared slices queue and the model queue of the generator
+    it preloads; the other model queues follow its loads."""
+    return [queue, SLICES_QUEUE, preload_queue(preload_generator, dtype)]
+
+
 def choose_queue(
     model_q: str, workers: Iterable[tuple[list[str] | None, datetime | None]], *, now: datetime
 ) -> str:

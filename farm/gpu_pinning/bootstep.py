@@ -79,7 +79,7 @@ def plan_device_worker(
     worker) or was pinned already (`farm worker`, which starts Celery pinned). Raises DeviceWorkerRefused
     with what to run instead when the options would make a worker take slices unpinned or as something else.
     """
-    from farm.placement import is_model_queue, preload_queue
+    from farm.placement import device_worker_queues, is_model_queue
 
     if pinned_queue:
         if device and device != pinned_queue:
@@ -109,7 +109,6 @@ def plan_device_worker(
     if device not in devices:
         known = ", ".join(sorted(devices))
         raise DeviceWorkerRefused(f"--device {device} is not in FARM_DEVICES (known: {known})")
-    model_queue = preload_queue(settings.preload_generator, settings.preload_dtype)
     default_only = consuming == {CONTROL_QUEUE}  # no -Q: Celery's default queue, replaced by the device's
     others = sorted(
         q for q in consuming if q not in (device, SLICES_QUEUE) and not is_model_queue(q) and not default_only
@@ -140,7 +139,7 @@ def plan_device_worker(
     return DevicePlan(
         queue=device,
         hostname=f"{device}@{host or socket.gethostname()}",
-        queues=[device, SLICES_QUEUE, model_queue],
+        queues=device_worker_queues(device, settings.preload_generator, settings.preload_dtype),
         inferred=inferred,
     )
 

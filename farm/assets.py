@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +118,7 @@ class AssetPolicy:
 
     Build it with ``AssetPolicy.operator()`` or ``AssetPolicy.uploaded(...)``; pass it to
     ``farm.manifest.parse_manifest`` (and farm.dispatch), which asks it for every file the manifest names.
+    ``asset_dirs`` are resolved (links and ``..`` followed) once, here, so a lookup resolves only its path.
     """
 
     trusted: bool
@@ -125,6 +126,9 @@ class AssetPolicy:
     uploads: Mapping[str, bytes] = field(default_factory=dict)
     folder: str = field(default_factory=lambda: uuid.uuid4().hex)
     named: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.asset_dirs = _resolved(self.asset_dirs)
 
     @classmethod
     def operator(cls) -> AssetPolicy:
@@ -161,8 +165,6 @@ class AssetPolicy:
         """
         if "\x00" in value:
             raise ValueError("path must not contain NUL bytes")
-        if not value.strip():
-            raise ValueError("path must not be blank")
         if not self.trusted:
             if value in self.uploads:
                 self.named.add(value)
@@ -211,9 +213,8 @@ class AssetPolicy:
             return None
         for root in self.asset_dirs:
             try:
-                base = root.resolve()
-                target = (base / value).resolve()  # an absolute value replaces base
-                if target.is_relative_to(base) and target.exists():
+                target = (root / value).resolve()  # an absolute value replaces root
+                if target.is_relative_to(root) and target.exists():
                     return target
             except (OSError, ValueError, RuntimeError):
                 continue
@@ -257,6 +258,17 @@ def read_asset(ref: str, *, store: Any = None) -> bytes:
     return Path(ref).read_bytes()
 
 
+def _resolved(roots: Iterable[Path]) -> tuple[Path, ...]:
+    """The asset folders resolved, any that cannot be (a link loop) left out: nothing inside them is found."""
+    resolved: list[Path] = []
+    for root in roots:
+        try:
+            resolved.append(Path(root).resolve())
+        except (OSError, ValueError, RuntimeError):
+            continue
+    return tuple(resolved)
+
+
 def _read(path: Path, max_bytes: int, *, shown: str) -> bytes:
     try:
         with path.open("rb") as fh:
@@ -270,10 +282,9 @@ def _read(path: Path, max_bytes: int, *, shown: str) -> bytes:
 
 def _remove_empty(store: Any, prefix: str) -> None:
     """The submission's folder of a local store, once empty (an S3 prefix is gone with its last object)."""
-    local = getattr(store, "local_path", None)
     try:
-        folder = local(prefix) if local is not None else None
-        if isinstance(folder, Path) and folder.is_dir() and not any(folder.iterdir()):
+        folder = store.local_path(prefix)
+        if folder is not None and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     except (OSError, ValueError):
         pass

@@ -15,6 +15,7 @@ device takes more of them), and an idle worker steals from a model queue that ha
 from __future__ import annotations
 
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,26 +177,19 @@ def submit(
     removed again if the batch is not written or not sent.
     """
     manifest, items = plan(text, settings=settings, base_dir=base_dir, assets=assets)
-    if assets is not None and assets.named:
-        with assets.stored(store_for(settings)):
-            return _write_and_send(manifest, items, text, settings=settings)
-    return _write_and_send(manifest, items, text, settings=settings)
-
-
-def _write_and_send(
-    manifest: Manifest, items: list[ItemPlan], text: str | bytes, *, settings: Settings
-) -> Submitted:
-    submitted = create_batch(manifest, items, text, settings=settings)
-    try:
-        app_for(settings).signature(
-            "farm.dispatch_batch", args=(submitted.batch_id,), queue=CONTROL_QUEUE, ignore_result=True
-        ).apply_async(
-            priority=celery_priority(manifest.priority), retry=True, retry_policy={"max_retries": 3}
-        )
-    except Exception:
-        delete_batch(submitted.batch_id, settings=settings)
-        raise
-    return submitted
+    # The store is built only when there is something to write into it.
+    with assets.stored(store_for(settings)) if assets is not None and assets.named else nullcontext():
+        submitted = create_batch(manifest, items, text, settings=settings)
+        try:
+            app_for(settings).signature(
+                "farm.dispatch_batch", args=(submitted.batch_id,), queue=CONTROL_QUEUE, ignore_result=True
+            ).apply_async(
+                priority=celery_priority(manifest.priority), retry=True, retry_policy={"max_retries": 3}
+            )
+        except Exception:
+            delete_batch(submitted.batch_id, settings=settings)
+            raise
+        return submitted
 
 
 def delete_batch(batch_id: str, *, settings: Settings) -> None:
@@ -276,8 +270,10 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
                 .where(Item.id == iid, Item.status == "pending", open_batch)
                 .values(status="running")
             ).rowcount
-            if not flipped and s.scalar(select(Batch.status).where(Batch.id == batch_id)) not in DISPATCHABLE:
-                break
+            if not flipped:
+                if s.scalar(select(Batch.status).where(Batch.id == batch_id)) not in DISPATCHABLE:
+                    break
+                continue
             ids = (
                 s.execute(
                     select(Candidate.id)
@@ -287,8 +283,6 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
                 .scalars()
                 .all()
             )
-        if not flipped:
-            continue
         send_item(batch_id, iid, list(ids), settings=settings, priority=priority, queue=queue)
         sent += 1
     return sent

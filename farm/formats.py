@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "CLIP_SCORE",
     "MODEL_FOLDER_MARKERS",
     "FormatError",
     "model_folder_problem",
@@ -25,6 +26,11 @@ __all__ = [
 #: A PDQ hash: 256 bits as 64 hex digits. A line is the hash alone, or the hash, a separator (comma, tab or
 #: spaces) and anything after it (a label, an id, a comment), as exported hash lists are usually written.
 _PDQ_LINE = re.compile(r"([0-9A-Fa-f]{64})(?:[,\t ].*)?")
+
+#: The CLIP-score scorer: ``clip-score`` scores with the default validator, ``clip-score:<validator ref>``
+#: with any CLIP/SigLIP validator reference (preset, folder or hub id). It needs no model of its own. Here
+#: because manifest validation (farm.manifest, no torch) and the worker (farm.ml.presets) both spell it.
+CLIP_SCORE = "clip-score"
 
 #: Files a local folder must hold (any one of them) to be a model of each kind: a diffusers pipeline for a
 #: generator, a Hugging Face model for a validator, a Hugging Face model or an ImageReward checkpoint folder
@@ -46,20 +52,17 @@ class FormatError(ValueError):
         super().__init__(f"line {line}: {reason}" if line is not None else reason)
 
 
-def parse_pdq_blocklist(data: bytes | str) -> list[str]:
+def parse_pdq_blocklist(data: bytes) -> list[str]:
     """The hashes of a PDQ blocklist, lower-case, in file order.
 
     Format: one hash of 64 hex digits per line, alone or followed by a comma, a tab or spaces and anything
     (``<hash>,known-bad-image``); lines starting with ``#`` and blank lines are skipped; a UTF-8 byte order
     mark is allowed. Anything else raises ``FormatError`` with the first bad line's number.
     """
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise FormatError("not a UTF-8 text file; save the blocklist as UTF-8 text") from None
-    else:
-        text = data.removeprefix("\ufeff")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise FormatError("not a UTF-8 text file; save the blocklist as UTF-8 text") from None
     hashes: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()

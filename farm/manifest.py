@@ -59,7 +59,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from farm.assets import FOLDER_REFUSED, AssetPolicy, is_hub_id, looks_like_path
-from farm.formats import FormatError, model_folder_problem, parse_pdq_blocklist
+from farm.formats import CLIP_SCORE, FormatError, model_folder_problem, parse_pdq_blocklist
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -144,8 +144,6 @@ _SIZE_RE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
 _SIZE_PATTERN = r"^[0-9]+[xX][0-9]+$"
 _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,39}")
-#: A scorer reference that scores with a validator: ``clip-score`` or ``clip-score:<validator reference>``.
-_CLIP_SCORE = "clip-score"
 
 # ----------------------------------------------------------------------------------------------------------
 # Errors
@@ -666,16 +664,10 @@ class Manifest(_Strict):
     def _check_model(cls, value: str, info: ValidationInfo) -> str:
         policy = _assets(info)
         ref = _resolve_model_ref(value, _base_dir(info), policy)
-        hook = (info.context or {}).get("check_model") if isinstance(info.context, dict) else None
         # An uploaded manifest's hub id goes to no check that could look at the disk: its folders, all inside
         # FARM_ASSET_DIRS, are absolute paths by now.
-        if hook is not None and (policy.trusted or not is_hub_id(ref)):
-            try:
-                problem = hook(ref)
-            except Exception as exc:  # noqa: BLE001 - a plugged-in check must not crash parsing
-                problem = f"model check failed: {type(exc).__name__}: {exc}"
-            if problem:
-                raise ValueError(str(problem))
+        if policy.trusted or not is_hub_id(ref):
+            _run_check(info, "check_model", ref)
         return ref
 
 
@@ -709,14 +701,11 @@ def _resolve_model_ref(value: str, base_dir: Path | None, policy: AssetPolicy) -
         return value
     if any(c in value for c in "\x00\r\n"):
         raise ValueError("must not contain NUL or line breaks")
-    found = policy.find_folder(value, base_dir=base_dir)
-    if found is not None and found.is_dir():
-        problem = model_folder_problem(found, "generator")
-        if problem:
-            raise ValueError(f"folder {_clip(value)} {problem}")
-        return str(found)
-    if found is not None:
-        raise ValueError(f"{_clip(value)} is a file; a local model must be a diffusers pipeline folder")
+    folder = _model_folder(
+        value, base_dir, policy, "generator", if_file="a local model must be a diffusers pipeline folder"
+    )
+    if folder is not None:
+        return folder
     if is_hub_id(value):
         return value
     if looks_like_path(value):
@@ -741,40 +730,58 @@ def _check_plain_model_path(value: str, base_dir: Path | None, policy: AssetPoli
     gets ``FOLDER_REFUSED``. ``clip-score:<validator>`` is checked as its validator.
     """
     prefix = ""
-    if kind == "scorer" and value.startswith(_CLIP_SCORE + ":"):
-        prefix, value, kind = _CLIP_SCORE + ":", value[len(_CLIP_SCORE) + 1 :], "validator"
+    if kind == "scorer" and value.startswith(CLIP_SCORE + ":"):
+        prefix, value, kind = CLIP_SCORE + ":", value[len(CLIP_SCORE) + 1 :], "validator"
     if policy.trusted:
         if "/" in value or value.startswith((".", "~")):
-            for base in (base_dir, None):
+            for base in dict.fromkeys((base_dir, None)):
                 found = policy.find_folder(value, base_dir=base)
                 if found is not None and found.is_dir():
                     return prefix + str(found)
         return prefix + value
-    found = policy.find_folder(value, base_dir=base_dir)
-    if found is not None:
-        if not found.is_dir():
-            raise ValueError(f"{_clip(value)} is a file; a local {kind} model must be a folder")
-        problem = model_folder_problem(found, kind)
-        if problem:
-            raise ValueError(f"folder {_clip(value)} {problem}")
-        return prefix + str(found)
-    if looks_like_path(value) or (":" in value and not is_hub_id(value)):
+    folder = _model_folder(value, base_dir, policy, kind, if_file=f"a local {kind} model must be a folder")
+    if folder is not None:
+        return prefix + folder
+    if looks_like_path(value) or ":" in value:
         raise ValueError(FOLDER_REFUSED)
     return prefix + value
 
 
+def _model_folder(
+    value: str, base_dir: Path | None, policy: AssetPolicy, kind: str, *, if_file: str
+) -> str | None:
+    """The absolute path of the ``kind`` model folder ``value`` names where ``policy`` allows, or None where
+    it names nothing there; ValueError for a file (``if_file`` says what it should be) or for a folder that
+    is no ``kind`` model."""
+    found = policy.find_folder(value, base_dir=base_dir)
+    if found is None:
+        return None
+    if not found.is_dir():
+        raise ValueError(f"{_clip(value)} is a file; {if_file}")
+    problem = model_folder_problem(found, kind)
+    if problem:
+        raise ValueError(f"folder {_clip(value)} {problem}")
+    return str(found)
+
+
 def _checked_ref(ref: str, kind: str, info: ValidationInfo) -> str:
     """``ref`` once the plugged-in ``check_ref`` (the ML layer's) has no objection to it as a ``kind``."""
-    hook = (info.context or {}).get("check_ref") if isinstance(info.context, dict) else None
+    _run_check(info, "check_ref", ref, kind)
+    return ref
+
+
+def _run_check(info: ValidationInfo, key: str, *args: str) -> None:
+    """Call the plugged-in check the validation context holds under ``key`` (``check_model``, ``check_ref``),
+    if any, with ``args``; ValueError with its message when it objects, or when it raises."""
+    hook = info.context.get(key) if isinstance(info.context, dict) else None
     if hook is None:
-        return ref
+        return
     try:
-        problem = hook(ref, kind)
+        problem = hook(*args)
     except Exception as exc:  # noqa: BLE001 - a plugged-in check must not crash parsing
         problem = f"model check failed: {type(exc).__name__}: {exc}"
     if problem:
         raise ValueError(str(problem))
-    return ref
 
 
 def _check_pdq_file(value: str, base_dir: Path | None, policy: AssetPolicy) -> str:
@@ -1260,17 +1267,18 @@ def parse_manifest(
         "base_dir": base_dir,
         "check_model": check_model,
         "check_ref": check_ref,
-        "assets": assets or AssetPolicy.operator(),
+        "assets": assets,
     }
     try:
         manifest = Manifest.model_validate(raw, context=context)
     except ValidationError as exc:
         raise ManifestError(_errors_from_validation(exc)) from None
-    if assets is not None and assets.unnamed_uploads():
+    unnamed = assets.unnamed_uploads() if assets is not None else []
+    if unnamed:
         raise ManifestError(
             FieldError("uploads", f"{name!r} was uploaded but the manifest names no such file; name it (e.g. "
                        "moderation.pdq_blocklist: " + name + ") or do not upload it")
-            for name in assets.unnamed_uploads()
+            for name in unnamed
         )
     _, problems = _plan(manifest)
     if problems:

@@ -28,6 +28,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ``test_config`` overrides Flask config keys after the settings are read; it may carry ``FARM_SETTINGS``
     (a :class:`farm.config.Settings`) to use instead of the environment.
     """
+    from web.actions import upload_limit
+
     app = Flask(__name__)
     config = dict(test_config or {})
     settings: Settings = config.pop("FARM_SETTINGS", None) or load_settings()
@@ -35,6 +37,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         FARM_SETTINGS=settings,
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        # What a multipart submission may send with its files (``_room_for_uploaded_files``).
+        FARM_MAX_UPLOAD_REQUEST_BYTES=upload_limit(settings) + FORM_OVERHEAD_BYTES,
         SECRET_KEY=_secret_key(settings),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
@@ -67,9 +71,7 @@ def _room_for_uploaded_files() -> None:
     after.
     """
     if request.endpoint in UPLOAD_ENDPOINTS and (request.mimetype or "").startswith("multipart/"):
-        from web.actions import upload_limit
-
-        request.max_content_length = upload_limit(current_app.config["FARM_SETTINGS"]) + FORM_OVERHEAD_BYTES
+        request.max_content_length = current_app.config["FARM_MAX_UPLOAD_REQUEST_BYTES"]
 
 
 def _secret_key(settings: Settings) -> str:
@@ -87,17 +89,17 @@ def _http_error(exc: HTTPException) -> tuple[Response | str, int]:
     if isinstance(exc, RequestEntityTooLarge) and exc.description == RequestEntityTooLarge.description:
         # Refused by werkzeug before any view ran: say which limit, not only that there is one.
         settings = current_app.config["FARM_SETTINGS"]
-        limit = settings.max_upload_bytes
-        description = (
-            f"The upload is larger than the limit of {limit} bytes for a manifest "
-            "(FARM_MAX_UPLOAD_BYTES). Split the batch or raise the limit."
+        manifest_limit = (
+            f"The upload is larger than the limit of {settings.max_upload_bytes} bytes for a manifest "
+            "(FARM_MAX_UPLOAD_BYTES)"
         )
         if request.max_content_length != current_app.config["MAX_CONTENT_LENGTH"]:
             description = (
-                f"The upload is larger than the limit of {limit} bytes for a manifest "
-                f"(FARM_MAX_UPLOAD_BYTES) plus {settings.max_asset_bytes} bytes for each file sent with it "
+                f"{manifest_limit} plus {settings.max_asset_bytes} bytes for each file sent with it "
                 "(FARM_MAX_ASSET_BYTES)."
             )
+        else:
+            description = f"{manifest_limit}. Split the batch or raise the limit."
         exc = RequestEntityTooLarge(description=description)
     if request.path.startswith("/api/"):
         response = jsonify(errors=[{"path": None, "message": exc.description}])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from farm.assets import is_hub_id, looks_like_path
-from farm.formats import MODEL_FOLDER_MARKERS, model_folder_problem
+from farm.formats import CLIP_SCORE, MODEL_FOLDER_MARKERS, model_folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,8 @@ HUB_PRESETS: dict[str, dict[str, str]] = {
 #: Checkpoint names ``ImageReward.load`` accepts and downloads itself (its ``available_models()``).
 IMAGE_REWARD_HUB_NAMES: tuple[str, ...] = ("ImageReward-v1.0",)
 
-#: The CLIP-score scorer: ``clip-score`` scores with the default validator, ``clip-score:<validator ref>``
-#: with any CLIP/SigLIP validator reference (preset, folder or hub id). It needs no model of its own.
-CLIP_SCORE = "clip-score"
+#: The validator ``clip-score`` (farm.formats.CLIP_SCORE) scores with when none is named after it.
 DEFAULT_CLIP_SCORE_VALIDATOR = "tiny-clip"
-
-#: Files a local folder must contain (any one of them) to count as a model of each kind (farm.formats, which
-#: manifest validation reads too).
-FOLDER_MARKERS = MODEL_FOLDER_MARKERS
 
 
 class ModelRefError(ValueError):

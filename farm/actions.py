@@ -23,12 +23,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from farm import dispatch
+from farm import dispatch, records
 from farm.config import CONTROL_QUEUE, Settings
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
-from farm.records import REAPER
+from farm.db import CANDIDATE_SETTLED, Batch, Candidate, Item, session_scope, utcnow
 
-SETTLED = (*CANDIDATE_FINAL, "scored")
 RESUMABLE = ("queued", "running")
 
 
@@ -127,13 +125,13 @@ def resume(batch_id: str, *, settings: Settings) -> int:
         ).all()
         unsettled = s.scalars(
             select(Candidate).where(Candidate.batch_id == batch_id, Candidate.item_id.in_(running),
-                                    Candidate.status.not_in(SETTLED))
+                                    Candidate.status.not_in(CANDIDATE_SETTLED))
             .order_by(Candidate.item_id, Candidate.index)
         ).all()
         by_item: dict[str, list[str]] = {iid: [] for iid in running}
         held: set[str] = set()
         for c in unsettled:
-            if c.lease_expires_at is not None and c.lease_expires_at > now and c.lease_owner != REAPER:
+            if records.lease_held(c, now):
                 held.add(c.item_id)  # a live worker process holds it: a re-send would only wait for it
                 continue
             by_item[c.item_id].append(c.id)

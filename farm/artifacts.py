@@ -123,6 +123,10 @@ class ArtifactStore(ABC):
     def names(self, prefix: str) -> list[str]:
         """Names under ``prefix`` (e.g. a batch id), sorted."""
 
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether the store holds ``name`` (one lookup, where ``names`` lists a whole prefix)."""
+
     def local_path(self, name: str) -> Path | None:
         """A file to serve directly, where the store is a folder."""
         return None
@@ -197,6 +201,9 @@ class LocalStore(ArtifactStore):
             if p.is_file() and not p.name.startswith(".")
         )
 
+    def exists(self, name: str) -> bool:
+        return self.local_path(name).is_file()
+
     def delete(self, name: str) -> None:
         self.local_path(name).unlink(missing_ok=True)
 
@@ -264,6 +271,17 @@ class S3Store(ArtifactStore):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
             out += [obj["Key"][cut:] for obj in page.get("Contents", [])]
         return sorted(n for n in out if not n.startswith(".doctor/"))
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
 
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))

@@ -36,6 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 # Candidate life: pending -> generated -> moderated -> validated -> scored -> passed (after rank).
 # Final statuses: passed, rejected, failed, cancelled.
 CANDIDATE_FINAL = ("passed", "rejected", "failed", "cancelled")
+#: Statuses at which no stage works on a candidate any more: final, or scored and waiting for its item's rank.
+CANDIDATE_SETTLED = (*CANDIDATE_FINAL, "scored")
 CANDIDATE_STAGES = ("generate", "moderate", "validate", "score")
 
 # Batch life: queued -> running -> done; cancel makes it "cancelling" until its last item closes, then

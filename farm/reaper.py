@@ -37,11 +37,9 @@ from sqlalchemy import and_, func, or_, select
 
 from farm import logs
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
-from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+from farm.db import BATCH_STOPPED, CANDIDATE_SETTLED, Batch, Candidate, Item, session_scope, utcnow
 
 log = logging.getLogger(__name__)
-
-SETTLED = (*CANDIDATE_FINAL, "scored")
 
 
 @dataclass
@@ -182,7 +180,7 @@ def reap(
                 continue
             unsettled = s.scalars(
                 select(Candidate)
-                .where(Candidate.item_id == item_id, Candidate.status.not_in(SETTLED))
+                .where(Candidate.item_id == item_id, Candidate.status.not_in(CANDIDATE_SETTLED))
                 .order_by(Candidate.index)
             ).all()
             if unsettled and batch_status not in BATCH_STOPPED and resends < settings.max_resends:

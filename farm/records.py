@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from farm.db import (
     BATCH_STOPPED,
     CANDIDATE_FINAL,
+    CANDIDATE_SETTLED,
     READ_ONLY,
     Batch,
     Candidate,
@@ -57,16 +58,26 @@ class StageStart:
     item: Row[Any]
     todo: list[StagedCandidate] = field(default_factory=list)
     cancelled: bool = False
-    #: The generation of the lease this delivery took on ``todo`` (None when it took none).
-    token: int | None = None
     #: Candidates at a stage input that another live worker process holds, or took while this delivery read
     #: them (not started here).
     held_elsewhere: list[str] = field(default_factory=list)
+
+    @property
+    def token(self) -> int | None:
+        """The generation of the lease this delivery took on ``todo`` (None when it took none): every
+        candidate in ``todo`` carries it."""
+        return self.todo[0].lease_token if self.todo else None
 
 
 #: The holder of a lease the reaper took over and is re-sending (``take_expired_leases``). Any delivery takes
 #: it: it holds no work, only keeps the candidates from being lost between the takeover and the send.
 REAPER = "reaper"
+
+
+def lease_held(c: Any, now: datetime) -> bool:
+    """Whether candidate ``c`` (a row or a ``Candidate``) is held by a worker process at ``now``: its lease is
+    set, has not run out, and is not the reaper's hold (which any delivery may take)."""
+    return c.lease_expires_at is not None and c.lease_expires_at > now and c.lease_owner != REAPER
 
 
 @dataclass(frozen=True)
@@ -81,10 +92,7 @@ class Claim:
     def takes(self, c: Row[Any], now: datetime) -> bool:
         """Whether candidate row ``c``'s lease is free for this claim: not held, run out, held by this very
         owner (an earlier run in the same process, which is over), or held by a process that is gone."""
-        expires = c.lease_expires_at
-        if expires is None or expires <= now or c.lease_owner in (self.owner, REAPER):
-            return True
-        return self.gone(c.lease_owner or "")
+        return not lease_held(c, now) or c.lease_owner == self.owner or self.gone(c.lease_owner or "")
 
 
 _C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
@@ -244,13 +252,11 @@ def _begin(
         writes.append(row)
     # The claim is exactly what was written: run one row at a time (the retry after a race), an update can
     # match no row, because another delivery or the reaper moved that candidate on after it was read here.
-    # Kept in ``todo`` with ``token``, it would have two live holders of one generation (this one and
-    # whoever wrote it), and both would pass every token guard.
+    # Kept in ``todo`` (its lease generation ``token``), it would have two live holders of one generation
+    # (this one and whoever wrote it), and both would pass every token guard.
     applied = _write_guarded(conn, writes, one_by_one=one_by_one)
     start.held_elsewhere += [c.id for c in start.todo if c.id not in applied]
     start.todo = [c for c in start.todo if c.id in applied]
-    if start.todo:
-        start.token = token
     return start
 
 
@@ -355,16 +361,17 @@ def renew_lease(
     is not progress."""
     held = (_C.c.id.in_(candidate_ids), _C.c.lease_token == token, _C.c.lease_expires_at.is_not(None))
     with get_engine(url).begin() as conn:
-        renewed = conn.execute(
-            update(_C)
-            .where(*held)
-            .values(lease_expires_at=utcnow() + timedelta(seconds=seconds), updated_at=_C.c.updated_at)
-        ).rowcount
+        renewed = set(
+            conn.execute(
+                update(_C)
+                .where(*held)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=seconds), updated_at=_C.c.updated_at)
+                .returning(_C.c.id)
+            ).scalars()
+        )
         if also is not None:
             also(conn)
-        if renewed == len(candidate_ids):
-            return set(candidate_ids)
-        return set(conn.execute(select(_C.c.id).where(*held)).scalars())
+        return renewed
 
 
 def release_lease(url: str, candidate_ids: list[str], token: int) -> None:
@@ -394,7 +401,7 @@ def take_expired_leases(url: str, now: datetime, *, seconds: float = 60.0) -> li
                 update(_C)
                 .where(
                     _C.c.lease_expires_at < now,
-                    _C.c.status.not_in((*CANDIDATE_FINAL, "scored")),
+                    _C.c.status.not_in(CANDIDATE_SETTLED),
                 )
                 .values(
                     lease_token=_C.c.lease_token + 1,
@@ -639,17 +646,22 @@ def image_names(url: str, batch_id: str) -> set[str]:
 
 
 def forget_missing_images(url: str, images: list[tuple[str, str]], present: set[str]) -> list[str]:
-    """Closed candidates whose row names an image that is not in the store (``present``: the store's names)
-    name none, so rows and files agree; returns their ids. Guarded by the name and a closed status."""
+    """Closed candidates whose row names an image that is not in the store (``present``: those of the names
+    in ``images`` the store holds) name none, so rows and files agree; returns their ids. One executemany,
+    each row guarded by its name and a closed status."""
     gone = [(cid, path) for cid, path in images if path not in present]
     if gone:
         with get_engine(url).begin() as conn:
-            for cid, path in gone:
-                conn.execute(
-                    update(_C)
-                    .where(_C.c.id == cid, _C.c.image_path == path, _C.c.status.in_(("cancelled", "failed")))
-                    .values(image_path=None)
+            conn.execute(
+                update(_C)
+                .where(
+                    _C.c.id == bindparam("b_id"),
+                    _C.c.image_path == bindparam("b_path"),
+                    _C.c.status.in_(("cancelled", "failed")),
                 )
+                .values(image_path=None),
+                [{"b_id": cid, "b_path": path} for cid, path in gone],
+            )
     return [cid for cid, _ in gone]
 
 
@@ -755,9 +767,9 @@ def rank_view(url: str, item_id: str) -> RankView:
             .where(_C.c.item_id == item_id)
             .order_by(_C.c.index)
         ).all()
-    waiting = sum(1 for r in rows if r.status not in (*CANDIDATE_FINAL, "scored"))
+    waiting = sum(1 for r in rows if r.status not in CANDIDATE_SETTLED)
     return RankView(
-        closed=item.status in ("done", "cancelled"),
+        closed=item.status in _CLOSED_ITEM,
         waiting=waiting,
         batch_status=batch.status,
         settings=batch.settings,

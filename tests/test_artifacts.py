@@ -166,6 +166,23 @@ def test_the_s3_store_round_trips_images_recipes_and_listings(s3):
     assert store.names("") == ["b1/c1.json", "b1/c1.png"], "the doctor's probe leaves nothing behind"
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_exists_says_whether_the_store_holds_one_name(kind, tmp_path, request):
+    """What the rank checks for an item's closed images instead of listing the batch's store."""
+    if kind == "s3":
+        s3 = request.getfixturevalue("s3")
+        store = S3Store("s3://farm-test/exists", endpoint_url=s3["endpoint"])
+    else:
+        store = LocalStore(tmp_path)
+    store.save_png("b1/c1.png", _image(), RECIPE)
+    assert store.exists("b1/c1.png") and store.exists("b1/c1.json")
+    assert not store.exists("b1/c2.png") and not store.exists("b2/c1.png")
+    store.delete("b1/c1.png")
+    assert not store.exists("b1/c1.png")
+    with pytest.raises(ArtifactPathError):
+        store.exists("../b1/c1.png")
+
+
 @pytest.mark.slow
 def test_a_batch_through_real_workers_stores_every_image_in_the_bucket(s3, tmp_path):
     from tests.faults.conftest import FaultFarm, manifest

@@ -43,8 +43,12 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         scheduler=p["scheduler"],
     )
     base = gen.recipe()
-    out, files = {}, []
+    # The pass may have outlasted the lease: no file for what another holder has.
+    kept = None if rt.lease is None else {c.id for c in rt.lease.keep(cands)}
+    out, files, stored = {}, [], []
     for position, (c, image) in enumerate(zip(cands, images, strict=True)):
+        if kept is not None and c.id not in kept:
+            continue
         rel = image_name(batch.id, c.id)
         recipe = {
             **base,
@@ -61,19 +65,15 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
             "scheduler": p["scheduler"] or base.get("scheduler"),
         }
         files.append((rel, image, recipe))
+        stored.append(c)
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
-    if rt.lease is not None:  # the pass may have outlasted the lease: no file for what another holder has
-        kept = {c.id for c in rt.lease.keep(cands)}
-        files = [f for c, f in zip(cands, files, strict=True) if c.id in kept]
-        cands = [c for c in cands if c.id in kept]
-        out = {cid: u for cid, u in out.items() if cid in kept}
     if rt.handing_off:  # FARM_QC=worker: the device's QC worker stores the PNGs
         for rel, image, _recipe in files:
             rt.handoff.put(rel, image)
         return out
     for rel, image, _recipe in files:
         rt.remember_image(rel, image.convert("RGB"))
-    for c, future in zip(cands, rt.store.start_pngs(files), strict=True):
+    for c, future in zip(stored, rt.store.start_pngs(files), strict=True):
         rt.pending_writes[c.id] = future
     return out
 

@@ -119,12 +119,15 @@ def store_matches_rows(settings: Settings, done: records.Ranked) -> None:
     from farm.artifacts import store_for
 
     store = store_for(settings)
-    present = set(store.names(done.batch_id))
-    forgotten = records.forget_missing_images(settings.database_url, done.closed_with_images, present)
+    # Only the item's own closed images are looked up: listing the batch's store for each item that has one
+    # would cost items x files over a batch. The listing is for the batch's close alone.
+    stored = {path for _, path in done.closed_with_images if store.exists(path)}
+    forgotten = records.forget_missing_images(settings.database_url, done.closed_with_images, stored)
     if forgotten:
         logs.event(log, "closed candidates whose image was never stored", item=done.item_id, ids=forgotten)
     if not done.batch_closed:
         return
+    present = store.names(done.batch_id)
     named = {_stem(n) for n in records.image_names(settings.database_url, done.batch_id)}
     unnamed = sorted(n for n in present if _stem(n) not in named)
     for name in unnamed:

@@ -184,7 +184,6 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
     # so the others finish and only the poison one runs into the attempt cap.
     groups = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
     names = [s.name for s in stages]
-    keeps = frozenset(records.STAGE_INPUT[name] for name in names)
     first = records.STAGE_INPUT[names[0]]
     sent_back: set[str] = set()
     idle = False
@@ -199,7 +198,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
                 cands = lease.keep(cands)
             for h in held:
                 h.preview(cands)
-            worked = _work(start, stage, cands) if cands else None
+            worked = _work(start, stage, cands, lease) if cands else None
             if worked is not None:
                 held.append(worked)
                 if k:
@@ -207,7 +206,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
             if not held or (stage.holds and k + 1 < len(stages)):
                 continue
             last = n == len(groups) and k == len(stages) - 1 and not rewound - sent_back
-            _commit(start, held, names, keeps, lease, also=rt.idle() if last else None)
+            _commit(start, held, names, lease, also=rt.idle() if last else None)
             idle = idle or last
             held = []
         again = [c for c in group if c.id in rewound - sent_back and c.status == first]
@@ -218,7 +217,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
         rt.heartbeat(None)
 
 
-def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Worked:
+def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate], lease: Lease) -> _Worked:
     from farm.tasks.runtime import runtime
 
     def guarded(part: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -232,8 +231,7 @@ def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate]) -> _Wor
 
     t0 = perf_counter()
     updates = isolate(stage.name, guarded, cands)
-    lease = runtime().lease
-    if lease is not None and lease.lost:  # taken over during the work: those are the new holder's to write
+    if lease.lost:  # taken over during the work: those are the new holder's to write
         updates = {cid: u for cid, u in updates.items() if cid not in lease.lost}
     seconds = perf_counter() - t0
     timing = {"s": round(seconds / len(cands), 5), "queue": runtime().queue}
@@ -244,18 +242,18 @@ def _commit(
     start: StageStart,
     held: list[_Worked],
     names: list[str],
-    keeps: frozenset[str],
     lease: Lease,
     *,
     also: records.Also | None,
 ) -> None:
     """Write the held stages' results in one transaction (each after its ``settle``), and log each stage.
     Candidates leaving the task release their lease in that write (``keeps``: the statuses the task still
-    works on); those whose write was refused (a newer lease holder, or another delivery, recorded them) are
-    dropped."""
+    works on, the inputs of the stages ``names``); those whose write was refused (a newer lease holder, or
+    another delivery, recorded them) are dropped."""
     from farm.tasks.runtime import runtime
 
     rt = runtime()
+    keeps = frozenset(records.STAGE_INPUT[name] for name in names)
     t0 = perf_counter()
     writes = []
     for w in held:

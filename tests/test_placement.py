@@ -227,7 +227,11 @@ def test_slices_go_to_the_device_that_has_their_model_and_nothing_is_reloaded_ba
 @pytest.mark.slow
 def test_an_idle_device_takes_slices_of_a_model_it_does_not_have(settings, one_generator_each, run_batch):
     _load_xl_on_cuda0_only(settings, run_batch)
+    before = _generator_loads(settings, "cuda1").get("tiny-xl", 0)
     batch_id = run_batch(manifest("xl-long", items=12, model="tiny-xl"))
     on = Counter(c.device for c in _all_done_once(settings, batch_id, 48))
     assert on["cuda0"] and on["cuda1"] >= 8, on
-    assert _generator_loads(settings, "cuda1").get("tiny-xl") == 1, _generator_loads(settings, "cuda1")
+    # The counts are the worker's lifetime totals: an earlier test in this module may have loaded tiny-xl on
+    # cuda1 already (its last slices), so only this batch's loads are compared.
+    after = _generator_loads(settings, "cuda1")
+    assert after.get("tiny-xl", 0) - before == 1, (before, after)

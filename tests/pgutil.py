@@ -19,6 +19,16 @@ def enabled() -> bool:
     return os.environ.get("FARM_TEST_DATABASE") == "postgresql"
 
 
+# CI runs the suite twice (`make test`, then `make test-postgres`). A test whose outcome cannot depend on the
+# suite's database runs in one pass only, so the second pass does not pay for it again.
+sqlite_pass_only = pytest.mark.skipif(
+    enabled(), reason="does not depend on the suite's database: runs in the SQLite pass (make test) only"
+)
+postgres_pass_only = pytest.mark.skipif(
+    not enabled(), reason="always uses PostgreSQL: runs in the PostgreSQL pass (make test-postgres) only"
+)
+
+
 def _connect():
     import psycopg2
     from sqlalchemy.engine import make_url

@@ -36,7 +36,7 @@ def test_the_audit_finds_lost_candidates_stuck_batches_and_files_without_rows(tm
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(pgutil.enabled(), reason="the soak runs in the SQLite pass only (CI budget)")
+@pgutil.sqlite_pass_only
 def test_a_two_minute_seeded_fault_soak_loses_doubles_and_leaves_nothing(tmp_path):
     env = {**os.environ, "FARM_FAULTS": "0"}
     run = subprocess.run(

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
 from farm.embedded import EmbeddedRedis
@@ -18,7 +17,7 @@ from farm.procs import alive, leftovers
 from tests import pgutil
 
 # Signals and processes do not depend on the database: CI runs these in its SQLite pass only.
-pytestmark = pytest.mark.skipif(pgutil.enabled(), reason="database-independent: runs in the SQLite pass only")
+pytestmark = pgutil.sqlite_pass_only
 
 
 def _gone(pid: int, timeout: float) -> bool:

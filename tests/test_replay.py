@@ -210,7 +210,7 @@ def test_farm_replay_command_says_identical_and_exits_zero_then_differs_and_exit
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(pgutil.enabled(), reason="replay does not depend on the database: SQLite pass only")
+@pgutil.sqlite_pass_only
 def test_demo_batch_candidates_replay_bit_identical_wherever_they_sat_in_their_slice(
     settings: Any, wait_batch: Any
 ) -> None:

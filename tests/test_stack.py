@@ -23,7 +23,7 @@ from farm.stack import HURRY_S, Stack
 from tests import pgutil
 
 # Signals and processes do not depend on the database: CI runs these in its SQLite pass only.
-pytestmark = pytest.mark.skipif(pgutil.enabled(), reason="database-independent: runs in the SQLite pass only")
+pytestmark = pgutil.sqlite_pass_only
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_FLIGHT = ("generated", "moderated", "validated")

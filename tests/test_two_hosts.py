@@ -48,7 +48,7 @@ from tests import pgutil
 from tests.faults.conftest import FaultFarm, manifest
 from tests.netns import TcpForwarder, TcpRedis, VethNamespace
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pgutil.postgres_pass_only]
 
 ITEMS, CANDIDATES = 8, 4
 THROUGH = ("scored", "passed", "rejected")  # a candidate that went through every device stage

@@ -7,8 +7,8 @@ Two stores behind one small interface:
 - an S3-compatible bucket (S3, MinIO, ...), chosen with FARM_ARTIFACT_STORE=s3://bucket/prefix and
   FARM_S3_ENDPOINT_URL, credentials from the usual AWS_* variables; an object appears whole or not at all.
 
-Names are derived from deterministic candidate ids, so a redelivered task rewrites the same object once. Every
-name is checked to stay inside the store.
+Names are derived from deterministic candidate ids and the lease generation that wrote them (``image_name``),
+so no two holders of a candidate ever write one name. Every name is checked to stay inside the store.
 """
 
 from __future__ import annotations
@@ -32,13 +32,20 @@ class ArtifactPathError(ValueError):
     """A path asked for lies outside the artifact store."""
 
 
-def image_name(batch_id: str, candidate_id: str) -> str:
-    """A candidate's image in the store: ``<batch>/<candidate>.png``."""
-    return f"{batch_id}/{candidate_id}.png"
+def image_name(batch_id: str, candidate_id: str, generation: int | None = None) -> str:
+    """A candidate's image in the store: ``<batch>/<candidate>.png`` from the first holder of its lease,
+    ``<batch>/<candidate>.g<N>.png`` from a later generation N (a retry, or a slice re-sent after its worker
+    died or stalled). A holder fenced off by its lease (paused past it, then let go on) may still finish a
+    PNG write it had started: under a name of its own, it cannot overwrite the image of the holder that took
+    over. Its file is named by no row and is removed when the batch closes (``rank.store_matches_rows``)."""
+    if generation is None or generation <= 1:
+        return f"{batch_id}/{candidate_id}.png"
+    return f"{batch_id}/{candidate_id}.g{generation}.png"
 
 
-def candidate_png(root: Path, batch_id: str, candidate_id: str) -> Path:
-    return root / image_name(batch_id, candidate_id)
+def candidate_of(name: str) -> str:
+    """The candidate an image or handoff file belongs to, whatever its generation (ids hold no dot)."""
+    return PurePosixPath(name).name.split(".", 1)[0]
 
 
 def png_bytes(image: Image.Image, recipe: dict[str, Any]) -> bytes:
@@ -304,9 +311,9 @@ class Handoff:
     Raw pixels (``.npy``) in a local folder, shared memory by default: writing a 1024x1024 image takes about
     6 ms and reading it 2 ms, against about 100 ms to encode even an uncompressed PNG, so the generating
     worker goes back to its GPU at once and the QC worker writes the PNG. Files are written under a temporary
-    name and renamed (the LocalStore below), named ``<candidate>.npy`` (a candidate id is unique across
-    batches; no folder per batch is left behind in shared memory), and removed by the QC worker once its task
-    is done.
+    name and renamed (the LocalStore below), named after the image's store name without its folder
+    (``<candidate>[.g<N>].npy``: a candidate id is unique across batches, so no folder per batch is left
+    behind in shared memory), and removed by the QC worker once its task is done.
     """
 
     def __init__(self, root: Path) -> None:
@@ -333,23 +340,23 @@ class Handoff:
             return None
         return Image.fromarray(np.load(io.BytesIO(data), allow_pickle=False))
 
-    def delete(self, image_path: str) -> None:
-        self.folder.delete(self.name(image_path))
+    def drop(self, candidate_ids: list[str]) -> None:
+        """Remove the handed-off images of these candidates, of every generation."""
+        ids = set(candidate_ids)
+        for name in self.older_than(-math.inf):
+            if candidate_of(name) in ids:
+                self.discard(name)
 
     def older_than(self, seconds: float) -> list[str]:
-        """The candidates whose handed-off image was written more than ``seconds`` ago."""
+        """The handed-off files written more than ``seconds`` ago."""
         if not self.folder.root.is_dir():
             return []
         cutoff = time.time() - seconds
         with os.scandir(self.folder.root) as entries:
-            return [
-                e.name[: -len(".npy")]
-                for e in entries
-                if e.name.endswith(".npy") and e.is_file() and _mtime(e) < cutoff
-            ]
+            return [e.name for e in entries if e.name.endswith(".npy") and e.is_file() and _mtime(e) < cutoff]
 
-    def discard(self, candidate_id: str) -> None:
-        self.folder.delete(f"{candidate_id}.npy")
+    def discard(self, name: str) -> None:
+        self.folder.delete(name)
 
 
 def _mtime(entry: os.DirEntry[str]) -> float:

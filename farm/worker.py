@@ -31,7 +31,7 @@ from celery.worker.control import control_command, ok
 from sqlalchemy import func, select, update
 
 from farm import logs
-from farm.artifacts import Handoff
+from farm.artifacts import Handoff, candidate_of
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
 from farm.dispatch import slices
@@ -450,9 +450,9 @@ def sweep_handoff(settings: Settings) -> list[str]:
     FARM_STALL_SECONDS are looked at, so an image handed off just before its row is written is never taken.
     """
     handoff = Handoff(settings.handoff_dir)
-    old = handoff.older_than(settings.stall_seconds)
+    old = {name: candidate_of(name) for name in handoff.older_than(settings.stall_seconds)}
     waiting: set[str] = set()
-    for chunk in slices(old, 500):
+    for chunk in slices(sorted(set(old.values())), 500):
         with session_scope(settings.database_url, read_only=True) as s:
             waiting.update(
                 s.scalars(
@@ -460,10 +460,10 @@ def sweep_handoff(settings: Settings) -> list[str]:
                 )
             )
     # Listed again: a file rewritten meanwhile (the candidate generated again) is young now, and stays.
-    unread = set(old) - waiting
-    gone = [cid for cid in handoff.older_than(settings.stall_seconds) if cid in unread]
-    for cid in gone:
-        handoff.discard(cid)
+    unread = {name for name, cid in old.items() if cid not in waiting}
+    gone = [name for name in handoff.older_than(settings.stall_seconds) if name in unread]
+    for name in gone:
+        handoff.discard(name)
     if gone:
         logs.event(
             log,

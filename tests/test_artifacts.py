@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from farm.artifacts import ArtifactPathError, Handoff, LocalStore, S3Store, png_bytes, safe_name
+from farm.artifacts import (
+    ArtifactPathError,
+    Handoff,
+    LocalStore,
+    S3Store,
+    candidate_of,
+    image_name,
+    png_bytes,
+    safe_name,
+)
 
 RECIPE = {"seed": 5, "prompt": "a red fox", "model_ref": "tiny"}
 
@@ -113,10 +122,10 @@ def test_a_handoff_returns_the_exact_pixels_once_written_and_nothing_after_it_is
     assert sorted(p.name for p in (tmp_path / "handoff").iterdir()) == [".tmp", "c1.npy"]
     image = handoff.open("b1/c1.png")
     assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
-    handoff.delete("b1/c1.png")
+    handoff.drop(["c1"])
     assert handoff.open("b1/c1.png") is None
     assert sorted(p.name for p in (tmp_path / "handoff").iterdir()) == [".tmp"], "no folder left behind"
-    handoff.delete("b1/c1.png")  # twice is harmless (a redelivered task)
+    handoff.drop(["c1"])  # twice is harmless (a redelivered task)
     # Only the file name counts, so whatever path is asked for, the file stays inside the folder.
     handoff.put("../../etc/outside.png", Image.fromarray(pixels))
     assert (tmp_path / "handoff" / "outside.npy").exists() and not (tmp_path / "etc").exists()
@@ -144,11 +153,32 @@ def test_listing_old_handoffs_skips_a_file_removed_while_the_folder_is_read(tmp_
         def __iter__(self):
             for entry in self.inner:
                 if entry.name == "c2.npy":
-                    handoff.discard("c2")
+                    handoff.discard("c2.npy")
                 yield entry
 
     monkeypatch.setattr("farm.artifacts.os.scandir", Racing)
-    assert sorted(handoff.older_than(60)) == ["c1", "c3"]
+    assert sorted(handoff.older_than(60)) == ["c1.npy", "c3.npy"]
+
+
+def test_a_handoff_of_each_generation_has_a_file_of_its_own_and_a_drop_removes_every_generation(tmp_path):
+    handoff = Handoff(tmp_path / "handoff")
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    handoff.put(image_name("b1", "c1"), red)
+    handoff.put(image_name("b1", "c1", 3), blue)  # a later holder's, written while the first's is still there
+    handoff.put(image_name("b1", "c2", 2), red)
+    assert handoff.open(image_name("b1", "c1")).getpixel((0, 0)) == (255, 0, 0)
+    assert handoff.open(image_name("b1", "c1", 3)).getpixel((0, 0)) == (0, 0, 255)
+    handoff.drop(["c1"])
+    assert sorted(handoff.older_than(-1)) == ["c2.g2.npy"]
+    assert handoff.open(image_name("b1", "c1", 3)) is None
+
+
+def test_image_names_differ_by_lease_generation_and_name_their_candidate():
+    assert image_name("b", "b-00000-000") == image_name("b", "b-00000-000", 1) == "b/b-00000-000.png"
+    names = {image_name("b", "b-00000-000", g) for g in (None, 1, 2, 3, 10)}
+    assert names == {f"b/b-00000-000{s}.png" for s in ("", ".g2", ".g3", ".g10")}
+    assert {candidate_of(n) for n in names} == {"b-00000-000"}
+    assert candidate_of("b-00000-000.g3.npy") == "b-00000-000"
 
 
 def test_the_s3_store_round_trips_images_recipes_and_listings(s3):

@@ -189,7 +189,7 @@ def test_the_handoff_sweep_removes_only_old_images_whose_candidate_no_qc_task_wi
     monkeypatch.setattr(worker_module, "session_scope", generated_again_meanwhile)
     removed = sweep_handoff(own)
 
-    assert sorted(removed) == sorted([ids[3], "gone-batch-00000-000"])
+    assert sorted(removed) == sorted([f"{ids[3]}.npy", "gone-batch-00000-000.npy"])
     left = sorted(p.stem for p in own.handoff_dir.glob("*.npy"))
     assert left == sorted([ids[0], young, ids[2]]), "waiting for its QC task, too young, or rewritten"
     monkeypatch.setattr(worker_module, "session_scope", real_scope)

@@ -49,7 +49,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     for position, (c, image) in enumerate(zip(cands, images, strict=True)):
         if kept is not None and c.id not in kept:
             continue
-        rel = image_name(batch.id, c.id)
+        rel = image_name(batch.id, c.id, start.token)
         recipe = {
             **base,
             "batch": batch.id,

@@ -22,7 +22,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 from sqlalchemy import Connection, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from farm.artifacts import Handoff, image_name, store_for
+from farm.artifacts import Handoff, store_for
 from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
 from farm.gpu_pinning.pinning import limit_torch_threads, pinned, pinned_role, qc_queue
@@ -178,11 +178,10 @@ class Runtime:
         finally:
             self.handing_off = self.qc_queue is not None
 
-    def drop_handoff(self, batch_id: str, candidate_ids: list[str]) -> None:
+    def drop_handoff(self, candidate_ids: list[str]) -> None:
         """QC worker, its task done: the slice's handed-off images are stored or no longer wanted."""
         if self.handoff is not None:
-            for cid in candidate_ids:
-                self.handoff.delete(image_name(batch_id, cid))
+            self.handoff.drop(candidate_ids)
 
     def image(self, rel: str) -> Any:
         """The image at ``rel`` in the artifact store, from memory when this process made it."""

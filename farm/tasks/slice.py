@@ -114,7 +114,7 @@ def run_qc(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     run_stages(self, payload, QC_STAGES)
     now = records.statuses(rt.settings.database_url, payload["candidates"])
     waiting = (STAGE_INPUT["generate"], STAGE_INPUT["moderate"])
-    rt.drop_handoff(payload["batch_id"], [c for c in payload["candidates"] if now.get(c) not in waiting])
+    rt.drop_handoff([c for c in payload["candidates"] if now.get(c) not in waiting])
     if STAGE_INPUT["generate"] not in now.values():
         return payload
     queue = route_batch(rt.settings.database_url, payload["batch_id"])

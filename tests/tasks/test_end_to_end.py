@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from farm.artifacts import read_recipe
+from farm.artifacts import image_name, read_recipe
 from farm.db import Batch, Candidate, Item, Worker, session_scope
 
 pytestmark = pytest.mark.slow
@@ -250,7 +250,10 @@ def test_a_slice_whose_images_are_in_no_store_is_generated_again_from_its_seeds(
     _, (item,), after = _rows(settings, batch_id)
     for c in after:
         assert c.status in ("passed", "rejected"), (c.status, c.error)
-        assert c.image_path == paths[c.id], "stored where the first generation stored it"
+        # A name of the new lease generation's own; the first generation's file, named by no row, went with
+        # the batch's close.
+        assert c.image_path == image_name(batch_id, c.id, c.lease_token) != paths[c.id]
+        assert not (settings.artifacts_dir / paths[c.id]).exists()
         assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (1, 1), (
             "generated again within this delivery; moderate counted from the start with the new image"
         )

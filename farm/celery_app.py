@@ -1,5 +1,5 @@
 """The Celery app: broker and result backend on Redis, routes, and the settings that keep work from being
-lost or doubled (late acks, requeue on a lost worker, prefetch of one, JSON only). See CELERY-NOTES.md.
+lost or doubled (late acks, requeue on a lost worker, prefetch of one, JSON only). See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class Settings:
 
     @property
     def result_backend_url(self) -> str:
-        # The chord counter lives in the result backend: keep it on the broker's Redis (CELERY-NOTES.md).
+        # The chord counter lives in the result backend: keep it on the broker's Redis
+        # (docs/ARCHITECTURE.md, Celery hazards).
         return self.broker_url
 
     @property

@@ -101,7 +101,8 @@ def check_broker(settings: Settings, *, timeout: float = 3.0) -> Check:
 
 
 def check_broker_policy(settings: Settings, *, timeout: float = 3.0) -> Check:
-    """Redis must never evict keys: an evicted chord counter means an item is never ranked (CELERY-NOTES)."""
+    """Redis must never evict keys: an evicted chord counter means an item is never ranked
+    (docs/ARCHITECTURE.md)."""
     try:
         client = _redis_client(settings.broker_url, timeout)
         policy = client.config_get("maxmemory-policy").get("maxmemory-policy")

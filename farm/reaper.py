@@ -1,14 +1,14 @@
 """Finding work that was lost and finishing it, so no batch hangs for ever.
 
-A chord whose header task is lost never fires (CELERY-NOTES.md), and a batch whose dispatch message is lost
-never starts. SQL knows better. First, leases (farm.tasks.lease): a candidate whose lease ran out (the
-worker process that held it stopped renewing it: killed, paused, cut off) moves to a new lease generation,
-which fences the old holder off, and is re-sent at once, routed as new work is; the old message, when kombu
-brings it back, finds it settled or leased by its new holder and does nothing. Until the re-send went out the
-reaper holds the new generation, for FARM_LEASE_SECONDS: a send that failed is taken and sent again by a
-later run. This runs whatever is
-queued: the holder is gone either way. Each delivery counted against FARM_MAX_ATTEMPTS when it took the
-lease, so a slice that kills its worker every time still ends failed.
+A chord whose header task is lost never fires (docs/ARCHITECTURE.md, Celery hazards), and a batch whose
+dispatch message is lost never starts. SQL knows better. First, leases (farm.tasks.lease): a candidate whose
+lease ran out (the worker process that held it stopped renewing it: killed, paused, cut off) moves to a new
+lease generation, which fences the old holder off, and is re-sent at once, routed as new work is; the old
+message, when kombu brings it back, finds it settled or leased by its new holder and does nothing. Until the
+re-send went out the reaper holds the new generation, for FARM_LEASE_SECONDS: a send that failed is taken and
+sent again by a later run. This runs whatever is queued: the holder is gone either way. Each delivery counted
+against FARM_MAX_ATTEMPTS when it took the lease, so a slice that kills its worker every time still ends
+failed.
 
 Then an item is *stalled* when none of its candidates changed for
 FARM_STALL_SECONDS while nothing waits in a queue a live worker serves (so it is not merely queued behind

@@ -80,15 +80,15 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
     """Run the stages in-process on the models a worker would load; called inside a pinned subprocess."""
     from farm.config import load_settings
     from farm.gpu_pinning.pinning import limit_torch_threads
-    from farm.manifest import expand, parse_manifest
+    from farm.manifest import plan_manifest
     from farm.ml import moderation as mod
     from farm.tasks.runtime import Runtime
 
     limit_torch_threads()
     rt = Runtime(load_settings())
     rt.preload()
-    manifest = parse_manifest(workload.manifest())
-    plans = expand(manifest)
+    planned = plan_manifest(workload.manifest())
+    manifest, plans = planned.manifest, planned.items
     cfg = manifest.model_dump(mode="json")
     gen = rt.generator(manifest.model, dtype=cfg["dtype"], memory=cfg["memory"])
     validator, scorer = rt.validator(cfg["validation"]["model"]), rt.scorer(cfg["scoring"]["model"])

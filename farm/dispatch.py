@@ -30,7 +30,7 @@ from farm.assets import AssetPolicy
 from farm.celery_app import app_for
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
-from farm.manifest import ItemPlan, Manifest, expand, parse_manifest, summary
+from farm.manifest import ItemPlan, Manifest, plan_manifest, summary
 
 #: A slice's task: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
 SLICE_TASK = "farm.slice"
@@ -72,7 +72,7 @@ def plan(
     """
     from farm.ml.presets import check_model_ref
 
-    manifest = parse_manifest(
+    planned = plan_manifest(
         text,
         max_bytes=settings.max_upload_bytes,
         base_dir=base_dir,
@@ -80,14 +80,14 @@ def plan(
         assets=assets,
         check_ref=check_model_ref,
     )
-    return manifest, expand(manifest)
+    return planned.manifest, planned.items
 
 
 def dry_run(
     text: str | bytes, *, settings: Settings, base_dir: Path | None = None, assets: AssetPolicy | None = None
 ) -> dict:
-    manifest, _ = plan(text, settings=settings, base_dir=base_dir, assets=assets)
-    return summary(manifest, slice_size=settings.slice_size)
+    manifest, items = plan(text, settings=settings, base_dir=base_dir, assets=assets)
+    return summary(manifest, items, slice_size=settings.slice_size)
 
 
 def create_batch(

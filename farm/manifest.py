@@ -73,10 +73,12 @@ __all__ = [
     "ItemPlan",
     "Manifest",
     "ManifestError",
+    "Planned",
     "expand",
     "json_schema",
     "parse_manifest",
     "parse_size",
+    "plan_manifest",
     "summary",
 ]
 
@@ -1229,7 +1231,22 @@ def _decode(data: str | bytes, max_bytes: int) -> str:
     return data.removeprefix("\ufeff")
 
 
-def parse_manifest(
+@dataclass(frozen=True)
+class Planned:
+    """A manifest as ``plan_manifest`` read it: the validated model and the items it expands to, expanded once
+    (a large templated manifest costs its expansion once per submit, not once per reader)."""
+
+    manifest: Manifest
+    items: list[ItemPlan]
+
+
+def parse_manifest(data: str | bytes, **options: Any) -> Manifest:
+    """The validated manifest alone (``plan_manifest`` with the same options); for callers that do not need
+    its items."""
+    return plan_manifest(data, **options).manifest
+
+
+def plan_manifest(
     data: str | bytes,
     *,
     max_bytes: int = 1_000_000,
@@ -1237,8 +1254,9 @@ def parse_manifest(
     check_model: Callable[[str], str | None] | None = None,
     assets: AssetPolicy | None = None,
     check_ref: Callable[[str, str], str | None] | None = None,
-) -> Manifest:
-    """Parse and fully validate a manifest; raise ``ManifestError`` listing every problem, and nothing else.
+) -> Planned:
+    """Parse, fully validate and expand a manifest; raise ``ManifestError`` listing every problem, and nothing
+    else.
 
     ``base_dir`` is the manifest's folder: relative model folders and the PDQ blocklist resolve against it
     (the current directory when None). ``check_model``, if given, is called with the resolved model reference
@@ -1249,8 +1267,8 @@ def parse_manifest(
     that parses will expand. ``assets`` decides which files and folders the manifest may name (farm.assets):
     the operator's policy when None (any path, as the CLI always allowed); the web passes an uploader's.
 
-    >>> m = parse_manifest("name: demo\\nitems: [a fox]")
-    >>> (m.name, len(expand(m)))
+    >>> planned = plan_manifest("name: demo\\nitems: [a fox]")
+    >>> (planned.manifest.name, len(planned.items))
     ('demo', 1)
     """
     text = _decode(data, max_bytes)
@@ -1280,10 +1298,10 @@ def parse_manifest(
                        "moderation.pdq_blocklist: " + name + ") or do not upload it")
             for name in unnamed
         )
-    _, problems = _plan(manifest)
+    plans, problems = _plan(manifest)
     if problems:
         raise ManifestError(problems)
-    return manifest
+    return Planned(manifest, plans)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1559,7 +1577,7 @@ def expand(manifest: Manifest) -> list[ItemPlan]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def summary(manifest: Manifest, *, slice_size: int = 4) -> dict[str, Any]:
+def summary(manifest: Manifest, plans: list[ItemPlan], *, slice_size: int = 4) -> dict[str, Any]:
     """What a run would cost, without running it: counts for the dry run and the upload preview.
 
     ``slices`` is how many slice tasks the farm will send: each item's candidates in slices of
@@ -1567,7 +1585,6 @@ def summary(manifest: Manifest, *, slice_size: int = 4) -> dict[str, Any]:
     """
     if slice_size < 1:
         raise ValueError("slice_size must be at least 1")
-    plans = expand(manifest)
     sizes: dict[str, dict[str, int]] = {}
     for plan in plans:
         entry = sizes.setdefault(f"{plan.width}x{plan.height}", {"items": 0, "candidates": 0})

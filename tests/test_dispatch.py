@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from farm import dispatch
+from farm import manifest as manifest_module
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ManifestError
@@ -81,6 +82,23 @@ def test_create_batch_writes_batch_items_and_candidates_in_one_go(monkeypatch, t
         assert {c.id for c in cands} == {f"{done.batch_id}-00000-{k:03d}" for k in range(5)} | {
             f"{done.batch_id}-00001-{k:03d}" for k in range(2)
         }
+
+
+def test_a_dry_run_and_a_plan_expand_the_manifest_once(monkeypatch, tmp_path):
+    """A templated manifest of many items costs its expansion once per reader, not once per step."""
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    settings = load_settings()
+    expansions = []
+    real = manifest_module._plan
+    monkeypatch.setattr(manifest_module, "_plan", lambda m: expansions.append(m) or real(m))
+    text = (
+        "name: sweep\ndefaults: {candidates: 2}\nitems:\n"
+        "  - template: 'a {animal} in {style}'\n    vars: {animal: [cat, fox], style: [ink, oil, clay]}\n"
+    )
+    summary = dispatch.dry_run(text, settings=settings)
+    assert (summary["items"], summary["candidates"], len(expansions)) == (6, 12, 1)
+    manifest, items = dispatch.plan(text, settings=settings)
+    assert len(items) == 6 and len(expansions) == 2
 
 
 def test_invalid_manifest_writes_nothing(monkeypatch, tmp_path):

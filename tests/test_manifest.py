@@ -28,6 +28,7 @@ from farm.manifest import (
     expand,
     json_schema,
     parse_manifest,
+    plan_manifest,
     summary,
 )
 
@@ -79,7 +80,8 @@ def test_batches_folder_has_the_three_examples() -> None:
 
 
 def test_example_batch_is_small_enough_for_a_laptop_cpu() -> None:
-    s = summary(parse_manifest((BATCHES / "example.yaml").read_bytes()))
+    planned = plan_manifest((BATCHES / "example.yaml").read_bytes())
+    s = summary(planned.manifest, planned.items)
     assert s["name"] == "example" and 6 <= s["items"] <= 8
     assert s["candidates"] <= 40 and s["denoising_steps"] <= 100
 
@@ -861,18 +863,23 @@ def test_expand_rechecks_a_hand_built_manifest() -> None:
 # --- summary, schema
 
 
+def _planned(text: str) -> tuple[Manifest, list[ItemPlan]]:
+    planned = plan_manifest(text)
+    return planned.manifest, planned.items
+
+
 def test_summary_counts_items_candidates_sizes_and_slices() -> None:
-    s = summary(parse_manifest(TEMPLATE_DOC), slice_size=2)
+    s = summary(*_planned(TEMPLATE_DOC), slice_size=2)
     assert (s["items"], s["candidates"]) == (6, 2 + 3 + 4)
     assert s["sizes"] == {"64x64": {"items": 5, "candidates": 6}, "64x96": {"items": 1, "candidates": 3}}
     assert s["slices"] == 1 + 2 + 4
     assert s["model"] == "tiny" and s["slice_size"] == 2
-    assert summary(parse_manifest(TEMPLATE_DOC))["slices"] == 1 + 1 + 4
+    assert summary(*_planned(TEMPLATE_DOC))["slices"] == 1 + 1 + 4
 
 
 def test_summary_rejects_a_zero_slice_size() -> None:
     with pytest.raises(ValueError, match="slice_size"):
-        summary(parse_manifest(doc()), slice_size=0)
+        summary(*_planned(doc()), slice_size=0)
 
 
 def test_json_schema_is_json_and_describes_the_fields() -> None:

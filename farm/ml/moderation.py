@@ -20,6 +20,7 @@ from PIL import Image
 
 from farm.assets import read_asset
 from farm.formats import FormatError, parse_pdq_blocklist
+from farm.states import CandidateVerdict
 
 Verdict = Literal["pass", "reject", "flag"]
 
@@ -46,7 +47,7 @@ class LayerVerdict:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def combine(verdicts: list[LayerVerdict]) -> tuple[Literal["passed", "rejected"], list[str]]:
+def combine(verdicts: list[LayerVerdict]) -> tuple[CandidateVerdict, list[str]]:
     """Final decision over all layers: any ``reject`` rejects; ``flag`` reasons are kept but do not reject.
 
     Reasons are ``"<layer>: <reason>"`` for every reject and flag, rejects first, in layer order.
@@ -56,7 +57,7 @@ def combine(verdicts: list[LayerVerdict]) -> tuple[Literal["passed", "rejected"]
     unknown = [v for v in verdicts if v.verdict not in ("pass", "reject", "flag")]
     if unknown:
         raise ValueError(f"unknown verdict {unknown[0].verdict!r} from layer {unknown[0].layer!r}")
-    return ("rejected" if rejects else "passed"), rejects + flags
+    return (CandidateVerdict.REJECTED if rejects else CandidateVerdict.PASSED), rejects + flags
 
 
 # ---------------------------------------------------------------------------------------------------- prompt

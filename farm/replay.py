@@ -74,14 +74,15 @@ def _resolve(recipe: dict[str, Any], models_dir: Path) -> Any:
     or hub model by the absolute path or id recorded, since the manifest's own reference may have been
     relative to a folder this process does not know.
     """
-    from farm.ml.presets import ModelRefError, resolve_model
+    from farm.ml.builds import build_and_resolve
+    from farm.ml.presets import ModelRefError
 
     source = recipe.get("model_source")
     ref = recipe["model_ref"]
     if source not in (None, "preset") and recipe.get("model_path_or_id"):
         ref = recipe["model_path_or_id"]
     try:
-        resolved = resolve_model(str(ref), kind="generator", models_dir=Path(models_dir))
+        resolved = build_and_resolve(str(ref), kind="generator", models_dir=Path(models_dir))
     except ModelRefError as exc:
         raise ReplayError(f"cannot replay: the recorded model is not available here: {exc}") from exc
     if resolved.fingerprint != recipe["fingerprint"]:

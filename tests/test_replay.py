@@ -26,10 +26,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def generator(models_dir: Path) -> Any:
+    from farm.ml.builds import build_and_resolve
     from farm.ml.generator import Generator
-    from farm.ml.presets import resolve_model
 
-    return Generator.load(resolve_model("tiny", kind="generator", models_dir=models_dir))
+    return Generator.load(build_and_resolve("tiny", kind="generator", models_dir=models_dir))
 
 
 def make_candidate(

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from farm.ml.tiny import _ensure, _load_tokenizer, _tokenizer_files
+from farm.ml.tiny import _load_tokenizer, _tokenizer_files
 
 
 def build_random_sdxl(path: Path) -> Path:
+    """Write the random full-size SDXL pipeline (fp16, seeded) to ``path``; farm.ml.builds decides when."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -110,7 +111,3 @@ def build_random_sdxl(path: Path) -> Path:
 
     shutil.rmtree(tok_dir)
     return path
-
-
-def ensure_random_sdxl(models_dir: Path) -> Path:
-    return _ensure(models_dir, "random-sdxl", build_random_sdxl, "model_index.json")

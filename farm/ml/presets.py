@@ -2,9 +2,10 @@
 
 A reference is one of: a preset name (tiny ones are built locally on first use, named real ones map to hub
 ids), a local folder holding a saved model, or a hub id ``owner/name`` loaded at run time through
-``from_pretrained``. ``check_model_ref`` validates cheaply (no build, no import of torch models) so a bad
-manifest fails before dispatch; ``resolve_model`` is what a worker calls to get something loadable plus a
-fingerprint for provenance.
+``from_pretrained``. ``check_model_ref`` validates cheaply (no import of torch models) so a bad manifest
+fails before dispatch; ``resolve_model`` turns a reference into something loadable plus a fingerprint for
+provenance. Nothing here builds: a worker calls ``farm.ml.builds.build_and_resolve``, which builds the tiny
+preset a reference needs (``presets_to_build``) and then resolves it here.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Literal
 
 from farm.assets import is_hub_id, looks_like_path
 from farm.formats import CLIP_SCORE, MODEL_FOLDER_MARKERS, model_folder_problem
+from farm.ml.layout import TINY_FOLDERS, TINY_MARKERS
 
 log = logging.getLogger(__name__)
 
 KINDS = ("generator", "validator", "scorer")
 
-#: Tiny presets built by farm.ml.tiny, per kind.
+#: Presets the farm builds itself (farm.ml.builds; folders in farm.ml.layout), per kind.
 TINY_PRESETS: dict[str, tuple[str, ...]] = {
     "generator": ("tiny", "tiny-xl", "random-sdxl"),
     "validator": ("tiny-clip",),
@@ -167,10 +169,22 @@ def folder_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
-    """Turn a reference into a ``ResolvedModel``, building a tiny preset under ``models_dir`` if needed.
+def presets_to_build(ref: str, kind: str) -> list[str]:
+    """The presets built by the farm itself that ``ref`` needs before it resolves: the tiny preset it names
+    (or the validator inside ``clip-score:<validator>``); none for any other or an unusable reference."""
+    if check_model_ref(ref, kind) is not None:
+        return []
+    inner = _clip_score_validator(ref) if kind == "scorer" else None
+    if inner is not None:
+        return presets_to_build(inner, "validator")
+    return [ref] if ref in TINY_PRESETS[kind] else []
 
-    Raises ``ModelRefError`` with the reason (and the known presets) when the reference is unusable.
+
+def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
+    """Turn a reference into a ``ResolvedModel``; a tiny preset must already be built under ``models_dir``.
+
+    Raises ``ModelRefError`` with the reason (and the known presets) when the reference is unusable, or names
+    a tiny preset not built yet (``farm.ml.builds.build_and_resolve`` builds it first).
     """
     error = check_model_ref(ref, kind)
     if error is not None:
@@ -182,9 +196,9 @@ def resolve_model(ref: str, *, kind: str, models_dir: Path) -> ResolvedModel:
             ref, "scorer", validator.source, validator.path_or_id, validator.fingerprint, CLIP_SCORE
         )
     if ref in TINY_PRESETS[kind]:
-        from farm.ml.tiny import ENSURERS
-
-        folder = ENSURERS[ref](Path(models_dir))
+        folder = Path(models_dir) / TINY_FOLDERS[ref]
+        if not (folder / TINY_MARKERS[ref]).is_file():
+            raise ModelRefError(f"{kind} preset {ref!r} has not been built on this worker")
         return ResolvedModel(ref, kind, "preset", str(folder), folder_fingerprint(folder), ref)  # type: ignore[arg-type]
     if ref in HUB_PRESETS[kind]:
         hub_id = HUB_PRESETS[kind][ref]

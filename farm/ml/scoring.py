@@ -26,6 +26,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from farm.ml.layout import (
+    AESTHETIC_CONFIG,
+    IMAGE_REWARD_CHECKPOINT,
+    IMAGE_REWARD_CONFIG,
+    IMAGE_REWARD_MED_CONFIG,
+)
 from farm.ml.presets import CLIP_SCORE, IMAGE_REWARD_HUB_NAMES, ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -75,8 +81,6 @@ class AestheticScorer:
         from safetensors.torch import load_file
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        from farm.ml.tiny import AESTHETIC_CONFIG
-
         folder = Path(resolved.path_or_id)
         config = json.loads((folder / AESTHETIC_CONFIG).read_text(encoding="utf-8"))
         head = AestheticHead(embed_dim=int(config["embed_dim"]), hidden=[int(h) for h in config["hidden"]])
@@ -121,7 +125,6 @@ class ImageRewardScorer:
         folder and a ViT size; without it the package's defaults apply (ViT-L, the hub's bert-base-uncased).
         """
         from farm.ml.compat_imagereward import HUB_TOKENIZER, VitSpec, blip_overrides, import_image_reward
-        from farm.ml.tiny import IMAGE_REWARD_CHECKPOINT, IMAGE_REWARD_CONFIG, IMAGE_REWARD_MED_CONFIG
 
         rm = import_image_reward()
         tokenizer: str | Path = HUB_TOKENIZER
@@ -206,8 +209,6 @@ def load_scorer(resolved: ResolvedModel, device: str = "cpu") -> Scorer:
       or a folder with ``imagereward.json`` or ``ImageReward.pt`` -> ``ImageRewardScorer``;
     - a folder with ``aesthetic.json`` -> ``AestheticScorer``.
     """
-    from farm.ml.tiny import AESTHETIC_CONFIG, IMAGE_REWARD_CHECKPOINT, IMAGE_REWARD_CONFIG
-
     if resolved.preset == CLIP_SCORE:
         return ClipScoreScorer.load(resolved, device)
     if resolved.source == "hub" and resolved.path_or_id in IMAGE_REWARD_HUB_NAMES:

@@ -5,45 +5,26 @@ a real checkpoint takes (``DiffusionPipeline.from_pretrained``, ``CLIPModel.from
 tiny preset is a folder written with ``save_pretrained`` from small configs of the real classes and seeded
 weights.
 
-Every ``build_*(path)`` writes a complete folder at ``path``; every ``ensure_*(models_dir)`` builds it once
-under ``models_dir`` (in a temporary sibling folder, then one atomic rename, so a crash never leaves half a
-model and two processes racing to build it both end up with one complete copy).
+Every ``build_*(path)`` writes a complete folder at ``path``; ``farm.ml.builds`` decides when to build one and
+where (once per models folder), and ``farm.ml.layout`` names the folders and files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-#: Bumped whenever a builder's output changes, so an old folder is never mistaken for the new recipe.
-TINY_VERSION = 1
-
-#: Preset name -> folder name under the models directory.
-TINY_FOLDERS: dict[str, str] = {
-    "tiny": f"tiny-sd-v{TINY_VERSION}",
-    "tiny-xl": f"tiny-sdxl-v{TINY_VERSION}",
-    "tiny-clip": f"tiny-clip-v{TINY_VERSION}",
-    "tiny-aesthetic": f"tiny-aesthetic-v{TINY_VERSION}",
-    "tiny-image-reward": f"tiny-image-reward-v{TINY_VERSION}",
-    "random-sdxl": "random-sdxl-v1",
-}
-
-#: Files the aesthetic scorer folder holds beside the Hugging Face vision model.
-AESTHETIC_CONFIG = "aesthetic.json"
-AESTHETIC_HEAD = "aesthetic_head.safetensors"
-
-#: Files of an ImageReward scorer folder: the farm's description of it, then the package's own files (the
-#: checkpoint and med_config.json are what the hub repository THUDM/ImageReward ships).
-IMAGE_REWARD_CONFIG = "imagereward.json"
-IMAGE_REWARD_CHECKPOINT = "ImageReward.pt"
-IMAGE_REWARD_MED_CONFIG = "med_config.json"
-IMAGE_REWARD_TOKENIZER = "tokenizer"
+from farm.ml.layout import (
+    AESTHETIC_CONFIG,
+    AESTHETIC_HEAD,
+    IMAGE_REWARD_CHECKPOINT,
+    IMAGE_REWARD_CONFIG,
+    IMAGE_REWARD_MED_CONFIG,
+    IMAGE_REWARD_TOKENIZER,
+)
 
 _SEED = 1234
 _TEXT_HIDDEN = 32
@@ -395,69 +376,3 @@ def build_tiny_image_reward(path: Path) -> Path:
     }
     (path / IMAGE_REWARD_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return path
-
-
-def _ensure(models_dir: Path, name: str, builder: Callable[[Path], Path], marker: str) -> Path:
-    """Build ``name`` once under ``models_dir``; atomic and safe when several processes race."""
-    models_dir = Path(models_dir)
-    target = models_dir / TINY_FOLDERS[name]
-    if (target / marker).is_file():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_dir))
-    try:
-        builder(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process won the race (target exists and is not empty): keep theirs, drop ours.
-            if not (target / marker).is_file():
-                raise RuntimeError(
-                    f"{target} is not a complete {name!r} model (no {marker}); remove it to rebuild"
-                ) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def ensure_tiny_sd(models_dir: Path) -> Path:
-    """Return the folder of the ``tiny`` generator, building it on first use."""
-    return _ensure(models_dir, "tiny", build_tiny_sd, "model_index.json")
-
-
-def ensure_tiny_sdxl(models_dir: Path) -> Path:
-    """Return the folder of the ``tiny-xl`` generator, building it on first use."""
-    return _ensure(models_dir, "tiny-xl", build_tiny_sdxl, "model_index.json")
-
-
-def ensure_tiny_clip(models_dir: Path) -> Path:
-    """Return the folder of the ``tiny-clip`` validator, building it on first use."""
-    return _ensure(models_dir, "tiny-clip", build_tiny_clip, "config.json")
-
-
-def ensure_tiny_aesthetic(models_dir: Path) -> Path:
-    """Return the folder of the ``tiny-aesthetic`` scorer, building it on first use."""
-    return _ensure(models_dir, "tiny-aesthetic", build_tiny_aesthetic, AESTHETIC_CONFIG)
-
-
-def ensure_tiny_image_reward(models_dir: Path) -> Path:
-    """Return the folder of the ``tiny-image-reward`` scorer, building it on first use."""
-    return _ensure(models_dir, "tiny-image-reward", build_tiny_image_reward, IMAGE_REWARD_CONFIG)
-
-
-#: Preset name -> ensure function; presets.py resolves tiny presets through this table.
-ENSURERS: dict[str, Callable[[Path], Path]] = {
-    "tiny": ensure_tiny_sd,
-    "tiny-xl": ensure_tiny_sdxl,
-    "tiny-clip": ensure_tiny_clip,
-    "tiny-aesthetic": ensure_tiny_aesthetic,
-    "tiny-image-reward": ensure_tiny_image_reward,
-    "random-sdxl": lambda models_dir: _ensure_random_sdxl(models_dir),
-}
-
-
-def _ensure_random_sdxl(models_dir: Path) -> Path:
-    from farm.ml.fullsize import ensure_random_sdxl
-
-    return ensure_random_sdxl(models_dir)

@@ -77,9 +77,9 @@ class Runtime:
         self.renewer: threading.Thread | None = None
 
     def _resolve(self, ref: str, kind: str) -> Any:
-        from farm.ml.presets import resolve_model
+        from farm.ml.builds import build_and_resolve
 
-        return resolve_model(ref, kind=kind, models_dir=self.settings.models_dir)
+        return build_and_resolve(ref, kind=kind, models_dir=self.settings.models_dir)
 
     def generator(self, ref: str, *, dtype: str = "fp32", memory: dict | None = None) -> Any:
         from farm.ml.generator import Generator

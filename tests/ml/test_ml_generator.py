@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from farm.ml.builds import build_and_resolve
 from farm.ml.generator import SCHEDULERS, Generator, compatible_schedulers
-from farm.ml.presets import resolve_model
 
 KW = dict(prompt="a red cat", negative_prompt="blurry", steps=2, guidance=5.0, width=64, height=64)
 
@@ -108,7 +108,7 @@ def test_recipe_records_the_last_slice_and_the_threads_it_ran_under(tiny_generat
 
 
 def test_tiny_xl_generates(models_dir: Path) -> None:
-    gen = Generator.load(resolve_model("tiny-xl", kind="generator", models_dir=models_dir))
+    gen = Generator.load(build_and_resolve("tiny-xl", kind="generator", models_dir=models_dir))
     a = gen.generate(seeds=[3, 4], scheduler=None, **KW)
     b = gen.generate(seeds=[4], scheduler=None, **KW)
     assert len(a) == 2
@@ -118,6 +118,6 @@ def test_tiny_xl_generates(models_dir: Path) -> None:
 
 def test_bad_dtype_and_steps(models_dir: Path, tiny_generator: Generator) -> None:
     with pytest.raises(ValueError, match="dtype"):
-        Generator.load(resolve_model("tiny", kind="generator", models_dir=models_dir), dtype="fp8")
+        Generator.load(build_and_resolve("tiny", kind="generator", models_dir=models_dir), dtype="fp8")
     with pytest.raises(ValueError, match="steps"):
         tiny_generator.generate(seeds=[1], scheduler=None, **{**KW, "steps": 0})

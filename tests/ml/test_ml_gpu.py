@@ -9,8 +9,8 @@ import pytest
 import torch
 from ml_images import grey, noise
 
+from farm.ml.builds import build_and_resolve
 from farm.ml.generator import Generator
-from farm.ml.presets import resolve_model
 from farm.ml.registry import ModelRegistry, estimate_bytes
 from farm.ml.scoring import load_scorer
 from farm.ml.validation import ClipAlignment
@@ -25,7 +25,7 @@ KW = dict(prompt="a red cat", negative_prompt="blurry", steps=2, guidance=5.0, w
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_generates_on_cuda_like_on_cpu(models_dir: Path, dtype: str) -> None:
-    resolved = resolve_model("tiny", kind="generator", models_dir=models_dir)
+    resolved = build_and_resolve("tiny", kind="generator", models_dir=models_dir)
     gpu = Generator.load(resolved, device="cuda", dtype=dtype)
     assert gpu.pipe.unet.device.type == "cuda" and gpu.pipe.unet.dtype == getattr(
         torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
@@ -46,7 +46,7 @@ def test_generates_on_cuda_like_on_cpu(models_dir: Path, dtype: str) -> None:
 
 
 def test_cpu_offload_and_attention_slicing(models_dir: Path) -> None:
-    resolved = resolve_model("tiny", kind="generator", models_dir=models_dir)
+    resolved = build_and_resolve("tiny", kind="generator", models_dir=models_dir)
     gen = Generator.load(resolved, device="cuda", dtype="fp16", cpu_offload=True, attention_slicing=True)
     assert gen.recipe()["cpu_offload"] is True and gen.recipe()["attention_slicing"] is True
     assert len(gen.generate(seeds=[1, 2], scheduler=None, **KW)) == 2
@@ -54,8 +54,8 @@ def test_cpu_offload_and_attention_slicing(models_dir: Path) -> None:
 
 def test_registry_eviction_frees_gpu_generators(models_dir: Path) -> None:
     reg = ModelRegistry(budget_bytes=1)
-    tiny = resolve_model("tiny", kind="generator", models_dir=models_dir)
-    xl = resolve_model("tiny-xl", kind="generator", models_dir=models_dir)
+    tiny = build_and_resolve("tiny", kind="generator", models_dir=models_dir)
+    xl = build_and_resolve("tiny-xl", kind="generator", models_dir=models_dir)
     a = reg.get("tiny", lambda: Generator.load(tiny, device="cuda"), evictable=True)
     assert estimate_bytes(a) > 0
     reg.get("tiny-xl", lambda: Generator.load(xl, device="cuda"), evictable=True)
@@ -63,10 +63,10 @@ def test_registry_eviction_frees_gpu_generators(models_dir: Path) -> None:
 
 
 def test_validator_and_scorer_on_cuda(models_dir: Path) -> None:
-    clip = ClipAlignment.load(resolve_model("tiny-clip", kind="validator", models_dir=models_dir), "cuda")
+    clip = ClipAlignment.load(build_and_resolve("tiny-clip", kind="validator", models_dir=models_dir), "cuda")
     sims = clip.alignment([grey(64), noise(1, 64)], "a cat")
     assert all(-1.0 <= s <= 1.0 for s in sims)
-    scorer = load_scorer(resolve_model("tiny-aesthetic", kind="scorer", models_dir=models_dir), "cuda")
-    cpu = load_scorer(resolve_model("tiny-aesthetic", kind="scorer", models_dir=models_dir))
+    scorer = load_scorer(build_and_resolve("tiny-aesthetic", kind="scorer", models_dir=models_dir), "cuda")
+    cpu = load_scorer(build_and_resolve("tiny-aesthetic", kind="scorer", models_dir=models_dir))
     images = [grey(64), noise(2, 64)]
     assert scorer.score(images, "") == pytest.approx(cpu.score(images, ""), abs=1e-3)

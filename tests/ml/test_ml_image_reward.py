@@ -19,7 +19,8 @@ from ml_images import grey, noise, skin_ellipse
 from torch import nn
 
 from farm.ml import compat_imagereward as compat
-from farm.ml import tiny
+from farm.ml import layout, tiny
+from farm.ml.builds import build_and_resolve, ensure_preset
 from farm.ml.presets import ModelRefError, check_model_ref, folder_fingerprint, resolve_model
 from farm.ml.scoring import ClipScoreScorer, ImageRewardScorer, Scorer, load_scorer
 from farm.ml.validation import ClipAlignment
@@ -29,12 +30,12 @@ IMAGES = [skin_ellipse(64), grey(64), noise(4, 64), noise(5, 64)]
 
 @pytest.fixture(scope="module")
 def ir_folder(models_dir: Path) -> Path:
-    return tiny.ensure_tiny_image_reward(models_dir)
+    return ensure_preset("tiny-image-reward", models_dir)
 
 
 @pytest.fixture(scope="module")
 def image_reward(models_dir: Path) -> ImageRewardScorer:
-    scorer = load_scorer(resolve_model("tiny-image-reward", kind="scorer", models_dir=models_dir))
+    scorer = load_scorer(build_and_resolve("tiny-image-reward", kind="scorer", models_dir=models_dir))
     assert isinstance(scorer, ImageRewardScorer)
     return scorer
 
@@ -132,7 +133,7 @@ def test_blip_text_encoder_builds_and_initialises_with_transformers_5(ir_folder:
     compat.import_image_reward()
     from ImageReward.models.BLIP import med
 
-    config = med.BertConfig.from_json_file(str(ir_folder / tiny.IMAGE_REWARD_MED_CONFIG))
+    config = med.BertConfig.from_json_file(str(ir_folder / layout.IMAGE_REWARD_MED_CONFIG))
     torch.manual_seed(0)
     model = med.BertModel(config=config, add_pooling_layer=False)  # calls self.init_weights()
     weight = model.embeddings.word_embeddings.weight
@@ -144,7 +145,7 @@ def test_blip_text_encoder_builds_and_initialises_with_transformers_5(ir_folder:
 
 
 def test_blip_tokenizer_from_local_folder(ir_folder: Path) -> None:
-    tok = compat.make_blip_tokenizer(ir_folder / tiny.IMAGE_REWARD_TOKENIZER)
+    tok = compat.make_blip_tokenizer(ir_folder / layout.IMAGE_REWARD_TOKENIZER)
     assert tok.enc_token_id == tok.convert_tokens_to_ids("[ENC]") != tok.unk_token_id
     assert tok.bos_token == "[DEC]"
     ids = tok("A red cat, xyz!")["input_ids"]
@@ -157,7 +158,7 @@ def test_blip_tokenizer_from_local_folder(ir_folder: Path) -> None:
 
 def test_tiny_image_reward_loads_through_the_packages_own_loader(ir_folder: Path) -> None:
     rm = compat.import_image_reward()
-    config = json.loads((ir_folder / tiny.IMAGE_REWARD_CONFIG).read_text())
+    config = json.loads((ir_folder / layout.IMAGE_REWARD_CONFIG).read_text())
     checkpoint = ir_folder / config["checkpoint"]
     vit = compat.VitSpec(**config["vit"])
     with compat.blip_overrides(tokenizer=ir_folder / config["tokenizer"], vit=vit):
@@ -181,7 +182,7 @@ def test_image_reward_scores_differ_and_are_deterministic(
     assert len(set(cat)) == 4 and all(isinstance(x, float) for x in cat)
     assert cat != car
     assert image_reward.score(IMAGES, "a photo of a cat") == cat
-    reloaded = load_scorer(resolve_model("tiny-image-reward", kind="scorer", models_dir=models_dir))
+    reloaded = load_scorer(build_and_resolve("tiny-image-reward", kind="scorer", models_dir=models_dir))
     assert isinstance(reloaded, Scorer)
     assert reloaded.score(IMAGES, "a photo of a cat") == cat
     assert image_reward.score([], "x") == []
@@ -197,7 +198,7 @@ def test_image_reward_batch_matches_the_packages_per_image_scores(image_reward: 
 def test_tiny_image_reward_build_is_deterministic(tmp_path: Path, ir_folder: Path) -> None:
     again = tiny.build_tiny_image_reward(tmp_path / "again")
     assert folder_fingerprint(again) == folder_fingerprint(ir_folder)
-    name = tiny.IMAGE_REWARD_CHECKPOINT
+    name = layout.IMAGE_REWARD_CHECKPOINT
     assert (again / name).read_bytes() == (ir_folder / name).read_bytes()
 
 
@@ -230,9 +231,9 @@ def test_image_reward_offline_without_checkpoint_says_what_to_do(
 
 
 def test_clip_score_uses_the_validator_model(models_dir: Path) -> None:
-    r = resolve_model("clip-score", kind="scorer", models_dir=models_dir)
-    named = resolve_model("clip-score:tiny-clip", kind="scorer", models_dir=models_dir)
-    validator = resolve_model("tiny-clip", kind="validator", models_dir=models_dir)
+    r = build_and_resolve("clip-score", kind="scorer", models_dir=models_dir)
+    named = build_and_resolve("clip-score:tiny-clip", kind="scorer", models_dir=models_dir)
+    validator = build_and_resolve("tiny-clip", kind="validator", models_dir=models_dir)
     assert r.fingerprint == named.fingerprint == validator.fingerprint and r.preset == "clip-score"
     scorer = load_scorer(named)
     assert isinstance(scorer, ClipScoreScorer) and isinstance(scorer, Scorer)

@@ -9,15 +9,52 @@ from pathlib import Path
 
 import pytest
 
-from farm.ml.presets import ModelRefError, check_model_ref, known_presets, resolve_model
+from farm.ml.builds import build_and_resolve
+from farm.ml.presets import ModelRefError, check_model_ref, known_presets, presets_to_build, resolve_model
 
 
 def test_tiny_preset_resolves_to_built_folder(models_dir: Path) -> None:
-    r = resolve_model("tiny", kind="generator", models_dir=models_dir)
+    r = build_and_resolve("tiny", kind="generator", models_dir=models_dir)
     assert (r.source, r.preset, r.kind) == ("preset", "tiny", "generator")
     assert (Path(r.path_or_id) / "model_index.json").is_file()
     assert len(r.fingerprint) == 16
-    assert resolve_model("tiny", kind="generator", models_dir=models_dir).fingerprint == r.fingerprint
+    assert resolve_model("tiny", kind="generator", models_dir=models_dir) == r  # built once: resolved as is
+
+
+def test_resolving_builds_nothing(tmp_path: Path) -> None:
+    """farm.ml.presets only resolves, so a manifest check or the doctor never builds; the caller that wants a
+    model (a worker, a replay) builds it with farm.ml.builds first."""
+    for ref, kind in (("tiny", "generator"), ("random-sdxl", "generator"), ("clip-score", "scorer")):
+        with pytest.raises(ModelRefError, match="has not been built on this worker"):
+            resolve_model(ref, kind=kind, models_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("ref", "kind", "needed"),
+    [
+        ("tiny", "generator", ["tiny"]),
+        ("tiny-aesthetic", "scorer", ["tiny-aesthetic"]),
+        ("clip-score", "scorer", ["tiny-clip"]),
+        ("clip-score:tiny-clip", "scorer", ["tiny-clip"]),
+        ("clip-score:clip-vit-b32", "scorer", []),
+        ("sd-turbo", "generator", []),
+        ("owner/name", "generator", []),
+        ("tiny", "validator", []),  # unusable: nothing is built for it
+    ],
+)
+def test_presets_to_build(ref: str, kind: str, needed: list[str]) -> None:
+    assert presets_to_build(ref, kind) == needed
+
+
+def test_every_preset_built_here_has_a_folder_a_marker_and_a_builder() -> None:
+    from farm.ml.builds import _builder
+    from farm.ml.layout import TINY_FOLDERS, TINY_MARKERS
+    from farm.ml.presets import TINY_PRESETS
+
+    built = {name for names in TINY_PRESETS.values() for name in names}
+    assert built == set(TINY_FOLDERS) == set(TINY_MARKERS)
+    assert all(callable(_builder(name)) for name in built)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +80,7 @@ def test_hub_id_is_accepted_as_is(tmp_path: Path) -> None:
 
 
 def test_local_folder_is_accepted(models_dir: Path, tmp_path: Path) -> None:
-    preset = resolve_model("tiny-clip", kind="validator", models_dir=models_dir)
+    preset = build_and_resolve("tiny-clip", kind="validator", models_dir=models_dir)
     r = resolve_model(preset.path_or_id, kind="validator", models_dir=tmp_path)
     assert r.source == "folder" and r.fingerprint == preset.fingerprint
 
@@ -193,7 +230,12 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize(("kind", "preset", "ref"), _HUB_CASES)
 def test_a_hub_id_is_never_loaded_from_the_working_folder(
-    kind: str, preset: str, ref: str, models_dir: Path, hf_cache: Path, tmp_path: Path,
+    kind: str,
+    preset: str,
+    ref: str,
+    models_dir: Path,
+    hf_cache: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``acme/secret`` from an uploaded manifest: diffusers and transformers would load ./acme/secret of the
@@ -205,7 +247,7 @@ def test_a_hub_id_is_never_loaded_from_the_working_folder(
     resolved = resolve_model(ref.format("acme/secret"), kind=kind, models_dir=models_dir)
     with pytest.raises(Exception) as absent:  # noqa: PT011 - the error must be the same, whatever it is
         _load(kind, resolved)
-    real = resolve_model(preset, kind=_preset_kind(kind), models_dir=models_dir)
+    real = build_and_resolve(preset, kind=_preset_kind(kind), models_dir=models_dir)
     shutil.copytree(real.path_or_id, work / "acme" / "secret")  # a model that loads, under the hub id's name
     with pytest.raises(Exception) as present:  # noqa: PT011
         _load(kind, resolved)
@@ -237,12 +279,17 @@ def _cache_repo(cache: Path, hub_id: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize(("kind", "preset", "ref"), _HUB_CASES)
 def test_a_cached_hub_id_loads_from_its_snapshot_not_from_the_working_folder(
-    kind: str, preset: str, ref: str, models_dir: Path, hf_cache: Path, tmp_path: Path,
+    kind: str,
+    preset: str,
+    ref: str,
+    models_dir: Path,
+    hf_cache: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A hub id in the worker's Hugging Face cache loads from its absolute snapshot folder, even where the
     working folder holds a folder of the same spelling; the recipe keeps the hub id (replay, fingerprints)."""
-    real = resolve_model(preset, kind=_preset_kind(kind), models_dir=models_dir)
+    real = build_and_resolve(preset, kind=_preset_kind(kind), models_dir=models_dir)
     snapshot = _cache_repo(hf_cache, "acme/tiny", Path(real.path_or_id))
     work = tmp_path / "work"
     (work / "acme" / "tiny").mkdir(parents=True)

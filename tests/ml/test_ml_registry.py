@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from farm.ml.builds import build_and_resolve
 from farm.ml.generator import Generator
-from farm.ml.presets import resolve_model
 from farm.ml.registry import ModelRegistry, estimate_bytes
 
 
@@ -81,7 +81,7 @@ def test_oversized_model_is_still_kept() -> None:
 
 def test_registry_caches_real_generator(models_dir: Path) -> None:
     reg = ModelRegistry(budget_bytes=None)
-    resolved = resolve_model("tiny", kind="generator", models_dir=models_dir)
+    resolved = build_and_resolve("tiny", kind="generator", models_dir=models_dir)
     key = f"generator:{resolved.fingerprint}"
     a = reg.get(key, lambda: Generator.load(resolved), evictable=True)
     b = reg.get(key, lambda: Generator.load(resolved), evictable=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.ml import tiny
+from farm.ml import builds, layout, tiny
 from farm.ml.presets import folder_fingerprint
 
 
@@ -28,7 +28,7 @@ def test_tokenizer_loads_from_folder_with_full_vocab(tmp_path: Path) -> None:
 def test_tiny_sd_loads_as_diffusion_pipeline(models_dir: Path) -> None:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    folder = tiny.ensure_tiny_sd(models_dir)
+    folder = builds.ensure_preset("tiny", models_dir)
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     assert isinstance(pipe, StableDiffusionPipeline)
     assert pipe.safety_checker is None
@@ -39,7 +39,7 @@ def test_tiny_sd_loads_as_diffusion_pipeline(models_dir: Path) -> None:
 def test_tiny_sdxl_loads_as_diffusion_pipeline(models_dir: Path) -> None:
     from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(tiny.ensure_tiny_sdxl(models_dir)))
+    pipe = DiffusionPipeline.from_pretrained(str(builds.ensure_preset("tiny-xl", models_dir)))
     assert isinstance(pipe, StableDiffusionXLPipeline)
     assert pipe.unet.config.addition_embed_type == "text_time"
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
@@ -48,7 +48,7 @@ def test_tiny_sdxl_loads_as_diffusion_pipeline(models_dir: Path) -> None:
 def test_tiny_clip_loads_with_auto_classes(models_dir: Path) -> None:
     from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor
 
-    folder = tiny.ensure_tiny_clip(models_dir)
+    folder = builds.ensure_preset("tiny-clip", models_dir)
     assert isinstance(CLIPModel.from_pretrained(str(folder)), CLIPModel)
     assert isinstance(CLIPProcessor.from_pretrained(str(folder)), CLIPProcessor)
     assert type(AutoModel.from_pretrained(str(folder))).__name__ == "CLIPModel"
@@ -58,8 +58,8 @@ def test_tiny_clip_loads_with_auto_classes(models_dir: Path) -> None:
 def test_tiny_aesthetic_folder_layout(models_dir: Path) -> None:
     from transformers import CLIPVisionModelWithProjection
 
-    folder = tiny.ensure_tiny_aesthetic(models_dir)
-    assert (folder / tiny.AESTHETIC_CONFIG).is_file() and (folder / tiny.AESTHETIC_HEAD).is_file()
+    folder = builds.ensure_preset("tiny-aesthetic", models_dir)
+    assert (folder / layout.AESTHETIC_CONFIG).is_file() and (folder / layout.AESTHETIC_HEAD).is_file()
     assert isinstance(
         CLIPVisionModelWithProjection.from_pretrained(str(folder)), CLIPVisionModelWithProjection
     )
@@ -74,9 +74,9 @@ def test_builds_are_deterministic(tmp_path: Path) -> None:
 
 
 def test_ensure_builds_once_and_leaves_no_temp(tmp_path: Path) -> None:
-    first = tiny.ensure_tiny_clip(tmp_path)
+    first = builds.ensure_preset("tiny-clip", tmp_path)
     mtime = os.stat(first / "config.json").st_mtime_ns
-    assert tiny.ensure_tiny_clip(tmp_path) == first
+    assert builds.ensure_preset("tiny-clip", tmp_path) == first
     assert os.stat(first / "config.json").st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
@@ -87,7 +87,7 @@ def test_ensure_race_leaves_one_complete_copy(tmp_path: Path) -> None:
 
     def build() -> None:
         try:
-            results.append(tiny.ensure_tiny_aesthetic(tmp_path))
+            results.append(builds.ensure_preset("tiny-aesthetic", tmp_path))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -107,13 +107,13 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        tiny._ensure(tmp_path, "tiny-clip", broken, "config.json")
+        builds._ensure(tmp_path, "tiny-clip", broken)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_incomplete_existing_folder_is_reported(tmp_path: Path) -> None:
-    (tmp_path / tiny.TINY_FOLDERS["tiny-clip"]).mkdir()
-    (tmp_path / tiny.TINY_FOLDERS["tiny-clip"] / "junk.txt").write_text("x")
+    (tmp_path / layout.TINY_FOLDERS["tiny-clip"]).mkdir()
+    (tmp_path / layout.TINY_FOLDERS["tiny-clip"] / "junk.txt").write_text("x")
     with pytest.raises(RuntimeError, match="is not a complete .tiny-clip. model"):
-        tiny.ensure_tiny_clip(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny.TINY_FOLDERS["tiny-clip"]]
+        builds.ensure_preset("tiny-clip", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [layout.TINY_FOLDERS["tiny-clip"]]

@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 from ml_images import grey, noise, skin_ellipse
 
-from farm.ml.presets import resolve_model
+from farm.ml.builds import build_and_resolve
 from farm.ml.scoring import AestheticScorer, Scorer, load_scorer
 from farm.ml.validation import ClipAlignment
 
 
 @pytest.fixture(scope="module")
 def clip(models_dir: Path) -> ClipAlignment:
-    return ClipAlignment.load(resolve_model("tiny-clip", kind="validator", models_dir=models_dir))
+    return ClipAlignment.load(build_and_resolve("tiny-clip", kind="validator", models_dir=models_dir))
 
 
 @pytest.fixture(scope="module")
 def aesthetic(models_dir: Path) -> AestheticScorer:
-    return AestheticScorer.load(resolve_model("tiny-aesthetic", kind="scorer", models_dir=models_dir))
+    return AestheticScorer.load(build_and_resolve("tiny-aesthetic", kind="scorer", models_dir=models_dir))
 
 
 def test_alignment_is_cosine_and_depends_on_prompt(clip: ClipAlignment) -> None:
@@ -51,13 +51,13 @@ def test_aesthetic_scores_differ_and_are_deterministic(aesthetic: AestheticScore
     first = aesthetic.score(images, "ignored")
     assert len(set(round(s, 6) for s in first)) == 4
     assert aesthetic.score(images, "another prompt") == first
-    reloaded = load_scorer(resolve_model("tiny-aesthetic", kind="scorer", models_dir=models_dir))
+    reloaded = load_scorer(build_and_resolve("tiny-aesthetic", kind="scorer", models_dir=models_dir))
     assert isinstance(reloaded, Scorer) and isinstance(reloaded, AestheticScorer)
     assert reloaded.score(images, "") == pytest.approx(first, abs=1e-6)
 
 
 def test_load_scorer_rejects_unknown_folder(models_dir: Path) -> None:
-    clip_folder = resolve_model("tiny-clip", kind="validator", models_dir=models_dir)
-    as_scorer = resolve_model(clip_folder.path_or_id, kind="scorer", models_dir=models_dir)
+    clip_folder = build_and_resolve("tiny-clip", kind="validator", models_dir=models_dir)
+    as_scorer = build_and_resolve(clip_folder.path_or_id, kind="scorer", models_dir=models_dir)
     with pytest.raises(ValueError, match="no scorer implementation"):
         load_scorer(as_scorer)

@@ -25,9 +25,8 @@ from sqlalchemy import select, update
 
 from farm import dispatch, records
 from farm.config import CONTROL_QUEUE, Settings
-from farm.db import CANDIDATE_SETTLED, Batch, Candidate, Item, session_scope, utcnow
-
-RESUMABLE = ("queued", "running")
+from farm.db import Batch, Candidate, Item, session_scope, utcnow
+from farm.states import BATCH_OPEN, CANDIDATE_SETTLED, BatchStatus, CandidateStatus, ItemStatus
 
 
 class ActionRefused(ValueError):
@@ -54,19 +53,20 @@ def retry_failed(batch_id: str, *, settings: Settings) -> int:
         batch = s.get(Batch, batch_id)
         if batch is None:
             raise NoSuchBatch(batch_id)
-        if batch.status != "done":
+        if batch.status != BatchStatus.DONE:
             raise ActionRefused(f"batch {batch_id} is {batch.status}; only a done batch has failed "
                                 "candidates to retry (resume a queued or running one instead)")
         failed = s.scalars(
-            select(Candidate).where(Candidate.batch_id == batch_id, Candidate.status == "failed")
+            select(Candidate)
+            .where(Candidate.batch_id == batch_id, Candidate.status == CandidateStatus.FAILED)
             .order_by(Candidate.item_id, Candidate.index)
         ).all()
         if not failed:
             return 0
         # Guarded flip: of two concurrent retries, only one finds the batch still done.
         if not s.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.status == "done")
-            .values(status="running", finished_at=None)
+            update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.DONE)
+            .values(status=BatchStatus.RUNNING, finished_at=None)
         ).rowcount:
             raise ActionRefused(f"batch {batch_id} changed while retrying; reload and try again")
         by_item: dict[str, list[str]] = {}
@@ -76,15 +76,16 @@ def retry_failed(batch_id: str, *, settings: Settings) -> int:
         items = s.scalars(select(Item).where(Item.id.in_(list(by_item)))).all()
         reopened = 0
         for it in items:
-            if it.status == "done":
+            if it.status == ItemStatus.DONE:
                 reopened += 1
             # The reaper's re-sends start over too: a retried item gets its full share of stall recovery.
-            it.status, it.finished_at, it.winners, it.resends = "running", None, [], 0
+            it.status, it.finished_at, it.winners, it.resends = ItemStatus.RUNNING, None, [], 0
         # The rank stage ranks the candidates at 'scored': put the item's survivors back there so the retried
         # ones compete with them, not only with each other.
         s.execute(
-            update(Candidate).where(Candidate.item_id.in_(list(by_item)), Candidate.status == "passed")
-            .values(status="scored")
+            update(Candidate)
+            .where(Candidate.item_id.in_(list(by_item)), Candidate.status == CandidateStatus.PASSED)
+            .values(status=CandidateStatus.SCORED)
         )
         s.execute(update(Batch).where(Batch.id == batch_id).values(items_done=Batch.items_done - reopened))
         priority = dispatch.celery_priority(batch.priority)
@@ -96,7 +97,7 @@ def retry_failed(batch_id: str, *, settings: Settings) -> int:
 
 def _reset(c: Candidate) -> None:
     """Back to how dispatch wrote it, keeping its identity, seed and the total number of attempts."""
-    c.status, c.stage, c.error = "pending", None, None
+    c.status, c.stage, c.error = CandidateStatus.PENDING, None, None
     c.stage_attempts = {}
     c.image_path = c.pdq_hash = c.verdict = None
     c.reasons, c.moderation, c.attributes, c.timings = [], [], {}, {}
@@ -116,12 +117,14 @@ def resume(batch_id: str, *, settings: Settings) -> int:
         batch = s.get(Batch, batch_id)
         if batch is None:
             raise NoSuchBatch(batch_id)
-        if batch.status not in RESUMABLE:
+        if batch.status not in BATCH_OPEN:
             raise ActionRefused(f"batch {batch_id} is {batch.status}; only a queued or running batch can be "
                                 "resumed")
         priority = dispatch.celery_priority(batch.priority)
         running = s.scalars(
-            select(Item.id).where(Item.batch_id == batch_id, Item.status == "running").order_by(Item.index)
+            select(Item.id)
+            .where(Item.batch_id == batch_id, Item.status == ItemStatus.RUNNING)
+            .order_by(Item.index)
         ).all()
         unsettled = s.scalars(
             select(Candidate).where(Candidate.batch_id == batch_id, Candidate.item_id.in_(running),
@@ -138,7 +141,7 @@ def resume(batch_id: str, *, settings: Settings) -> int:
             c.updated_at = now  # the reaper sees fresh activity and does not re-send the same work as well
         by_item = {iid: ids for iid, ids in by_item.items() if ids or iid not in held}
         has_pending = s.scalar(
-            select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending").limit(1)
+            select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.PENDING).limit(1)
         ) is not None
     sent = 0
     for iid, ids in by_item.items():

@@ -210,6 +210,7 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
     from farm.config import load_settings
     from farm.db import Batch, Candidate, Worker, session_scope
     from farm.stack import Stack
+    from farm.states import BATCH_CLOSED
 
     settings = load_settings(env)
     stack = Stack(settings, env=env)
@@ -225,7 +226,7 @@ def run_farm(name: str, workload: Workload, env: dict[str, str]) -> RunResult:
         while True:
             with session_scope(settings.database_url) as s:
                 batch = s.get(Batch, done.batch_id)
-            if batch.status in ("done", "cancelled", "failed"):
+            if batch.status in BATCH_CLOSED:
                 break
             stack.check_alive()
             time.sleep(0.2)
@@ -532,6 +533,7 @@ def scale(sizes: tuple[int, ...] = (100, 10_000, 10_000)) -> dict[str, Any]:
     from farm.config import load_settings
     from farm.db import Item, session_scope
     from farm.stack import Stack
+    from farm.states import ItemStatus
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -569,7 +571,7 @@ def scale(sizes: tuple[int, ...] = (100, 10_000, 10_000)) -> dict[str, Any]:
                         sent = s.scalar(
                             select(func.count())
                             .select_from(Item)
-                            .where(Item.batch_id == batch_id, Item.status != "pending")
+                            .where(Item.batch_id == batch_id, Item.status != ItemStatus.PENDING)
                         )
                     return sent >= n
 

@@ -29,9 +29,18 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from farm.config import Settings, load_settings
-from farm.db import BATCH_STOPPED, CANDIDATE_FINAL, Batch, Candidate, Item, session_scope, utcnow
+from farm.db import Batch, Candidate, Item, session_scope, utcnow
 from farm.procs import children, cmdline, descendants, leftovers
 from farm.stack import Proc, Stack
+from farm.states import (
+    BATCH_CLOSED,
+    BATCH_OPEN,
+    BATCH_STOPPED,
+    CANDIDATE_FINAL,
+    BatchStatus,
+    CandidateStatus,
+    ItemStatus,
+)
 
 #: Settings of the soak's own farm: the timeouts short enough that recovery happens within its settling time.
 CHAOS_ENV = {
@@ -46,7 +55,6 @@ CHAOS_ENV = {
 }
 #: The device whose slices are checked by a QC worker beside it.
 QC_DEVICE = "cuda0"
-CLOSED = ("done", "cancelled", "failed")
 #: How many of each kind a deck of faults holds: process faults are the common case, whole-stack restarts
 #: the rare one. Faults are dealt from shuffled decks, so even a short soak meets every kind.
 DECK = {
@@ -232,7 +240,7 @@ class Chaos:
 
     def _open_batches(self) -> list[str]:
         with session_scope(self.settings.database_url, read_only=True) as s:
-            return list(s.scalars(select(Batch.id).where(Batch.status.in_(("queued", "running")))))
+            return list(s.scalars(select(Batch.id).where(Batch.status.in_(BATCH_OPEN))))
 
     def _batches_with_failed(self) -> list[str]:
         with session_scope(self.settings.database_url, read_only=True) as s:
@@ -240,7 +248,7 @@ class Chaos:
                 s.scalars(
                     select(Batch.id)
                     .join(Candidate, Candidate.batch_id == Batch.id)
-                    .where(Batch.status == "done", Candidate.status == "failed")
+                    .where(Batch.status == BatchStatus.DONE, Candidate.status == CandidateStatus.FAILED)
                     .distinct()
                 )
             )
@@ -407,7 +415,7 @@ class Chaos:
 
     def _unclosed(self) -> list[str]:
         with session_scope(self.settings.database_url, read_only=True) as s:
-            return list(s.scalars(select(Batch.id).where(Batch.status.not_in(CLOSED))))
+            return list(s.scalars(select(Batch.id).where(Batch.status.not_in(BATCH_CLOSED))))
 
     # -- the audit
     def audit(self) -> Audit:
@@ -418,7 +426,7 @@ class Chaos:
             batches = s.scalars(select(Batch)).all()
             a.batches = len(batches)
             for batch in batches:
-                if batch.status not in CLOSED:
+                if batch.status not in BATCH_CLOSED:
                     a.stuck.append(batch.id)
                 rows = s.scalars(select(Candidate).where(Candidate.batch_id == batch.id)).all()
                 a.candidates += len(rows)
@@ -436,9 +444,9 @@ class Chaos:
                     a.orphan_files += [p.name for p in folder.glob(".*.tmp")]
                 items = s.scalars(select(Item).where(Item.batch_id == batch.id)).all()
                 for item in items:
-                    stopped = item.status == "cancelled" and batch.status in BATCH_STOPPED
-                    closed = item.status == "done" or stopped
-                    passed = [c for c in rows if c.item_id == item.id and c.status == "passed"]
+                    stopped = item.status == ItemStatus.CANCELLED and batch.status in BATCH_STOPPED
+                    closed = item.status == ItemStatus.DONE or stopped
+                    passed = [c for c in rows if c.item_id == item.id and c.status == CandidateStatus.PASSED]
                     if not closed or any(c.rank is None for c in passed):
                         a.unranked.append(item.id)
         a.processes_left = leftovers(self.home)

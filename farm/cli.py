@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from farm.config import CONTROL_QUEUE, ConfigError, Settings, load_settings
+from farm.states import BATCH_CLOSED, BatchStatus, CandidateStatus
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "batches" / "example.yaml"
 
@@ -219,7 +220,7 @@ def submit(manifest: Path, dry_run: bool, wait: bool) -> None:
     if wait:
         status = wait_for(settings, done.batch_id)
         print_ranked(settings, done.batch_id)
-        if status != "done":
+        if status != BatchStatus.DONE:
             sys.exit(1)
 
 
@@ -240,7 +241,7 @@ def wait_for(settings: Settings, batch_id: str, *, poll: float = 0.5, check: Any
             bar.length = max(prog["total"], 1)
             bar.update(prog["done"] - shown)
             shown = prog["done"]
-            if status in ("done", "cancelled", "failed"):
+            if status in BATCH_CLOSED:
                 return status
             if check is not None:
                 check()
@@ -440,7 +441,8 @@ def print_ranked(settings: Settings, batch_id: str) -> None:
     p = data["progress"]
     click.echo(
         f"\nbatch {data['name']} ({data['id']}): {data['status']}, {p['done']}/{p['total']} candidates "
-        f"({p.get('passed', 0)} passed, {p.get('rejected', 0)} rejected, {p.get('failed', 0)} failed)"
+        f"({p.get(CandidateStatus.PASSED, 0)} passed, {p.get(CandidateStatus.REJECTED, 0)} rejected, "
+        f"{p.get(CandidateStatus.FAILED, 0)} failed)"
     )
     header = (
         f"{'#':>3}  {'prompt':<42} {'winner':<10} {'score':>8} {'pref':>8} {'align':>7}  rejected / failed"
@@ -454,10 +456,10 @@ def print_ranked(settings: Settings, batch_id: str) -> None:
         why = Counter(
             r.split(":", 1)[0]
             for c in it["candidates"]
-            if c["status"] == "rejected"
+            if c["status"] == CandidateStatus.REJECTED
             for r in c["reasons"][:1]
         )
-        failed = sum(1 for c in it["candidates"] if c["status"] == "failed")
+        failed = sum(1 for c in it["candidates"] if c["status"] == CandidateStatus.FAILED)
         fell = ", ".join(f"{n} {layer}" for layer, n in why.items()) or "-"
         if failed:
             fell += f" / {failed} failed"
@@ -501,7 +503,7 @@ def demo(manifest: Path) -> None:
         )
         status = wait_for(settings, done.batch_id, check=stack.check_alive)
         print_ranked(settings, done.batch_id)
-    if status != "done":
+    if status != BatchStatus.DONE:
         raise click.ClickException(f"the batch ended {status}")
 
 

@@ -33,16 +33,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-# Candidate life: pending -> generated -> moderated -> validated -> scored -> passed (after rank).
-# Final statuses: passed, rejected, failed, cancelled.
-CANDIDATE_FINAL = ("passed", "rejected", "failed", "cancelled")
-#: Statuses at which no stage works on a candidate any more: final, or scored and waiting for its item's rank.
-CANDIDATE_SETTLED = (*CANDIDATE_FINAL, "scored")
-CANDIDATE_STAGES = ("generate", "moderate", "validate", "score")
+from farm.states import BatchStatus, CandidateStatus, ItemStatus
 
-# Batch life: queued -> running -> done; cancel makes it "cancelling" until its last item closes, then
-# "cancelled". Both mean: start nothing new for it.
-BATCH_STOPPED = ("cancelling", "cancelled")
+# Statuses, their sets and transitions: farm.states.
+CANDIDATE_STAGES = ("generate", "moderate", "validate", "score")
 
 # Errors after which the same transaction may well succeed: a dropped connection, a restarted server, a lock
 # wait that ran out. Tasks retry on these (with backoff) instead of failing the candidate.
@@ -62,7 +56,7 @@ class Batch(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(80))
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.QUEUED, index=True)
     model: Mapped[str] = mapped_column(String(500))
     priority: Mapped[int] = mapped_column(Integer, default=5)
     tags: Mapped[list] = mapped_column(JSON, default=list)
@@ -88,7 +82,7 @@ class Item(Base):
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(500), default="")
     params: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING, index=True)
     candidates_total: Mapped[int] = mapped_column(Integer)
     rounds: Mapped[int] = mapped_column(Integer, default=0)
     resends: Mapped[int] = mapped_column(Integer, default=0)
@@ -114,7 +108,7 @@ class Candidate(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     device: Mapped[str | None] = mapped_column(String(64), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=CandidateStatus.PENDING, index=True)
     stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     stage_attempts: Mapped[dict] = mapped_column(JSON, default=dict)

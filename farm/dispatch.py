@@ -31,11 +31,10 @@ from farm.celery_app import app_for
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ItemPlan, Manifest, plan_manifest, summary
+from farm.states import BATCH_OPEN, BatchStatus, CandidateStatus, ItemStatus
 
 #: A slice's task: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
 SLICE_TASK = "farm.slice"
-#: Batch statuses whose unsent items dispatch sends (not cancelling, cancelled or closed).
-DISPATCHABLE = ("queued", "running")
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def create_batch(
             Batch(
                 id=batch_id,
                 name=manifest.name,
-                status="queued",
+                status=BatchStatus.QUEUED,
                 model=manifest.model,
                 priority=manifest.priority,
                 tags=list(manifest.tags) if not isinstance(manifest.tags, dict) else manifest.tags,
@@ -134,7 +133,7 @@ def create_batch(
                         "required_attributes": list(it.required_attributes),
                         "seed": it.explicit_seed,
                     },
-                    "status": "pending",
+                    "status": ItemStatus.PENDING,
                     "candidates_total": it.candidates,
                     "rounds": 0,
                     "winners": [],
@@ -155,7 +154,7 @@ def candidate_row(batch_id: str, iid: str, index: int, seed: int, *, round_: int
         "index": index,
         "round": round_,
         "seed": seed,
-        "status": "pending",
+        "status": CandidateStatus.PENDING,
         "attempts": 0,
         "stage_attempts": {},
         "reasons": [],
@@ -244,14 +243,14 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
     """
     with session_scope(settings.database_url) as s:
         batch = s.get(Batch, batch_id)
-        if batch is None or batch.status not in DISPATCHABLE:
+        if batch is None or batch.status not in BATCH_OPEN:
             return 0
         priority = celery_priority(batch.priority)
         model, batch_settings = batch.model, batch.settings
         pending = (
             s.execute(
                 select(Item.id)
-                .where(Item.batch_id == batch_id, Item.status == "pending")
+                .where(Item.batch_id == batch_id, Item.status == ItemStatus.PENDING)
                 .order_by(Item.index)
             )
             .scalars()
@@ -261,23 +260,23 @@ def dispatch_batch(batch_id: str, *, settings: Settings) -> int:
     queue = placement.route(settings.database_url, model, batch_settings) if pending else SLICES_QUEUE
     # Each flip is also guarded by the batch's status, so a cancel committed mid-loop stops the rest: the
     # items left pending are closed by the ranks the cancel sent for them.
-    open_batch = select(Batch.id).where(Batch.id == batch_id, Batch.status.in_(DISPATCHABLE)).exists()
+    open_batch = select(Batch.id).where(Batch.id == batch_id, Batch.status.in_(BATCH_OPEN)).exists()
     sent = 0
     for iid in pending:
         with session_scope(settings.database_url) as s:
             flipped = s.execute(
                 update(Item)
-                .where(Item.id == iid, Item.status == "pending", open_batch)
-                .values(status="running")
+                .where(Item.id == iid, Item.status == ItemStatus.PENDING, open_batch)
+                .values(status=ItemStatus.RUNNING)
             ).rowcount
             if not flipped:
-                if s.scalar(select(Batch.status).where(Batch.id == batch_id)) not in DISPATCHABLE:
+                if s.scalar(select(Batch.status).where(Batch.id == batch_id)) not in BATCH_OPEN:
                     break
                 continue
             ids = (
                 s.execute(
                     select(Candidate.id)
-                    .where(Candidate.item_id == iid, Candidate.status == "pending")
+                    .where(Candidate.item_id == iid, Candidate.status == CandidateStatus.PENDING)
                     .order_by(Candidate.index)
                 )
                 .scalars()
@@ -341,12 +340,12 @@ def cancel(batch_id: str, *, settings: Settings) -> bool:
     with session_scope(settings.database_url) as s:
         changed = s.execute(
             update(Batch)
-            .where(Batch.id == batch_id, Batch.status.in_(("queued", "running")))
-            .values(status="cancelling")
+            .where(Batch.id == batch_id, Batch.status.in_(BATCH_OPEN))
+            .values(status=BatchStatus.CANCELLING)
         ).rowcount
         if changed:
             items_unsent = (
-                s.execute(select(Item.id).where(Item.batch_id == batch_id, Item.status == "pending"))
+                s.execute(select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.PENDING))
                 .scalars()
                 .all()
             )

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from farm.config import SLICES_QUEUE
 from farm.db import Batch, Worker, session_scope, utcnow
+from farm.states import BATCH_LIVE
 
 MODEL_QUEUE_PREFIX = f"{SLICES_QUEUE}.m."
 #: Seconds between two looks of a device worker's main process at its queues (model queues to follow,
@@ -39,8 +40,6 @@ BEAT_S = 5.0
 FRESH_S = 30.0
 #: Seconds a worker keeps consuming a stolen model queue before it holds that model (then it keeps it).
 STEAL_HOLD_S = 10.0
-#: Batch statuses whose slices may still wait in a queue.
-ACTIVE_BATCH = ("queued", "running", "cancelling")
 
 
 def generator_key(ref: str, *, dtype: str = "fp32", memory: dict | None = None) -> str:
@@ -133,7 +132,7 @@ class ActiveModelQueues:
 
     def __call__(self) -> set[str]:
         with session_scope(self.database_url, read_only=True) as s:
-            ids = s.scalars(select(Batch.id).where(Batch.status.in_(ACTIVE_BATCH))).all()
+            ids = s.scalars(select(Batch.id).where(Batch.status.in_(BATCH_LIVE))).all()
             new = [i for i in ids if i not in self._by_batch]
             if new:
                 for bid, model, cfg in s.execute(

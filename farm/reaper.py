@@ -37,7 +37,8 @@ from sqlalchemy import and_, func, or_, select
 
 from farm import logs
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
-from farm.db import BATCH_STOPPED, CANDIDATE_SETTLED, Batch, Candidate, Item, session_scope, utcnow
+from farm.db import Batch, Candidate, Item, session_scope, utcnow
+from farm.states import BATCH_STOPPED, CANDIDATE_SETTLED, BatchStatus, CandidateStatus, ItemStatus
 
 log = logging.getLogger(__name__)
 
@@ -147,25 +148,25 @@ def reap(
         report.skipped_busy = True
         return report
     cutoff = now - timedelta(seconds=settings.stall_seconds)
-    unsent = select(Item.id).where(Item.batch_id == Batch.id, Item.status == "pending").exists()
+    unsent = select(Item.id).where(Item.batch_id == Batch.id, Item.status == ItemStatus.PENDING).exists()
     with session_scope(settings.database_url) as s:
         # Never dispatched, or dispatched part way (the task failed between two items): items still 'pending'.
         lost_dispatch = s.scalars(
             select(Batch.id).where(
                 Batch.created_at < cutoff,
-                or_(Batch.status == "queued", and_(Batch.status == "running", unsent)),
+                or_(Batch.status == BatchStatus.QUEUED, and_(Batch.status == BatchStatus.RUNNING, unsent)),
             )
         ).all()
         # Cancelled, but a rank that closes an unsent item was lost (cancel sends one per such item).
         lost_cancel = s.scalars(
             select(Item.id)
             .join(Batch, Batch.id == Item.batch_id)
-            .where(Batch.status == "cancelling", Item.status == "pending")
+            .where(Batch.status == BatchStatus.CANCELLING, Item.status == ItemStatus.PENDING)
         ).all()
         running = s.execute(
             select(Item.id, Item.batch_id, Item.resends, Batch.status, Batch.priority)
             .join(Batch, Batch.id == Item.batch_id)
-            .where(Item.status == "running")
+            .where(Item.status == ItemStatus.RUNNING)
         ).all()
     for batch_id in lost_dispatch:
         app.signature("farm.dispatch_batch", args=(batch_id,), queue=CONTROL_QUEUE).apply_async()
@@ -190,8 +191,9 @@ def reap(
                 ids = [c.id for c in unsettled]
                 action = "resend"
             else:
+                stopped = batch_status in BATCH_STOPPED
                 for c in unsettled:
-                    c.status = "cancelled" if batch_status in BATCH_STOPPED else "failed"
+                    c.status = CandidateStatus.CANCELLED if stopped else CandidateStatus.FAILED
                     c.error = c.error or (
                         f"lost: no progress for {settings.stall_seconds}s after {resends} re-sends "
                         f"(FARM_MAX_RESENDS={settings.max_resends})"

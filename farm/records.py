@@ -20,16 +20,18 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Row, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from farm.db import (
+from farm.db import READ_ONLY, Batch, Candidate, Item, get_engine, utcnow
+from farm.states import (
     BATCH_STOPPED,
+    CANDIDATE_ABANDONED,
     CANDIDATE_FINAL,
     CANDIDATE_SETTLED,
-    READ_ONLY,
-    Batch,
-    Candidate,
-    Item,
-    get_engine,
-    utcnow,
+    ITEM_CLOSED,
+    STAGE_INPUT,
+    STAGE_OUTPUT,
+    BatchStatus,
+    CandidateStatus,
+    ItemStatus,
 )
 
 T = TypeVar("T")
@@ -37,9 +39,6 @@ T = TypeVar("T")
 #: A write that rides in a stage's transaction (the worker's heartbeat).
 Also = Callable[[Connection], object]
 
-# The status a candidate must have for each stage to work on it.
-STAGE_INPUT = {"generate": "pending", "moderate": "generated", "validate": "moderated", "score": "validated"}
-STAGE_OUTPUT = {"generate": "generated", "moderate": "moderated", "validate": "validated", "score": "scored"}
 #: The stage a candidate at each status goes through next.
 NEXT_STAGE = {status: stage for stage, status in STAGE_INPUT.items()}
 
@@ -198,7 +197,7 @@ def _begin(
         conn.execute(
             update(_C)
             .where(_C.c.id.in_(candidate_ids), _C.c.status.not_in(CANDIDATE_FINAL))
-            .values(status="cancelled", lease_expires_at=None)
+            .values(status=CandidateStatus.CANCELLED, lease_expires_at=None)
         )
         start.cancelled = True
         return start
@@ -206,7 +205,10 @@ def _begin(
         conn.execute(
             update(_B)
             .where(_B.c.id == batch.id, _B.c.started_at.is_(None))
-            .values(started_at=utcnow(), status=case((_B.c.status == "queued", "running"), else_=_B.c.status))
+            .values(
+                started_at=utcnow(),
+                status=case((_B.c.status == BatchStatus.QUEUED, BatchStatus.RUNNING), else_=_B.c.status),
+            )
         )
     now = utcnow()
     due = [rows[cid] for cid in candidate_ids if NEXT_STAGE.get(rows[cid].status) in stages]
@@ -230,7 +232,7 @@ def _begin(
         }
         if counts[stage] > max_attempts:
             row.update(
-                status="failed",
+                status=CandidateStatus.FAILED,
                 stage=stage,
                 error=f"{stage} was started {counts[stage] - 1} times without finishing (its worker died, or "
                 f"its image was lost, each time); gave up after FARM_MAX_ATTEMPTS={max_attempts}",
@@ -491,7 +493,7 @@ def add_near_duplicate_flags(conn: Connection, twins: dict[str, list[str]], limi
 
 def failure(stage: str, error: BaseException | str) -> dict[str, Any]:
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"status": "failed", "stage": stage, "error": f"{stage}: {text}"[:4000]}
+    return {"status": CandidateStatus.FAILED, "stage": stage, "error": f"{stage}: {text}"[:4000]}
 
 
 def image_failure(stage: str, error: str) -> dict[str, Any]:
@@ -526,7 +528,6 @@ class Raced(Enum):
 
 
 RACED = Raced.RACED
-_CLOSED_ITEM = ("done", "cancelled")
 
 
 def _lock_batch_then_read_item(
@@ -591,7 +592,7 @@ def finish_item(
         (batch_id, batch_status), item = _lock_batch_then_read_item(
             conn, item_id, [_B.c.id, _B.c.status], [_I.c.rounds, _I.c.status]
         )
-        if item.rounds != rounds or item.status in _CLOSED_ITEM:
+        if item.rounds != rounds or item.status in ITEM_CLOSED:
             return RACED
         stopped = batch_status in BATCH_STOPPED
         rows, closed_with_images = [], []
@@ -599,11 +600,12 @@ def finish_item(
             select(_C.c.id, _C.c.status, _C.c.error, _C.c.score, _C.c.image_path)
             .where(_C.c.item_id == item_id)
         ):
-            status, error = ("passed" if c.status == "scored" else c.status), c.error
+            passed = c.status == CandidateStatus.SCORED
+            status, error = (CandidateStatus.PASSED if passed else c.status), c.error
             if status not in CANDIDATE_FINAL:
-                status = "cancelled" if stopped else "failed"
+                status = CandidateStatus.CANCELLED if stopped else CandidateStatus.FAILED
                 error = error or "the item was ranked before this candidate finished"
-            if status in ("cancelled", "failed") and c.image_path:
+            if status in CANDIDATE_ABANDONED and c.image_path:
                 closed_with_images.append((c.id, c.image_path))
             rows.append(
                 {
@@ -621,8 +623,12 @@ def finish_item(
             during()
         flipped = conn.execute(
             update(_I)
-            .where(_I.c.id == item_id, _I.c.status.not_in(_CLOSED_ITEM), _I.c.rounds == rounds)
-            .values(status="cancelled" if stopped else "done", winners=winners, finished_at=utcnow())
+            .where(_I.c.id == item_id, _I.c.status.not_in(ITEM_CLOSED), _I.c.rounds == rounds)
+            .values(
+                status=ItemStatus.CANCELLED if stopped else ItemStatus.DONE,
+                winners=winners,
+                finished_at=utcnow(),
+            )
         ).rowcount
         closed = False
         if flipped:
@@ -632,7 +638,9 @@ def finish_item(
                 conn.execute(
                     update(_B)
                     .where(_B.c.id == batch_id)
-                    .values(status="cancelled" if stopped else "done", finished_at=utcnow())
+                    .values(
+                        status=BatchStatus.CANCELLED if stopped else BatchStatus.DONE, finished_at=utcnow()
+                    )
                 )
                 closed = True
         return Ranked(item_id, winners, ranking, closed, closed_with_images, batch_id)
@@ -657,7 +665,7 @@ def forget_missing_images(url: str, images: list[tuple[str, str]], present: set[
                 .where(
                     _C.c.id == bindparam("b_id"),
                     _C.c.image_path == bindparam("b_path"),
-                    _C.c.status.in_(("cancelled", "failed")),
+                    _C.c.status.in_(CANDIDATE_ABANDONED),
                 )
                 .values(image_path=None),
                 [{"b_id": cid, "b_path": path} for cid, path in gone],
@@ -692,7 +700,7 @@ def add_topup_round(url: str, item_id: str, *, passed: int, rounds: int) -> TopU
             [_B.c.id, _B.c.status, _B.c.settings, _B.c.priority],
             [_I.c.rounds, _I.c.status, _I.c.params, _I.c.index],
         )
-        if item.rounds != rounds or item.status in _CLOSED_ITEM:
+        if item.rounds != rounds or item.status in ITEM_CLOSED:
             return RACED
         selection = batch.settings["selection"]
         shortfall = selection["min_accepted"] - passed
@@ -706,7 +714,7 @@ def add_topup_round(url: str, item_id: str, *, passed: int, rounds: int) -> TopU
         round_ = rounds + 1
         moved = conn.execute(
             update(_I)
-            .where(_I.c.id == item_id, _I.c.rounds == rounds, _I.c.status.not_in(_CLOSED_ITEM))
+            .where(_I.c.id == item_id, _I.c.rounds == rounds, _I.c.status.not_in(ITEM_CLOSED))
             .values(rounds=round_, candidates_total=_I.c.candidates_total + count)
         ).rowcount
         if not moved:  # cannot happen while the batch lock is held; kept so a stale view never adds a round
@@ -769,13 +777,13 @@ def rank_view(url: str, item_id: str) -> RankView:
         ).all()
     waiting = sum(1 for r in rows if r.status not in CANDIDATE_SETTLED)
     return RankView(
-        closed=item.status in _CLOSED_ITEM,
+        closed=item.status in ITEM_CLOSED,
         waiting=waiting,
         batch_status=batch.status,
         settings=batch.settings,
         prompt=item.prompt,
         rounds=item.rounds,
-        scored=[r for r in rows if r.status == "scored"],
+        scored=[r for r in rows if r.status == CandidateStatus.SCORED],
     )
 
 

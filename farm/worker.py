@@ -44,10 +44,10 @@ from farm.placement import (
     generator_queues,
     is_model_queue,
 )
+from farm.states import CANDIDATE_IN_FLIGHT, CandidateStatus
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = ("generated", "moderated", "validated")
 #: How often a device worker looks for handed-off images nobody will read (``sweep_handoff``).
 HANDOFF_SWEEP_S = 300.0
 #: Seconds between a drain's reports of what it still waits for.
@@ -73,7 +73,7 @@ def in_flight(database_url: str, queue: str) -> int:
         return s.scalar(
             select(func.count())
             .select_from(Candidate)
-            .where(Candidate.device == queue, Candidate.status.in_(IN_FLIGHT))
+            .where(Candidate.device == queue, Candidate.status.in_(CANDIDATE_IN_FLIGHT))
         )
 
 
@@ -456,7 +456,9 @@ def sweep_handoff(settings: Settings) -> list[str]:
         with session_scope(settings.database_url, read_only=True) as s:
             waiting.update(
                 s.scalars(
-                    select(Candidate.id).where(Candidate.id.in_(chunk), Candidate.status == "generated")
+                    select(Candidate.id).where(
+                        Candidate.id.in_(chunk), Candidate.status == CandidateStatus.GENERATED
+                    )
                 )
             )
     # Listed again: a file rewritten meanwhile (the candidate generated again) is young now, and stays.

@@ -16,6 +16,7 @@ from farm.config import Settings
 from farm.db import Batch, session_scope
 from farm.manifest import ManifestError, json_schema
 from farm.records import batch_dict
+from farm.states import BATCH_OPEN
 from web import actions, readers, security
 from web.export import winners_zip
 from web.openapi import openapi_document
@@ -89,7 +90,7 @@ def cancel_batch(batch_id: str) -> tuple[Response, int]:
     settings = _settings()
     with session_scope(settings.database_url) as s:
         status = _get_batch(s, batch_id).status
-    if status not in readers.ACTIVE_BATCH:
+    if status not in BATCH_OPEN:
         return _errors(409, [{"path": None, "message": f"batch {batch_id} is {status}; only a queued or "
                                                          "running batch can be cancelled"}])
     try:

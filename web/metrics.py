@@ -29,9 +29,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, Worker, session_scope, utcnow
+from farm.db import Batch, Candidate, Worker, session_scope, utcnow
 from farm.gpu_pinning.pinning import QC_PREFIX
 from farm.placement import active_model_queues
+from farm.states import CANDIDATE_FINAL, BatchStatus, CandidateStatus
 
 STAGE_WINDOW = 5000
 QUANTILES = (0.5, 0.9, 0.99)
@@ -94,11 +95,11 @@ class FarmCollector(Collector):
             ) or 0
 
         g = GaugeMetricFamily("farm_candidates", "Candidates by status.", labels=["status"])
-        for status in sorted({*cand_counts, "pending", *CANDIDATE_FINAL}):
+        for status in sorted({*cand_counts, CandidateStatus.PENDING, *CANDIDATE_FINAL}):
             g.add_metric([status], cand_counts.get(status, 0))
         yield g
         g = GaugeMetricFamily("farm_batches", "Batches by status.", labels=["status"])
-        for status in sorted({*batch_counts, "queued", "running", "done", "cancelling", "cancelled"}):
+        for status in sorted({*batch_counts, *BatchStatus}):
             g.add_metric([status], batch_counts.get(status, 0))
         yield g
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from farm.assets import MAX_UPLOADED_FILES
+from farm.states import BatchStatus, CandidateStatus, ItemStatus
 
 ERRORS_REF = {"$ref": "#/components/responses/Errors"}
 ERRORS_SCHEMA = {"$ref": "#/components/schemas/Errors"}
@@ -245,9 +246,7 @@ def openapi_document() -> dict[str, Any]:
                              "description": "Candidates by status, plus done (final) and total."},
                 "Candidate": {"type": "object", "properties": {
                     "id": {"type": "string"}, "index": {"type": "integer"}, "seed": {"type": "integer"},
-                    "status": {"type": "string", "enum": ["pending", "generated", "moderated", "validated",
-                                                          "scored", "passed", "rejected", "failed",
-                                                          "cancelled"]},
+                    "status": {"type": "string", "enum": [s.value for s in CandidateStatus]},
                     "stage": {"type": ["string", "null"]}, "image_path": {"type": ["string", "null"]},
                     "verdict": {"type": ["string", "null"]}, "reasons": {"type": "array"},
                     "moderation": {"type": "array", "items": {"type": "object", "properties": {
@@ -259,14 +258,14 @@ def openapi_document() -> dict[str, Any]:
                     "error": {"type": ["string", "null"]}}},
                 "Item": {"type": "object", "properties": {
                     "id": {"type": "string"}, "index": {"type": "integer"}, "prompt": {"type": "string"},
-                    "source": {"type": "string"}, "status": {"type": "string"}, "params": {"type": "object"},
+                    "source": {"type": "string"}, "params": {"type": "object"},
+                    "status": {"type": "string", "enum": [s.value for s in ItemStatus]},
                     "winners": {"type": "array", "items": {"type": "string"}},
                     "candidates": {"type": "array", "items": {"$ref": "#/components/schemas/Candidate"}}}},
                 "Batch": {"type": "object", "required": ["id", "status"], "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"},
                     "status": {"type": "string",
-                               "enum": ["queued", "running", "done", "cancelling", "cancelled",
-                                        "failed"],
+                               "enum": [s.value for s in BatchStatus],
                                "description": "cancelling: cancelled, with slices in flight still stopping."},
                     "model": {"type": "string"}, "priority": {"type": "integer"}, "tags": {},
                     "items_total": {"type": "integer"}, "items_done": {"type": "integer"},

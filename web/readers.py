@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session
 from farm.db import Batch, Candidate, Item, Worker, utcnow
 from farm.ranking import Contender, composite
 from farm.records import batch_dict
+from farm.states import BATCH_OPEN, CANDIDATE_FINAL, CANDIDATE_IN_PROGRESS, CandidateStatus
 
-ACTIVE_BATCH = ("queued", "running")  # what cancel and resume act on
+#: The filter for every candidate not final yet; the others are the final statuses themselves.
+IN_PROGRESS_FILTER = "in_progress"
 # Candidate filters on the batch page: a final status, or "in progress" for everything not final yet.
-CANDIDATE_FILTERS = ("passed", "rejected", "failed", "cancelled", "in_progress")
-IN_PROGRESS = ("pending", "generated", "moderated", "validated", "scored")
+CANDIDATE_FILTERS = (*CANDIDATE_FINAL, IN_PROGRESS_FILTER)
 
 
 def rates(batch: Batch, done: int, total: int, *, now: datetime | None = None) -> dict[str, float | None]:
@@ -31,7 +32,7 @@ def rates(batch: Batch, done: int, total: int, *, now: datetime | None = None) -
     elapsed = max((end - batch.started_at).total_seconds(), 1e-3)
     throughput = done / elapsed
     left = max(total - done, 0)
-    eta = None if batch.status not in ACTIVE_BATCH else (left / throughput if left else 0.0)
+    eta = None if batch.status not in BATCH_OPEN else (left / throughput if left else 0.0)
     return {"throughput": round(throughput, 4), "eta_seconds": None if eta is None else round(eta, 1)}
 
 
@@ -120,13 +121,13 @@ def item_page(s: Session, batch_id: str, *, status: str | None, page: int, per_p
 def _status_clause(status: str | None) -> Any:
     if not status:
         return None
-    if status == "in_progress":
-        return Candidate.status.in_(IN_PROGRESS)
+    if status == IN_PROGRESS_FILTER:
+        return Candidate.status.in_(CANDIDATE_IN_PROGRESS)
     return Candidate.status == status
 
 
 def _matches(c: Candidate, status: str | None) -> bool:
-    return c.status in IN_PROGRESS if status == "in_progress" else c.status == status
+    return c.status in CANDIDATE_IN_PROGRESS if status == IN_PROGRESS_FILTER else c.status == status
 
 
 def winners(s: Session, batch_id: str) -> list[tuple[Item, Candidate]]:
@@ -159,7 +160,8 @@ def scores(s: Session, batch: Batch) -> ScoreSpread:
     rows = s.execute(
         select(Candidate.id, Candidate.index, Candidate.status, Candidate.score, Candidate.preference,
                Candidate.alignment)
-        .where(Candidate.batch_id == batch.id, Candidate.status.in_(("passed", "rejected")))
+        .where(Candidate.batch_id == batch.id,
+               Candidate.status.in_((CandidateStatus.PASSED, CandidateStatus.REJECTED)))
     ).all()
     out = ScoreSpread()
     for cid, index, status, score, preference, alignment in rows:
@@ -167,9 +169,9 @@ def scores(s: Session, batch: Batch) -> ScoreSpread:
             score = composite(Contender(cid, index, preference, alignment, None),
                               preference_weight=pw, alignment_weight=aw)
         if score is None:
-            out.unscored_rejected += status == "rejected"
+            out.unscored_rejected += status == CandidateStatus.REJECTED
             continue
-        (out.passed if status == "passed" else out.rejected).append(float(score))
+        (out.passed if status == CandidateStatus.PASSED else out.rejected).append(float(score))
     return out
 
 

@@ -27,6 +27,7 @@ from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ManifestError
 from farm.records import progress
+from farm.states import BATCH_OPEN
 from web import actions, pictures, readers, security
 from web.export import winners_zip
 
@@ -106,7 +107,7 @@ def batch(batch_id: str) -> str:
         return render_template(
             "batch.html", batch=b, summary=summary, page=page, status=status,
             filters=readers.CANDIDATE_FILTERS, rejected_by=readers.rejected_by,
-            active=b.status in readers.ACTIVE_BATCH,
+            active=b.status in BATCH_OPEN,
         )
 
 
@@ -115,7 +116,7 @@ def cancel(batch_id: str) -> Response:
     settings = _settings()
     with session_scope(settings.database_url) as s:
         status = _get_batch(s, batch_id).status
-    if status not in readers.ACTIVE_BATCH:
+    if status not in BATCH_OPEN:
         flash(f"The batch is {status}; only a queued or running batch can be cancelled.", "error")
     else:
         try:

@@ -9,6 +9,7 @@ from typing import Any
 from farm import records
 from farm.artifacts import image_name
 from farm.records import StagedCandidate, StageStart
+from farm.states import CandidateStatus, CandidateVerdict
 from farm.tasks.stage import Stage
 
 
@@ -24,8 +25,8 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     )
     if terms.verdict == "reject":
         record = {
-            "status": "rejected",
-            "verdict": "rejected",
+            "status": CandidateStatus.REJECTED,
+            "verdict": CandidateVerdict.REJECTED,
             "reasons": [f"{terms.layer}: {terms.reason}"],
             "moderation": [asdict(terms)],
         }

@@ -15,6 +15,7 @@ from sqlalchemy import Connection
 
 from farm import logs, records
 from farm.records import StagedCandidate, StageStart
+from farm.states import CandidateStatus, CandidateVerdict
 from farm.tasks.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,9 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
             verdicts.append(v)
     for c, verdicts, (h, quality) in zip(cands, layers, hashes, strict=True):
         final, reasons = mod.combine(verdicts)
+        passed = final == CandidateVerdict.PASSED
         out[c.id] = {
-            "status": "moderated" if final == "passed" else "rejected",
+            "status": CandidateStatus.MODERATED if passed else CandidateStatus.REJECTED,
             "verdict": final,
             "reasons": reasons,
             "moderation": [asdict(v) for v in verdicts],

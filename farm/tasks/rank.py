@@ -11,8 +11,9 @@ from celery import Task
 from farm import faults, logs, records
 from farm.celery_app import app
 from farm.config import Settings, load_settings
-from farm.db import BATCH_STOPPED, TRANSIENT_DB_ERRORS
+from farm.db import TRANSIENT_DB_ERRORS
 from farm.ranking import Contender, rank
+from farm.states import BATCH_STOPPED
 
 SETTLE_POLL_S = 5
 log = logging.getLogger(__name__)

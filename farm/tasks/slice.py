@@ -20,7 +20,7 @@ from celery import Task
 from farm import records
 from farm.celery_app import app
 from farm.dispatch import SLICE_TASK
-from farm.records import STAGE_INPUT
+from farm.states import STAGE_INPUT
 from farm.tasks.generate import GENERATE, settle_writes
 from farm.tasks.moderate import MODERATE
 from farm.tasks.score import SCORE

@@ -33,6 +33,7 @@ from sqlalchemy import Connection
 from farm import faults, logs, records
 from farm.db import TRANSIENT_DB_ERRORS
 from farm.records import StagedCandidate, StageStart
+from farm.states import STAGE_INPUT, STAGE_OUTPUT
 from farm.tasks.lease import Lease, keep_renewing
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,8 @@ def _status(c: StagedCandidate, held: list[_Worked]) -> str:
     status = c.status
     for h in held:
         update = h.updates.get(c.id)
-        if update is not None and status == records.STAGE_INPUT[h.stage.name]:
-            status = update.get("status", records.STAGE_OUTPUT[h.stage.name])
+        if update is not None and status == STAGE_INPUT[h.stage.name]:
+            status = update.get("status", STAGE_OUTPUT[h.stage.name])
     return status
 
 
@@ -184,7 +185,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
     # so the others finish and only the poison one runs into the attempt cap.
     groups = [[c] for c in start.todo] if redelivered else [start.todo] if start.todo else []
     names = [s.name for s in stages]
-    first = records.STAGE_INPUT[names[0]]
+    first = STAGE_INPUT[names[0]]
     sent_back: set[str] = set()
     idle = False
     n = 0
@@ -193,7 +194,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
         held: list[_Worked] = []
         rewound: set[str] = set()
         for k, stage in enumerate(stages):
-            cands = [c for c in group if _status(c, held) == records.STAGE_INPUT[stage.name]]
+            cands = [c for c in group if _status(c, held) == STAGE_INPUT[stage.name]]
             if cands:
                 cands = lease.keep(cands)
             for h in held:
@@ -253,7 +254,7 @@ def _commit(
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    keeps = frozenset(records.STAGE_INPUT[name] for name in names)
+    keeps = frozenset(STAGE_INPUT[name] for name in names)
     t0 = perf_counter()
     writes = []
     for w in held:
@@ -289,7 +290,8 @@ def _commit(
             )
     seconds = perf_counter() - t0
     for w, write in zip(held, writes, strict=True):
-        outcome = Counter(u.get("status", records.STAGE_OUTPUT[w.stage.name]) for u in write.updates.values())
+        # Plain strings: the text log line prints the dict, and a StrEnum key would print as its repr.
+        outcome = Counter(str(u.get("status", STAGE_OUTPUT[w.stage.name])) for u in write.updates.values())
         logs.event(
             log,
             f"{w.stage.name} done",

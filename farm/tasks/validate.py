@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from farm.records import StagedCandidate, StageStart
+from farm.states import CandidateStatus, CandidateVerdict
 from farm.tasks.moderate import load_images
 from farm.tasks.stage import Stage
 
@@ -37,7 +38,11 @@ def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
             "attributes": {**(c.attributes or {}), "required": margin},
         }
         if problems:
-            record.update(status="rejected", verdict="rejected", reasons=[*(c.reasons or []), *problems])
+            record.update(
+                status=CandidateStatus.REJECTED,
+                verdict=CandidateVerdict.REJECTED,
+                reasons=[*(c.reasons or []), *problems],
+            )
         out[c.id] = record
     return out
 

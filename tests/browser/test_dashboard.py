@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import func, select
 
 from farm import dispatch
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, session_scope
+from farm.db import Batch, Candidate, session_scope
+from farm.states import CANDIDATE_FINAL
 
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 

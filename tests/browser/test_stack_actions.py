@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
 from farm import dispatch
-from farm.db import CANDIDATE_FINAL, Batch, Candidate, Item, session_scope
+from farm.db import Batch, Candidate, Item, session_scope
+from farm.states import CANDIDATE_FINAL
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from farm import dispatch, records
-from farm.config import CONTROL_QUEUE, Settings
+from farm import canvas, dispatch, records
+from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope, utcnow
 from farm.states import BATCH_OPEN, CANDIDATE_SETTLED, BatchStatus, CandidateStatus, ItemStatus
 
@@ -149,8 +149,8 @@ def resume(batch_id: str, *, settings: Settings) -> int:
         dispatch.send_item(batch_id, iid, ids, settings=settings, priority=priority)
         sent += 1
     if has_pending:
-        dispatch.app_for(settings).signature(
-            "farm.dispatch_batch", args=(batch_id,), queue=CONTROL_QUEUE, ignore_result=True
-        ).apply_async(priority=priority)
+        canvas.dispatch_signature(dispatch.app_for(settings), batch_id, ignore_result=True).apply_async(
+            priority=priority
+        )
         sent += 1
     return sent

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from farm.canvas import CONTROL_TASKS, REAP_TASK
 from farm.config import CONTROL_QUEUE, Settings, load_settings
 
 TASK_MODULES = [
@@ -47,12 +48,10 @@ def celery_config(settings: Settings) -> dict:
         "worker_proc_alive_timeout": 600.0,
         "result_expires": 7 * 24 * 3600,
         "task_default_queue": CONTROL_QUEUE,
-        "task_routes": {
-            name: {"queue": CONTROL_QUEUE} for name in ("farm.rank", "farm.dispatch_batch", "farm.reap")
-        },
+        "task_routes": {name: {"queue": CONTROL_QUEUE} for name in CONTROL_TASKS},
         "beat_schedule": {
             "reap-stalled-work": {
-                "task": "farm.reap",
+                "task": REAP_TASK,
                 "schedule": float(settings.reaper_interval),
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.reaper_interval},
             },

@@ -24,17 +24,14 @@ from celery.canvas import Signature
 from celery.result import AsyncResult
 from sqlalchemy import select, update
 
-from farm import placement
+from farm import canvas, placement
 from farm.artifacts import store_for
 from farm.assets import AssetPolicy
 from farm.celery_app import app_for
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
+from farm.config import SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ItemPlan, Manifest, plan_manifest, summary
 from farm.states import BATCH_OPEN, BatchStatus, CandidateStatus, ItemStatus
-
-#: A slice's task: generate on any free device, then moderate, validate and score there (farm.tasks.stage).
-SLICE_TASK = "farm.slice"
 
 
 @dataclass(frozen=True)
@@ -180,9 +177,7 @@ def submit(
     with assets.stored(store_for(settings)) if assets is not None and assets.named else nullcontext():
         submitted = create_batch(manifest, items, text, settings=settings)
         try:
-            app_for(settings).signature(
-                "farm.dispatch_batch", args=(submitted.batch_id,), queue=CONTROL_QUEUE, ignore_result=True
-            ).apply_async(
+            canvas.dispatch_signature(app_for(settings), submitted.batch_id, ignore_result=True).apply_async(
                 priority=celery_priority(manifest.priority), retry=True, retry_policy={"max_retries": 3}
             )
         except Exception:
@@ -207,7 +202,7 @@ def slice_task(
 ) -> Signature:
     """The task of one slice (all four stages), sent to ``queue`` (``slices`` or a model queue)."""
     payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
-    return app.signature(SLICE_TASK, args=(payload,), queue=queue, priority=priority)
+    return canvas.slice_signature(app, payload, queue=queue, priority=priority)
 
 
 def item_chord(
@@ -228,7 +223,7 @@ def item_chord(
         slice_task(batch_id, iid, ids, priority=priority, app=app, queue=queue)
         for ids in slices(candidate_ids, slice_size)
     ]
-    body = app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority, immutable=True)
+    body = canvas.rank_signature(app, iid, priority=priority, immutable=True)
     if len(header) == 1:
         return header[0] | body
     return chord(header, body)
@@ -315,7 +310,7 @@ def send_item(
         ).apply_async()
         release_results(app, sent)
     else:
-        app.signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE, priority=priority).apply_async()
+        canvas.rank_signature(app, iid, priority=priority).apply_async()
 
 
 def release_results(app: Celery, sent: AsyncResult) -> None:
@@ -351,5 +346,5 @@ def cancel(batch_id: str, *, settings: Settings) -> bool:
             )
     if changed:
         for iid in items_unsent:
-            app_for(settings).signature("farm.rank", args=(iid,), queue=CONTROL_QUEUE).apply_async()
+            canvas.rank_signature(app_for(settings), iid).apply_async()
     return bool(changed)

@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
-from farm import logs
+from farm import canvas, logs
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
 from farm.db import Batch, Candidate, Item, session_scope, utcnow
 from farm.states import BATCH_STOPPED, CANDIDATE_SETTLED, BatchStatus, CandidateStatus, ItemStatus
@@ -169,10 +169,10 @@ def reap(
             .where(Item.status == ItemStatus.RUNNING)
         ).all()
     for batch_id in lost_dispatch:
-        app.signature("farm.dispatch_batch", args=(batch_id,), queue=CONTROL_QUEUE).apply_async()
+        canvas.dispatch_signature(app, batch_id).apply_async()
         report.redispatched.append(batch_id)
     for item_id in lost_cancel:
-        app.signature("farm.rank", args=(item_id,), queue=CONTROL_QUEUE).apply_async()
+        canvas.rank_signature(app, item_id).apply_async()
         report.closed.append(item_id)
     for item_id, batch_id, resends, batch_status, priority in running:
         with session_scope(settings.database_url) as s:
@@ -222,6 +222,6 @@ def reap(
                 item=item_id,
                 action=action,
             )
-            app.signature("farm.rank", args=(item_id,), queue=CONTROL_QUEUE).apply_async()
+            canvas.rank_signature(app, item_id).apply_async()
             (report.closed if action == "close" else report.reranked).append(item_id)
     return report

@@ -32,6 +32,7 @@ from sqlalchemy import func, select, update
 
 from farm import logs
 from farm.artifacts import Handoff, candidate_of
+from farm.canvas import reap_signature
 from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
 from farm.dispatch import slices
@@ -527,7 +528,7 @@ def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
     if not queue:
         if CONTROL_QUEUE in sender.app.amqp.queues.consume_from:
             # Resume what a crash left half-done, rather than waiting for the first beat.
-            sender.app.signature("farm.reap", queue=CONTROL_QUEUE).apply_async()
+            reap_signature(sender.app).apply_async()
         return
     from celery import platforms
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from farm import dispatch
+from farm.canvas import DISPATCH_BATCH_TASK
 from farm.celery_app import app
 from farm.config import load_settings
 from farm.db import TRANSIENT_DB_ERRORS
 
 
 @app.task(
-    name="farm.dispatch_batch",
+    name=DISPATCH_BATCH_TASK,
     ignore_result=True,
     autoretry_for=TRANSIENT_DB_ERRORS,
     retry_backoff=True,

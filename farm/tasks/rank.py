@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 from celery import Task
 
 from farm import faults, logs, records
+from farm.canvas import RANK_TASK, REAP_TASK
 from farm.celery_app import app
 from farm.config import Settings, load_settings
 from farm.db import TRANSIENT_DB_ERRORS
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @app.task(
-    name="farm.rank",
+    name=RANK_TASK,
     bind=True,
     max_retries=None,
     autoretry_for=TRANSIENT_DB_ERRORS,
@@ -142,7 +143,7 @@ def _stem(name: str) -> str:
     return str(PurePosixPath(name).with_suffix(""))
 
 
-@app.task(name="farm.reap", ignore_result=True)
+@app.task(name=REAP_TASK, ignore_result=True)
 def reap() -> dict:
     """Re-send or close stalled work (see farm.reaper). Idempotent: acts only on items idle past the stall
     limit, and every action it takes is itself idempotent."""

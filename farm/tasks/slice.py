@@ -18,8 +18,8 @@ from typing import Any
 from celery import Task
 
 from farm import records
+from farm.canvas import QC_TASK, SLICE_TASK, qc_signature, slice_signature
 from farm.celery_app import app
-from farm.dispatch import SLICE_TASK
 from farm.states import STAGE_INPUT
 from farm.tasks.generate import GENERATE, settle_writes
 from farm.tasks.moderate import MODERATE
@@ -30,7 +30,6 @@ from farm.tasks.validate import VALIDATE
 log = logging.getLogger(__name__)
 
 STAGES = (GENERATE, MODERATE, VALIDATE, SCORE)
-QC_TASK = "farm.qc"
 #: A QC worker that has not answered a ping for this long is away; its device checks slices itself meanwhile.
 QC_AWAY_S = 30.0
 QC_PING_S = 5.0
@@ -38,7 +37,7 @@ QC_PING_S = 5.0
 QC_STAGES = (replace(MODERATE, settle=settle_writes), VALIDATE, SCORE)
 
 
-@app.task(name="farm.slice", **STAGE_OPTIONS)
+@app.task(name=SLICE_TASK, **STAGE_OPTIONS)
 def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Idempotent: candidate ids and seeds are fixed in SQL; each stage works only on candidates still at its
     input status and writes with a guard on it, and each PNG is written to a temporary name and renamed, so
@@ -57,7 +56,7 @@ def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             run_stages(self, payload, STAGES)
         return payload
     run_stages(self, payload, STAGES[:1])
-    return self.replace(app.signature(QC_TASK, args=(payload,), queue=rt.qc_queue, priority=_priority(self)))
+    return self.replace(qc_signature(app, payload, queue=rt.qc_queue, priority=_priority(self)))
 
 
 def _priority(task: Task) -> int | None:
@@ -118,4 +117,4 @@ def run_qc(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     if STAGE_INPUT["generate"] not in now.values():
         return payload
     queue = route_batch(rt.settings.database_url, payload["batch_id"])
-    return self.replace(app.signature(SLICE_TASK, args=(payload,), queue=queue, priority=_priority(self)))
+    return self.replace(slice_signature(app, payload, queue=queue, priority=_priority(self)))

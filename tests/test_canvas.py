@@ -1,0 +1,66 @@
+"""farm.canvas: the task names are exactly the tasks the workers register, and each builder sends what the
+farm has always sent (the names and options queued messages and deployed workers depend on)."""
+
+from __future__ import annotations
+
+from farm import canvas
+from farm.celery_app import app
+from farm.config import CONTROL_QUEUE, SLICES_QUEUE
+
+
+def test_the_names_are_exactly_the_farm_tasks_the_workers_register():
+    app.loader.import_default_modules()
+    registered = sorted(n for n in app.tasks if n.startswith("farm."))
+    assert registered == sorted(canvas.TASK_NAMES)
+    assert set(canvas.CONTROL_TASKS) <= set(canvas.TASK_NAMES)
+
+
+def test_the_wire_names_stay_what_queued_messages_carry():
+    assert canvas.TASK_NAMES == ("farm.slice", "farm.qc", "farm.rank", "farm.dispatch_batch", "farm.reap")
+
+
+def test_routes_and_beat_send_the_control_tasks_to_the_control_queue():
+    routes = app.conf.task_routes
+    assert {name: route["queue"] for name, route in routes.items()} == dict.fromkeys(
+        ("farm.rank", "farm.dispatch_batch", "farm.reap"), CONTROL_QUEUE
+    )
+    assert app.conf.beat_schedule["reap-stalled-work"]["task"] == "farm.reap"
+
+
+def test_each_builder_gives_the_signature_its_callers_built_by_hand():
+    payload = {"batch_id": "b", "item_id": "b-00000", "candidates": ["c0"]}
+    same = [
+        (
+            canvas.slice_signature(app, payload, queue=SLICES_QUEUE, priority=3),
+            app.signature("farm.slice", args=(payload,), queue=SLICES_QUEUE, priority=3),
+        ),
+        (
+            canvas.slice_signature(app, payload, queue="cuda0", priority=None),
+            app.signature("farm.slice", args=(payload,), queue="cuda0", priority=None),
+        ),
+        (
+            canvas.qc_signature(app, payload, queue="qc-cuda0@h", priority=4),
+            app.signature("farm.qc", args=(payload,), queue="qc-cuda0@h", priority=4),
+        ),
+        (
+            canvas.rank_signature(app, "i", priority=4, immutable=True),
+            app.signature("farm.rank", args=("i",), queue=CONTROL_QUEUE, priority=4, immutable=True),
+        ),
+        (
+            canvas.rank_signature(app, "i", priority=4),
+            app.signature("farm.rank", args=("i",), queue=CONTROL_QUEUE, priority=4),
+        ),
+        (canvas.rank_signature(app, "i"), app.signature("farm.rank", args=("i",), queue=CONTROL_QUEUE)),
+        (
+            canvas.dispatch_signature(app, "b", ignore_result=True),
+            app.signature("farm.dispatch_batch", args=("b",), queue=CONTROL_QUEUE, ignore_result=True),
+        ),
+        (
+            canvas.dispatch_signature(app, "b"),
+            app.signature("farm.dispatch_batch", args=("b",), queue=CONTROL_QUEUE),
+        ),
+        (canvas.reap_signature(app), app.signature("farm.reap", queue=CONTROL_QUEUE)),
+    ]
+    for built, by_hand in same:
+        assert dict(built) == dict(by_hand), built["task"]
+        assert built.immutable == by_hand.immutable

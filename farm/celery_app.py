@@ -10,9 +10,10 @@ from farm.canvas import CONTROL_TASKS, REAP_TASK
 from farm.config import CONTROL_QUEUE, Settings, load_settings
 
 TASK_MODULES = [
-    "farm.tasks.dispatch",
+    "farm.tasks.dispatch_batch",
     "farm.tasks.slice",
     "farm.tasks.rank",
+    "farm.tasks.reap",
 ]
 
 

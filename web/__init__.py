@@ -28,7 +28,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ``test_config`` overrides Flask config keys after the settings are read; it may carry ``FARM_SETTINGS``
     (a :class:`farm.config.Settings`) to use instead of the environment.
     """
-    from web.actions import upload_limit
+    from web.intake import upload_limit
 
     app = Flask(__name__)
     config = dict(test_config or {})

@@ -17,7 +17,7 @@ from farm.db import Batch, session_scope
 from farm.manifest import ManifestError, json_schema
 from farm.records import batch_dict
 from farm.states import BATCH_OPEN
-from web import actions, readers, security
+from web import intake, readers, security
 from web.export import winners_zip
 from web.openapi import openapi_document
 
@@ -43,20 +43,20 @@ def _get_batch(s: Any, batch_id: str) -> Batch:
 @bp.post("/batches")
 def create_batch() -> tuple[Response, int]:
     settings = _settings()
-    data = actions.from_api_request(request, settings)
+    data = intake.from_api_request(request, settings)
     if data is None:
         return _errors(400, [{"path": None, "message": "send the manifest as a text/yaml body or as the "
                                                           "multipart field 'manifest' (with the files it "
                                                           "names in the multipart field 'files')"}])
     dry = request.args.get("dry_run", "").lower() in ("1", "true", "yes")
     try:
-        uploads = actions.uploads_from(request, settings)
+        uploads = intake.uploads_from(request, settings)
         if dry:
-            return jsonify(dry_run=True, summary=actions.preview(data, settings, uploads)), 200
-        submitted = actions.submit(data, settings, uploads)
+            return jsonify(dry_run=True, summary=intake.preview(data, settings, uploads)), 200
+        submitted = intake.submit(data, settings, uploads)
     except ManifestError as exc:
-        return _errors(400, [p.as_dict() for p in actions.problems(exc)])
-    except actions.BrokerUnavailable as exc:
+        return _errors(400, [p.as_dict() for p in intake.problems(exc)])
+    except intake.BrokerUnavailable as exc:
         return _errors(503, [{"path": None, "message": str(exc)}])
     body = {"id": submitted.batch_id, "items": submitted.items, "candidates": submitted.candidates}
     response = jsonify(body)
@@ -94,8 +94,8 @@ def cancel_batch(batch_id: str) -> tuple[Response, int]:
         return _errors(409, [{"path": None, "message": f"batch {batch_id} is {status}; only a queued or "
                                                          "running batch can be cancelled"}])
     try:
-        changed = actions.cancel(batch_id, settings)
-    except actions.BrokerUnavailable as exc:
+        changed = intake.cancel(batch_id, settings)
+    except intake.BrokerUnavailable as exc:
         return _errors(503, [{"path": None, "message": str(exc)}])
     return jsonify(id=batch_id, cancelled=changed), 202 if changed else 409
 
@@ -104,18 +104,18 @@ def _batch_action(action: Any, batch_id: str) -> int | tuple[Response, int]:
     """Run a batch action: its count, or the JSON error its refusal maps to (404, 409, 503)."""
     try:
         return action(batch_id, _settings())
-    except actions.NoSuchBatch:
+    except intake.NoSuchBatch:
         abort(404, description=f"no batch {batch_id!r}")
-    except actions.ActionRefused as exc:
+    except intake.ActionRefused as exc:
         return _errors(409, [{"path": None, "message": str(exc)}])
-    except actions.BrokerUnavailable as exc:
+    except intake.BrokerUnavailable as exc:
         return _errors(503, [{"path": None, "message": str(exc)}])
 
 
 @bp.post("/batches/<batch_id>/retry")
 def retry_batch(batch_id: str) -> tuple[Response, int]:
     """Send a done batch's failed candidates through the pipeline again."""
-    reset = _batch_action(actions.retry_failed, batch_id)
+    reset = _batch_action(intake.retry_failed, batch_id)
     if isinstance(reset, tuple):
         return reset
     return jsonify(id=batch_id, retried=reset), 202 if reset else 200
@@ -124,7 +124,7 @@ def retry_batch(batch_id: str) -> tuple[Response, int]:
 @bp.post("/batches/<batch_id>/resume")
 def resume_batch(batch_id: str) -> tuple[Response, int]:
     """Re-send the work of a queued or running batch whose messages were lost."""
-    sent = _batch_action(actions.resume, batch_id)
+    sent = _batch_action(intake.resume, batch_id)
     if isinstance(sent, tuple):
         return sent
     return jsonify(id=batch_id, messages=sent), 202

@@ -28,7 +28,7 @@ from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ManifestError
 from farm.records import progress
 from farm.states import BATCH_OPEN
-from web import actions, pictures, readers, security
+from web import intake, pictures, readers, security
 from web.export import winners_zip
 
 bp = Blueprint("ui", __name__)
@@ -120,8 +120,8 @@ def cancel(batch_id: str) -> Response:
         flash(f"The batch is {status}; only a queued or running batch can be cancelled.", "error")
     else:
         try:
-            changed = actions.cancel(batch_id, settings)
-        except actions.BrokerUnavailable as exc:
+            changed = intake.cancel(batch_id, settings)
+        except intake.BrokerUnavailable as exc:
             flash(str(exc), "error")
         else:
             if changed:
@@ -135,16 +135,16 @@ def _batch_action(action: Any, batch_id: str) -> int | None:
     """Run a batch action: its count, or None after flashing why it was refused (404 for no such batch)."""
     try:
         return action(batch_id, _settings())
-    except actions.NoSuchBatch:
+    except intake.NoSuchBatch:
         abort(404, description=f"There is no batch {batch_id!r}.")
-    except (actions.ActionRefused, actions.BrokerUnavailable) as exc:
+    except (intake.ActionRefused, intake.BrokerUnavailable) as exc:
         flash(str(exc), "error")
     return None
 
 
 @bp.post("/batches/<batch_id>/retry")
 def retry(batch_id: str) -> Response:
-    reset = _batch_action(actions.retry_failed, batch_id)
+    reset = _batch_action(intake.retry_failed, batch_id)
     if reset:
         flash(f"Retrying {reset} failed candidate{'' if reset == 1 else 's'}.", "ok")
     elif reset == 0:
@@ -154,7 +154,7 @@ def retry(batch_id: str) -> Response:
 
 @bp.post("/batches/<batch_id>/resume")
 def resume(batch_id: str) -> Response:
-    sent = _batch_action(actions.resume, batch_id)
+    sent = _batch_action(intake.resume, batch_id)
     if sent is not None:
         flash(f"Resumed: re-sent the unfinished work ({sent} message{'' if sent == 1 else 's'}).", "ok")
     return redirect(url_for("ui.batch", batch_id=batch_id))
@@ -209,23 +209,23 @@ def upload() -> Response | tuple[str, int] | str:
     }
     if request.method == "GET":
         return render_template("upload.html", **context)
-    data = actions.from_form(request, settings)
+    data = intake.from_form(request, settings)
     if data is None:
-        context["errors"] = [actions.Problem(None, "Choose a manifest file or paste the YAML.")]
+        context["errors"] = [intake.Problem(None, "Choose a manifest file or paste the YAML.")]
         return render_template("upload.html", **context), 400
     context["text"] = data.decode("utf-8", errors="replace")
     try:
-        uploads = actions.uploads_from(request, settings)
+        uploads = intake.uploads_from(request, settings)
         context["files"] = sorted(uploads)
         if request.form.get("action") == "preview":
-            context["summary"] = actions.preview(data, settings, uploads)
+            context["summary"] = intake.preview(data, settings, uploads)
             return render_template("upload.html", **context)
-        submitted = actions.submit(data, settings, uploads)
+        submitted = intake.submit(data, settings, uploads)
     except ManifestError as exc:
-        context["errors"] = actions.problems(exc)
+        context["errors"] = intake.problems(exc)
         return render_template("upload.html", **context), 400
-    except actions.BrokerUnavailable as exc:
-        context["errors"] = [actions.Problem(None, str(exc))]
+    except intake.BrokerUnavailable as exc:
+        context["errors"] = [intake.Problem(None, str(exc))]
         return render_template("upload.html", **context), 503
     flash(f"Submitted {submitted.items} items, {submitted.candidates} candidates.", "ok")
     return redirect(url_for("ui.batch", batch_id=submitted.batch_id))

@@ -1,7 +1,7 @@
-"""The farm's Celery tasks and the stages they run. Tasks: farm.dispatch_batch (dispatch.py), farm.slice and
-farm.qc (slice.py), farm.rank and farm.reap (rank.py). Stages, one module each, run by farm.tasks.stage with a
-lease (lease.py): generate, moderate, validate, score. Each is a thin wrapper: decode ids, call farm.ml,
-record in SQL.
+"""The farm's Celery tasks and the stages they run. Tasks, named in farm.canvas: farm.dispatch_batch
+(dispatch_batch.py), farm.slice and farm.qc (slice.py), farm.rank (rank.py), farm.reap (reap.py). Stages, one
+module each, run by farm.tasks.stage with a lease (lease.py): generate, moderate, validate, score. Each is a
+thin wrapper: decode ids, call farm.ml, record in SQL.
 
 Importing the package connects the worker signal handlers: model preload in each pool child
 (farm.tasks.runtime) and the graceful SIGTERM of device workers (farm.worker).

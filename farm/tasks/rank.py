@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from celery import Task
 
 from farm import faults, logs, records
-from farm.canvas import RANK_TASK, REAP_TASK
+from farm.canvas import RANK_TASK
 from farm.celery_app import app
 from farm.config import Settings, load_settings
 from farm.db import TRANSIENT_DB_ERRORS
@@ -142,19 +142,3 @@ def _stem(name: str) -> str:
     """``<batch>/<candidate>``: an image and its ``.json`` sidecar share it."""
     return str(PurePosixPath(name).with_suffix(""))
 
-
-@app.task(name=REAP_TASK, ignore_result=True)
-def reap() -> dict:
-    """Re-send or close stalled work (see farm.reaper). Idempotent: acts only on items idle past the stall
-    limit, and every action it takes is itself idempotent."""
-    from farm.reaper import reap as reap_stalled
-
-    report = reap_stalled(app, load_settings())
-    return {
-        "reranked": report.reranked,
-        "resent": report.resent,
-        "closed": report.closed,
-        "redispatched": report.redispatched,
-        "leases": report.leases,
-        "skipped_busy": report.skipped_busy,
-    }

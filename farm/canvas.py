@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from farm.config import CONTROL_QUEUE
+from farm.broker import CONTROL_QUEUE
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -40,7 +40,7 @@ def slice_signature(app: Celery, payload: dict[str, Any], *, queue: str, priorit
 
 
 def qc_signature(app: Celery, payload: dict[str, Any], *, queue: str, priority: int | None) -> Signature:
-    """A generated slice's checks on the QC worker's queue (farm.gpu_pinning.pinning.qc_queue)."""
+    """A generated slice's checks on the QC worker's queue (farm.broker.qc_queue)."""
     return app.signature(QC_TASK, args=(payload,), queue=queue, priority=priority)
 
 

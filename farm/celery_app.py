@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from celery import Celery
 
+from farm.broker import CONTROL_QUEUE, PRIORITY_SEP, PRIORITY_STEPS
 from farm.canvas import CONTROL_TASKS, REAP_TASK
-from farm.config import CONTROL_QUEUE, Settings, load_settings
+from farm.config import Settings, load_settings
 
 TASK_MODULES = [
     "farm.tasks.dispatch_batch",
@@ -21,8 +22,8 @@ def celery_config(settings: Settings) -> dict:
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",
-        "priority_steps": [0, 3, 6, 9],
-        "sep": ":",
+        "priority_steps": list(PRIORITY_STEPS),
+        "sep": PRIORITY_SEP,
         # Messages of a worker killed outright come back once their visibility timeout passes, found by a
         # sweep every interval x throttle seconds (kombu's default is about 100 s).
         "unacked_restore_interval": 10,

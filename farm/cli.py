@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from farm.config import CONTROL_QUEUE, ConfigError, Settings, load_settings
+from farm.broker import CONTROL_QUEUE
+from farm.config import ConfigError, Settings, load_settings
 from farm.states import BATCH_CLOSED, BatchStatus, CandidateStatus
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "batches" / "example.yaml"
@@ -124,7 +125,8 @@ def up(no_web: bool, no_flower: bool) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
     """Run one Celery worker: pinned to one device, named after it, loading its models once."""
-    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning, qc_queue
+    from farm.broker import qc_queue
+    from farm.gpu_pinning.pinning import apply_pinning, plan_pinning
 
     settings = _settings()
     if control == bool(queue):

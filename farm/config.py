@@ -12,8 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-CONTROL_QUEUE = "control"
-SLICES_QUEUE = "slices"
+from farm.broker import CONTROL_QUEUE, SLICES_QUEUE
 
 # A unix socket path must fit in sun_path (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100

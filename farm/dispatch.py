@@ -27,8 +27,9 @@ from sqlalchemy import select, update
 from farm import canvas, placement
 from farm.artifacts import store_for
 from farm.assets import AssetPolicy
+from farm.broker import SLICES_QUEUE
 from farm.celery_app import app_for
-from farm.config import SLICES_QUEUE, Settings
+from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ItemPlan, Manifest, plan_manifest, summary
 from farm.states import BATCH_OPEN, BatchStatus, CandidateStatus, ItemStatus

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from farm.config import SLICES_QUEUE
+from farm.broker import SLICES_QUEUE
 from farm.db import Batch, Worker, session_scope, utcnow
 from farm.states import BATCH_LIVE
 

@@ -36,7 +36,8 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 
 from farm import canvas, logs
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
+from farm.broker import CONTROL_QUEUE, SLICES_QUEUE, live_queues, queue_length
+from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope, utcnow
 from farm.states import BATCH_STOPPED, CANDIDATE_SETTLED, BatchStatus, CandidateStatus, ItemStatus
 
@@ -54,17 +55,6 @@ class ReapReport:
     skipped_busy: bool = False
 
 
-def live_queues(app: object) -> set[str]:
-    """Device queues some live worker consumes (workers are named ``<queue>@<host>``; a QC worker is named
-    after its queue, ``qc-<device>@<host>``)."""
-    from farm.gpu_pinning.pinning import QC_PREFIX
-
-    with app.connection_for_write() as conn:
-        replies = app.control.ping(timeout=2.0, connection=conn) or []
-    names = [name for reply in replies for name in reply]
-    return {name if name.startswith(QC_PREFIX) else name.split("@", 1)[0] for name in names}
-
-
 def queued_messages(app: object, settings: Settings) -> int:
     """Messages waiting where a live worker will take them: the shared and control queues, the model queues
     of open batches (a worker holding the model takes them, and any idle worker steals them, as it would
@@ -72,7 +62,6 @@ def queued_messages(app: object, settings: Settings) -> int:
     of a device that is gone does not count: it is stalled, and the reaper re-sends it (routed as dispatch
     routes, farm.placement)."""
     from farm.placement import active_model_queues
-    from farm.worker import queue_length
 
     queues = {
         SLICES_QUEUE,

@@ -32,8 +32,18 @@ from sqlalchemy import func, select, update
 
 from farm import logs
 from farm.artifacts import Handoff, candidate_of
+from farm.broker import (
+    CONTROL_QUEUE,
+    MODELS_COMMAND,
+    SLICES_QUEUE,
+    TAKE_SLICES_COMMAND,
+    device_workers,
+    queue_length,
+    queue_lengths,
+    take_slices,
+)
 from farm.canvas import reap_signature
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings, load_settings
+from farm.config import Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
 from farm.dispatch import slices
 from farm.lifeline import die_with_parent
@@ -55,19 +65,6 @@ HANDOFF_SWEEP_S = 300.0
 DRAIN_REPORT_S = 5.0
 
 
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue with the farm's priority steps (sep ':')."""
-    return [queue, *(f"{queue}:{p}" for p in (3, 6, 9))]
-
-
-def queue_length(app: Any, queue: str) -> int:
-    with app.connection_for_write() as conn:
-        pipe = conn.default_channel.client.pipeline(transaction=False)
-        for key in queue_keys(queue):
-            pipe.llen(key)
-        return sum(pipe.execute())
-
-
 def in_flight(database_url: str, queue: str) -> int:
     """Candidates generated on this device whose later stages have not finished."""
     with session_scope(database_url, read_only=True) as s:
@@ -76,15 +73,6 @@ def in_flight(database_url: str, queue: str) -> int:
             .select_from(Candidate)
             .where(Candidate.device == queue, Candidate.status.in_(CANDIDATE_IN_FLIGHT))
         )
-
-
-def device_workers(app: Any, queue: str, timeout: float = 2.0) -> list[str]:
-    """Names of the live workers serving device ``queue`` (they are named ``<queue>@<host>``)."""
-    # A fresh connection each time: a pooled one may be stale after a broker restart.
-    with app.connection_for_write() as conn:
-        replies = app.control.ping(timeout=timeout, connection=conn) or []
-    names = [name for reply in replies for name in reply]
-    return sorted(n for n in names if n.split("@", 1)[0] == queue)
 
 
 def set_taking_slices(
@@ -98,15 +86,7 @@ def set_taking_slices(
     """
     names = device_workers(app, queue)
     if names:
-        with app.connection_for_write() as conn:
-            app.control.broadcast(
-                "farm_take_slices",
-                arguments={"take": take},
-                destination=names,
-                reply=True,
-                timeout=5,
-                connection=conn,
-            )
+        take_slices(app, names, take)
         if database_url:
             _wait_for_rows(database_url, names, take, wait)
     return names
@@ -281,15 +261,7 @@ class ModelQueues:
         """Messages waiting in each queue (all priority lists), in one round trip."""
         if self._conn is None:
             self._conn = self.app.connection_for_write()
-        client = self._conn.default_channel.client
-        pipe = client.pipeline(transaction=False)
-        order = sorted(queues)
-        for q in order:
-            for key in queue_keys(q):
-                pipe.llen(key)
-        counts = pipe.execute()
-        step = len(queue_keys(""))
-        return {q: sum(counts[i * step : (i + 1) * step]) for i, q in enumerate(order)}
+        return queue_lengths(self._conn.default_channel.client, sorted(queues))
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -318,7 +290,7 @@ class ModelQueues:
 MODEL_QUEUES: ModelQueues | None = None
 
 
-@control_command(args=[("queues", list)], signature="<queue> [queue ...]")
+@control_command(name=MODELS_COMMAND, args=[("queues", list)], signature="<queue> [queue ...]")
 def farm_models(state: Any, queues: list[str] | None = None, **_kwargs: Any) -> dict:
     """Consume the model queues of these generators (sent by the worker's own pool child)."""
     if MODEL_QUEUES is None:
@@ -327,7 +299,7 @@ def farm_models(state: Any, queues: list[str] | None = None, **_kwargs: Any) -> 
     return ok(f"model queues {sorted(queues or [])}")
 
 
-@control_command(args=[("take", bool)], signature="<true|false>")
+@control_command(name=TAKE_SLICES_COMMAND, args=[("take", bool)], signature="<true|false>")
 def farm_take_slices(state: Any, take: bool = True, **_kwargs: Any) -> dict:
     """Start (true) or stop (false) taking new slices: the shared queue and the model queues."""
     take = take not in (False, "false", "False", "0", 0)
@@ -346,9 +318,7 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
     if MODEL_QUEUES is not None:
         MODEL_QUEUES.consumer.call_soon(MODEL_QUEUES.take_slices, False)
     else:
-        app.control.broadcast(
-            "farm_take_slices", arguments={"take": False}, destination=[hostname], reply=True, timeout=5
-        )
+        take_slices(app, [hostname], False, fresh_connection=False)
     database_url = load_settings().database_url
     deadline = time.monotonic() + timeout
     quiet = 0

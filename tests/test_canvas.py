@@ -4,8 +4,8 @@ farm has always sent (the names and options queued messages and deployed workers
 from __future__ import annotations
 
 from farm import canvas
+from farm.broker import CONTROL_QUEUE, SLICES_QUEUE
 from farm.celery_app import app
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE
 
 
 def test_the_names_are_exactly_the_farm_tasks_the_workers_register():

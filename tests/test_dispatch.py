@@ -7,7 +7,8 @@ from sqlalchemy import func, select, update
 
 from farm import dispatch
 from farm import manifest as manifest_module
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
+from farm.broker import CONTROL_QUEUE, SLICES_QUEUE
+from farm.config import load_settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ManifestError
 

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from farm import dispatch, placement
+from farm.broker import SLICES_QUEUE, device_workers
 from farm.celery_app import app
 from farm.cli import cli
-from farm.config import SLICES_QUEUE, load_settings
+from farm.config import load_settings
 from farm.db import Batch, Candidate, Worker, migrate, session_scope, utcnow
-from farm.worker import device_workers
 
 TINY = placement.batch_model_queue("tiny", {"dtype": "fp32", "memory": {}})
 XL = placement.batch_model_queue("tiny-xl", {"dtype": "fp32", "memory": {}})

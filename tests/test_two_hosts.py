@@ -38,12 +38,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from farm.artifacts import read_recipe
+from farm.broker import device_workers, qc_queue, queue_keys
 from farm.celery_app import make_app
 from farm.config import load_settings
 from farm.embedded import redis_server_binary
-from farm.gpu_pinning.pinning import qc_queue
 from farm.stack import Proc, Stack
-from farm.worker import device_workers, queue_keys
 from tests import pgutil
 from tests.faults.conftest import FaultFarm, manifest
 from tests.netns import TcpForwarder, TcpRedis, VethNamespace

@@ -15,11 +15,12 @@ from sqlalchemy import select
 from farm import dispatch
 from farm import worker as worker_module
 from farm.artifacts import Handoff
+from farm.broker import device_workers, queue_length
 from farm.celery_app import app
 from farm.cli import cli
 from farm.config import load_settings
 from farm.db import Batch, Candidate, Worker, migrate, session_scope
-from farm.worker import device_workers, in_flight, queue_length, sweep_handoff
+from farm.worker import in_flight, sweep_handoff
 
 pytestmark = pytest.mark.slow
 

@@ -28,9 +28,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
+from farm.broker import CONTROL_QUEUE, QC_PREFIX, SLICES_QUEUE, queue_lengths
+from farm.config import Settings
 from farm.db import Batch, Candidate, Worker, session_scope, utcnow
-from farm.gpu_pinning.pinning import QC_PREFIX
 from farm.placement import active_model_queues
 from farm.states import CANDIDATE_FINAL, BatchStatus, CandidateStatus
 
@@ -64,13 +64,11 @@ def stage_durations(s: Any, *, window: int = STAGE_WINDOW) -> dict[tuple[str, st
 def queue_depths(settings: Settings, queues: list[str]) -> dict[str, int] | None:
     """LLEN of each queue's Redis lists on the broker farm.dispatch sends to; None if the broker is down."""
     from farm import dispatch
-    from farm.worker import queue_keys
 
     try:
         with dispatch.app_for(settings).connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=3)
-            client = conn.default_channel.client
-            return {q: sum(int(client.llen(k)) for k in queue_keys(q)) for q in queues}
+            return queue_lengths(conn.default_channel.client, queues)
     except Exception:  # kombu and redis raise many classes for "not reachable"; all mean the same here
         return None
 

@@ -30,8 +30,8 @@ import click
 from celery import bootsteps
 from celery.bin.base import CeleryOption
 
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, Settings
-from farm.gpu_pinning.pinning import QC_PREFIX
+from farm.broker import CONTROL_QUEUE, QC_PREFIX, SLICES_QUEUE
+from farm.config import Settings
 
 log = logging.getLogger(__name__)
 

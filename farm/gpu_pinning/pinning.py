@@ -7,7 +7,6 @@ share of the cores, so two CPU workers on one host do not fight over the same th
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -57,16 +56,6 @@ def apply_pinning(pin: Pinning) -> None:
     if "torch" in sys.modules:
         raise RuntimeError("apply_pinning must run before torch is imported")
     os.environ.update(pinning_env(pin))
-
-
-QC_PREFIX = "qc-"
-
-
-def qc_queue(queue: str, host: str | None = None) -> str:
-    """The queue of device ``queue``'s QC worker on ``host`` (FARM_QC=worker), which is also that worker's
-    name: ``qc-cuda0@gpu-box-1``. Bound to the host, because the images it checks are handed off in this
-    host's memory; not ``<queue>@<host>``, so nothing takes it for the device's own worker."""
-    return f"{QC_PREFIX}{queue}@{host or socket.gethostname()}"
 
 
 def pinned_role() -> str:

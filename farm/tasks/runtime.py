@@ -23,9 +23,10 @@ from sqlalchemy import Connection, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from farm.artifacts import Handoff, store_for
+from farm.broker import announce_models, qc_queue
 from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
-from farm.gpu_pinning.pinning import limit_torch_threads, pinned, pinned_role, qc_queue
+from farm.gpu_pinning.pinning import limit_torch_threads, pinned, pinned_role
 from farm.placement import generator_key, generator_queues
 
 if TYPE_CHECKING:
@@ -114,9 +115,7 @@ class Runtime:
         from farm.celery_app import app
 
         try:
-            app.control.broadcast(
-                "farm_models", arguments={"queues": queues}, destination=[self.name], reply=False
-            )
+            announce_models(app, self.name, queues)
         except Exception as exc:  # the broker is away: the next load, or the idle re-read, catches up
             log.warning("could not tell %s its model queues %s: %s", self.name, queues, exc)
             return

@@ -18,6 +18,7 @@ from typing import Any
 from celery import Task
 
 from farm import records
+from farm.broker import answers, queue_length
 from farm.canvas import QC_TASK, SLICE_TASK, qc_signature, slice_signature
 from farm.celery_app import app
 from farm.states import STAGE_INPUT
@@ -72,15 +73,13 @@ def wait_for_qc(queue: str, ahead: int, *, limit: float, poll: float = 0.05) -> 
     or the wait passed ``limit`` (stuck in a slice): the device then checks this slice itself, so a QC worker
     that is down slows its device but never stops it, and no slice runs into its time limit waiting. Pings
     go out at most every QC_PING_S from this process, and only while it waits."""
-    from farm.worker import queue_length
-
     t0 = time.monotonic()
     _qc_seen.setdefault(queue, t0)  # the first wait of this process gives a starting QC worker its time
     while queue_length(app, queue) >= ahead:
         now = time.monotonic()
         if now - _qc_pinged.get(queue, -math.inf) >= QC_PING_S:
             _qc_pinged[queue] = now
-            if app.control.ping(destination=[queue], timeout=1.0):
+            if answers(app, queue, timeout=1.0):
                 _qc_seen[queue] = now = time.monotonic()
         away = now - _qc_seen[queue] >= QC_AWAY_S
         if away or now - t0 >= limit:

@@ -18,11 +18,12 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from farm.broker import SLICES_QUEUE, device_workers, queue_keys
 from farm.celery_app import make_app
-from farm.config import SLICES_QUEUE, Settings, load_settings
+from farm.config import Settings, load_settings
 from farm.db import Batch, Candidate, Item, Worker, session_scope
 from farm.stack import Stack
-from farm.worker import device_workers, drain, queue_keys, undrain
+from farm.worker import drain, undrain
 from tests import pgutil
 
 FAULT_ENV = {

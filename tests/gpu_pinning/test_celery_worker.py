@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from farm.config import CONTROL_QUEUE, SLICES_QUEUE, load_settings
+from farm.broker import CONTROL_QUEUE, SLICES_QUEUE
+from farm.config import load_settings
 from farm.gpu_pinning.bootstep import DeviceWorkerRefused, plan_device_worker
 from farm.placement import preload_queue
 
@@ -99,10 +100,10 @@ def test_plain_celery_worker_dash_q_cuda0_is_pinned_named_and_finishes_a_slice(t
     stays queued), then `celery -A farm.celery_app worker -Q cuda0` serves it as cuda0@host: one prefork child
     pinned to cuda0, its workers row written, the slice generated there and the batch done."""
     from farm import dispatch
+    from farm.broker import device_workers, queue_length
     from farm.celery_app import make_app
     from farm.db import Batch, Candidate, Worker, session_scope
     from farm.stack import Stack
-    from farm.worker import device_workers, queue_length
 
     env = {**os.environ, "FARM_HOME": str(tmp_path / "home")}
     env.pop("FARM_BROKER_URL", None)

@@ -17,9 +17,8 @@ from sqlalchemy import select
 
 from farm import records
 from farm.artifacts import read_recipe
-from farm.config import CONTROL_QUEUE
+from farm.broker import CONTROL_QUEUE, qc_queue
 from farm.db import Batch, Candidate, Item, session_scope
-from farm.gpu_pinning.pinning import qc_queue
 from farm.procs import alive, children, cmdline, parent_of
 from farm.worker import drain, undrain
 from tests.faults.conftest import FaultFarm, manifest

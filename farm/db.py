@@ -1,4 +1,5 @@
-"""The farm's records in SQL: batches, items, candidates, workers. SQL is the source of truth for progress.
+"""The farm's records in SQL: batches, items (and their ranking rounds), candidates, workers. SQL is the
+source of truth for progress.
 
 Engines are created per process (keyed by pid) so a forked Celery child never reuses its parent's
 connections. SQLite runs in WAL mode and every transaction begins IMMEDIATE, so concurrent writers from
@@ -134,6 +135,30 @@ class Candidate(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
+
+
+class ItemRound(Base):
+    """One ranking of an item, written in the transaction of the decision it records (farm.records): a top-up
+    (its ranking at the time, otherwise lost when the item closes over more candidates), the rank that
+    closed it, and the kinds farm.states.RoundKind adds later. The latest round's winners are the item's
+    ``winners``. A raced or repeated rank writes none: the guard of the decision decides, and the key
+    (item_id, number) backs up the batch lock under which rounds of one item are numbered."""
+
+    __tablename__ = "item_rounds"
+
+    #: The key (item_id, number) is unique and its index, led by item_id, serves reads by item.
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    #: 0-based, in the order written; not ``Candidate.round`` (a retried item is ranked again).
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: A farm.states.RoundKind.
+    kind: Mapped[str] = mapped_column(String(16))
+    #: Candidate ids, best first.
+    winners: Mapped[list] = mapped_column(JSON, default=list)
+    #: Candidate id -> {"rank": 1-based position, "score": composite} of every candidate ranked.
+    ranking: Mapped[dict] = mapped_column(JSON, default=dict)
+    #: How many candidates the round ranked (passed ones: scored, not rejected or failed).
+    considered: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Worker(Base):

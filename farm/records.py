@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Row, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from farm.db import READ_ONLY, Batch, Candidate, Item, get_engine, utcnow
+from farm.db import READ_ONLY, Batch, Candidate, Item, ItemRound, get_engine, utcnow
 from farm.states import (
     BATCH_STOPPED,
     CANDIDATE_ABANDONED,
@@ -32,6 +32,7 @@ from farm.states import (
     BatchStatus,
     CandidateStatus,
     ItemStatus,
+    RoundKind,
 )
 
 T = TypeVar("T")
@@ -94,7 +95,7 @@ class Claim:
         return not lease_held(c, now) or c.lease_owner == self.owner or self.gone(c.lease_owner or "")
 
 
-_C, _I, _B = Candidate.__table__, Item.__table__, Batch.__table__
+_C, _I, _B, _R = Candidate.__table__, Item.__table__, Batch.__table__, ItemRound.__table__
 #: What a stage reads of its batch: all but the manifest's text, which can be large.
 _BATCH_COLUMNS = [c for c in _B.c if c.name != "manifest_yaml"]
 #: Update candidate ``b_id`` only while it still has status ``b_status`` (what makes redeliveries harmless)
@@ -551,6 +552,32 @@ def _lock_batch_then_read_item(
     return batch, item
 
 
+def _write_round(
+    conn: Connection,
+    item_id: str,
+    kind: RoundKind,
+    ranking: Sequence[str],
+    winners: Sequence[str],
+    scores: Mapping[str, float],
+) -> None:
+    """Record a ranking of the item as its next round, in the transaction of the decision it records (which
+    holds the batch lock, so rounds of one item are numbered one at a time; the key backs that up)."""
+    number = conn.execute(
+        select(func.coalesce(func.max(_R.c.number) + 1, 0)).where(_R.c.item_id == item_id)
+    ).scalar_one()
+    conn.execute(
+        _R.insert().values(
+            item_id=item_id,
+            number=number,
+            kind=kind,
+            winners=list(winners),
+            ranking={cid: {"rank": n, "score": scores.get(cid)} for n, cid in enumerate(ranking, start=1)},
+            considered=len(ranking),
+            created_at=utcnow(),
+        )
+    )
+
+
 @dataclass(frozen=True)
 class Ranked:
     item_id: str
@@ -580,7 +607,8 @@ def finish_item(
     transaction: a rank delivered twice cannot close a batch early or count an item twice. ``rounds`` is the
     item's round count in the caller's view: if another rank added a round (or closed the item) since, this
     writes nothing and returns ``RACED``, so a stale rank never fails the newer round's candidates as
-    "ranked before this candidate finished" nor closes the item under them.
+    "ranked before this candidate finished" nor closes the item under them. The close is recorded as the
+    item's latest round (``RoundKind.RANKED``), in the same transaction and only with the flip.
     """
     position = {cid: n for n, cid in enumerate(ranking, start=1)}
     # SQL Core, not the ORM: the transaction holds SQLite's write lock, which the next slice's first write
@@ -632,6 +660,7 @@ def finish_item(
         ).rowcount
         closed = False
         if flipped:
+            _write_round(conn, item_id, RoundKind.RANKED, ranking, winners, scores)
             conn.execute(update(_B).where(_B.c.id == batch_id).values(items_done=_B.c.items_done + 1))
             batch = conn.execute(select(_B.c.items_done, _B.c.items_total).where(_B.c.id == batch_id)).one()
             if batch.items_done >= batch.items_total:
@@ -681,8 +710,20 @@ class TopUp:
     priority: int
 
 
-def add_topup_round(url: str, item_id: str, *, passed: int, rounds: int) -> TopUp | Raced | None:
-    """Add a round of new candidates (new seeds) to an item whose passing candidates fell short.
+def add_topup_round(
+    url: str,
+    item_id: str,
+    *,
+    passed: int,
+    rounds: int,
+    ranking: Sequence[str] = (),
+    winners: Sequence[str] = (),
+    scores: Mapping[str, float] | None = None,
+) -> TopUp | Raced | None:
+    """Add a round of new candidates (new seeds) to an item whose passing candidates fell short, and record
+    the caller's ranking of the item so far (``ranking``, ``winners``, ``scores`` as for :func:`finish_item`)
+    as a ``RoundKind.TOP_UP`` round in the same transaction: the item's close ranks more candidates later,
+    and this ranking would be lost.
 
     Adds ``2 x shortfall`` candidates (at most the item's first-round count), once per decision: ``rounds`` is
     the item's round count in the caller's view, and if another rank added a round (or closed the item) since,
@@ -719,6 +760,7 @@ def add_topup_round(url: str, item_id: str, *, passed: int, rounds: int) -> TopU
         ).rowcount
         if not moved:  # cannot happen while the batch lock is held; kept so a stale view never adds a round
             return RACED
+        _write_round(conn, item_id, RoundKind.TOP_UP, ranking, winners, scores or {})
         seeds = candidate_seeds(
             batch.settings["defaults"]["seed"],
             item.params.get("seed"),
@@ -834,6 +876,25 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
     }
 
 
+def item_rounds(s: Session, batch_id: str) -> dict[str, list[ItemRound]]:
+    """The ranking rounds of the batch's items, by item id, each item's in order (the latest last)."""
+    found: dict[str, list[ItemRound]] = {}
+    for r in s.scalars(
+        select(ItemRound)
+        .join(Item, Item.id == ItemRound.item_id)
+        .where(Item.batch_id == batch_id)
+        .order_by(ItemRound.item_id, ItemRound.number)
+    ):
+        found.setdefault(r.item_id, []).append(r)
+    return found
+
+
+def round_dict(r: ItemRound) -> dict[str, Any]:
+    """A round as the JSON views show it. Its per-candidate ranking stays in SQL: the closing round's is
+    already in each candidate's ``rank`` and ``score``."""
+    return {"number": r.number, "kind": r.kind, "winners": r.winners, "created_at": _iso(r.created_at)}
+
+
 def batch_dict(s: Session, batch: Batch, *, with_items: bool = True) -> dict[str, Any]:
     """The batch as JSON: what `farm status --json` prints and the API returns."""
     out: dict[str, Any] = {
@@ -862,6 +923,7 @@ def batch_dict(s: Session, batch: Batch, *, with_items: bool = True) -> dict[str
         by_item: dict[str, list[dict[str, Any]]] = {}
         for c in cands:
             by_item.setdefault(c.item_id, []).append(candidate_dict(c))
+        rounds = item_rounds(s, batch.id)
         out["items"] = [
             {
                 "id": it.id,
@@ -871,6 +933,7 @@ def batch_dict(s: Session, batch: Batch, *, with_items: bool = True) -> dict[str
                 "status": it.status,
                 "params": it.params,
                 "winners": it.winners,
+                "rounds": [round_dict(r) for r in rounds.get(it.id, [])],
                 "candidates": by_item.get(it.id, []),
             }
             for it in items

@@ -1,5 +1,5 @@
 """The one home of batch, item and candidate statuses: their values, the sets the code acts on, and the
-transitions allowed between them.
+transitions allowed between them; and of the kinds of an item's ranking rounds.
 
 Why one module: the same words were spelled out across dispatch, records, the reaper, the CLI and the web, and
 the copies drifted (two different sets were both called "active"; a batch status "failed" was waited for but
@@ -57,6 +57,19 @@ class CandidateVerdict(StrEnum):
 
     PASSED = "passed"
     REJECTED = "rejected"
+
+
+class RoundKind(StrEnum):
+    """What wrote one of an item's ranking rounds (the ``item_rounds`` table; the latest round's winners are
+    the item's). Only the kinds written now are defined; the coming ones (a ``farm rescore`` of stored images
+    with new checks, a reviewer's pick overriding the winners, a released candidate) become members here when
+    the code that writes them lands: the column is a plain string, so adding a kind needs no migration."""
+
+    #: A rank that found fewer passing than ``min_accepted`` and added a top-up round of candidates; its
+    #: winners are those the item would have had, had it closed then.
+    TOP_UP = "top_up"
+    #: The rank that closed the item (done, or cancelled when its batch was).
+    RANKED = "ranked"
 
 
 #: Batch statuses open to new work: dispatch sends their unsent items, and cancel and resume act on them.

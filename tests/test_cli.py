@@ -103,6 +103,9 @@ def test_farm_demo_runs_the_example_to_a_ranked_table_readable_with_status_json(
             } <= set(c)
         winner = next(c for c in item["candidates"] if c["id"] == item["winners"][0])
         assert winner["rank"] == 1 and Path(env["FARM_HOME"], "artifacts", winner["image_path"]).exists()
+        *_, last = item["rounds"]
+        assert (last["kind"], last["winners"]) == ("ranked", item["winners"])
+        assert [r["number"] for r in item["rounds"]] == list(range(len(item["rounds"])))
     assert not list(Path(env["FARM_HOME"]).glob("redis/*.sock")), "the demo stops its embedded redis"
 
 

@@ -4,21 +4,45 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from farm.db import Batch, downgrade, get_engine, migrate, session_scope
 from tests import pgutil
 
-TABLES = {"batches", "items", "candidates", "workers"}
+TABLES = {"batches", "items", "candidates", "workers", "item_rounds"}
 
 
 def _roundtrip(url: str) -> None:
     migrate(url)
     assert TABLES <= set(inspect(get_engine(url)).get_table_names())
+    _item_rounds_down_and_up(url)
     downgrade(url, "base")
     assert not TABLES & set(inspect(get_engine(url)).get_table_names())
     migrate(url)
     migrate(url)  # a second start finds the schema at head and changes nothing
     assert TABLES <= set(inspect(get_engine(url)).get_table_names())
+
+
+def _item_rounds_down_and_up(url: str) -> None:
+    """0005 on a database with a ranked item: a round's number is unique per item (the backstop behind the
+    rank's guard), the downgrade drops the rounds and nothing else, the upgrade brings the table back."""
+    from farm.db import Item, ItemRound
+
+    with session_scope(url) as s:
+        s.add(Batch(id="b1", name="b", model="tiny", manifest_yaml="", settings={}, items_total=1,
+                    candidates_total=0))
+        s.add(Item(id="b1-0", batch_id="b1", index=0, prompt="a fox", params={}, candidates_total=0))
+        s.flush()
+        s.add(ItemRound(item_id="b1-0", number=0, kind="ranked", winners=[], ranking={}, considered=0))
+    with pytest.raises(IntegrityError), session_scope(url) as s:
+        s.add(ItemRound(item_id="b1-0", number=0, kind="ranked", winners=[], ranking={}, considered=0))
+    downgrade(url, "0004")
+    assert "item_rounds" not in inspect(get_engine(url)).get_table_names()
+    migrate(url)
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(ItemRound)) == 0
+        assert s.get(Item, "b1-0") is not None
+        s.delete(s.get(Batch, "b1"))
 
 
 def test_migrations_upgrade_and_downgrade_cleanly_on_sqlite(tmp_path):

@@ -253,6 +253,15 @@ def _item_state(url: str, item_id: str) -> tuple:
         )
 
 
+def _kept_rounds(url: str, item_id: str) -> list[tuple[int, str, list[str]]]:
+    """The item's rounds as recorded: (number, kind, winners), oldest first."""
+    from farm.db import ItemRound
+
+    with session_scope(url) as s:
+        rows = s.scalars(select(ItemRound).where(ItemRound.item_id == item_id).order_by(ItemRound.number))
+        return [(r.number, r.kind, r.winners) for r in rows]
+
+
 #: One top-up round on top of the three rejected: two new candidates (2 x shortfall of 1), pending.
 ONE_ROUND = [(0, "rejected", None)] * 3 + [(1, "pending", None)] * 2
 
@@ -271,6 +280,7 @@ def test_two_ranks_of_a_short_item_add_one_round_whichever_reads_the_item_when(s
     assert records.add_topup_round(url, item_id, passed=0, rounds=second.rounds) is records.RACED
 
     assert _item_state(url, item_id) == (("pending", 1, 5), (5, 0), ONE_ROUND)
+    assert _kept_rounds(url, item_id) == [(0, "top_up", [])], "the raced rank records no round"
 
 
 def test_a_rank_whose_view_predates_a_new_round_neither_fails_its_candidates_nor_closes_the_item(slice_ids):
@@ -285,6 +295,7 @@ def test_a_rank_whose_view_predates_a_new_round_neither_fails_its_candidates_nor
     out = records.finish_item(url, item_id, ranking=[], winners=[], scores={}, rounds=stale.rounds)
     assert out is records.RACED
     assert _item_state(url, item_id) == (("pending", 1, 5), (5, 0), ONE_ROUND)
+    assert _kept_rounds(url, item_id) == [(0, "top_up", [])]
 
     with session_scope(url) as s:
         s.execute(update(Candidate).where(Candidate.item_id == item_id).values(status="rejected"))
@@ -294,6 +305,7 @@ def test_a_rank_whose_view_predates_a_new_round_neither_fails_its_candidates_nor
     assert _item_state(url, item_id)[:2] == (("done", 1, 5), (5, 1))
     again = records.finish_item(url, item_id, ranking=[], winners=[], scores={}, rounds=fresh.rounds)
     assert again is records.RACED, "an item closed since the view is left as it is"
+    assert _kept_rounds(url, item_id) == [(0, "top_up", []), (1, "ranked", [])]
 
 
 def _lock_wait_or_end(url: str, thread: threading.Thread) -> None:
@@ -369,6 +381,7 @@ def test_a_top_up_and_a_finish_of_one_item_interleaved_on_postgresql_wait_and_ne
             finishing.join(20)
             assert isinstance(out["topup"], records.TopUp) and out["finish"] is records.RACED, out
             assert _item_state(url, item_id) == (("pending", 1, 5), (5, 0), ONE_ROUND)
+            assert _kept_rounds(url, item_id) == [(0, "top_up", [])]
         else:
             topping = threading.Thread(target=topup)
 
@@ -380,6 +393,7 @@ def test_a_top_up_and_a_finish_of_one_item_interleaved_on_postgresql_wait_and_ne
             topping.join(20)
             assert isinstance(out["finish"], records.Ranked) and out["topup"] is records.RACED, out
             assert _item_state(url, item_id)[:2] == (("done", 0, 3), (3, 1))
+            assert _kept_rounds(url, item_id) == [(0, "ranked", [])]
     finally:
         get_engine(url).dispose()
         pgutil.drop_database(url)

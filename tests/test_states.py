@@ -1,5 +1,5 @@
-"""farm.states is the one home of statuses: no other module of farm/ or web/ spells one out, its sets say
-what their names say, and the code changes statuses only as ``TRANSITIONS`` allows."""
+"""farm.states is the one home of statuses (and round kinds): no other module of farm/ or web/ spells one
+out, its sets say what their names say, and the code changes statuses only as ``TRANSITIONS`` allows."""
 
 from __future__ import annotations
 
@@ -29,13 +29,14 @@ from farm.states import (
     CandidateStatus,
     CandidateVerdict,
     ItemStatus,
+    RoundKind,
 )
 from tests import pgutil
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = (BatchStatus, ItemStatus, CandidateStatus)
-#: Every word the statuses (and the verdict column, spelled like two of them) are written with.
-WORDS = frozenset(s.value for kind in (*KINDS, CandidateVerdict) for s in kind)
+#: Every word the statuses, the verdict column (spelled like two of them) and round kinds are written with.
+WORDS = frozenset(s.value for kind in (*KINDS, CandidateVerdict, RoundKind) for s in kind)
 
 
 # ------------------------------------------------------------------------------------ no literals elsewhere

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from farm.assets import MAX_UPLOADED_FILES
-from farm.states import BatchStatus, CandidateStatus, ItemStatus
+from farm.states import BatchStatus, CandidateStatus, ItemStatus, RoundKind
 
 ERRORS_REF = {"$ref": "#/components/responses/Errors"}
 ERRORS_SCHEMA = {"$ref": "#/components/schemas/Errors"}
@@ -260,8 +260,21 @@ def openapi_document() -> dict[str, Any]:
                     "id": {"type": "string"}, "index": {"type": "integer"}, "prompt": {"type": "string"},
                     "source": {"type": "string"}, "params": {"type": "object"},
                     "status": {"type": "string", "enum": [s.value for s in ItemStatus]},
-                    "winners": {"type": "array", "items": {"type": "string"}},
+                    "winners": {"type": "array", "items": {"type": "string"},
+                                "description": "Candidate ids, best first: the latest round's winners."},
+                    "rounds": {"type": "array", "items": {"$ref": "#/components/schemas/Round"},
+                               "description": "The item's ranking rounds, oldest first; none before its "
+                                              "first rank (nor for items ranked before rounds were kept)."},
                     "candidates": {"type": "array", "items": {"$ref": "#/components/schemas/Candidate"}}}},
+                "Round": {"type": "object", "properties": {
+                    "number": {"type": "integer", "minimum": 0, "description": "0-based, in order written."},
+                    "kind": {"type": "string", "enum": [k.value for k in RoundKind],
+                             "description": "top_up: a rank that found too few passing and added candidates "
+                                            "(winners: those the item had then); ranked: the rank that "
+                                            "closed the item."},
+                    "winners": {"type": "array", "items": {"type": "string"}},
+                    "created_at": {"type": "string", "format": "date-time"}},
+                    "required": ["number", "kind", "winners", "created_at"]},
                 "Batch": {"type": "object", "required": ["id", "status"], "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"},
                     "status": {"type": "string",

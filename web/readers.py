@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from farm.db import Batch, Candidate, Item, Worker, utcnow
+from farm.db import Batch, Candidate, Item, ItemRound, Worker, utcnow
 from farm.ranking import Contender, composite
 from farm.records import batch_dict
 from farm.states import BATCH_OPEN, CANDIDATE_FINAL, CANDIDATE_IN_PROGRESS, CandidateStatus
@@ -76,6 +76,8 @@ class ItemView:
     candidates: list[Candidate] = field(default_factory=list)
     winners: list[Candidate] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    #: The item's ranking rounds, oldest first (the page names their kinds when there was more than one).
+    rounds: list[ItemRound] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +114,10 @@ def item_page(s: Session, batch_id: str, *, status: str | None, page: int, per_p
                 view.winners.append(c)
             if cand_filter is None or _matches(c, status):
                 view.candidates.append(c)
+        for r in s.scalars(
+            select(ItemRound).where(ItemRound.item_id.in_(list(views))).order_by(ItemRound.number)
+        ):
+            views[r.item_id].rounds.append(r)
         for view in views.values():
             order = {cid: n for n, cid in enumerate(view.item.winners or [])}
             view.winners.sort(key=lambda c: order.get(c.id, len(order)))

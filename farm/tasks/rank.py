@@ -52,8 +52,25 @@ def rank_item(self: Task, item_id: str) -> dict:
         return {"item": item_id, "winners": [], "batch_closed": False, "waiting": view.waiting}
     cfg, prompt = view.settings, view.prompt
     contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in view.scored]
+    weights = cfg["scoring"]["weights"]
+    # Ranked before the top-up decision too: a top-up round records the ranking it was decided on.
+    result = rank(
+        contenders,
+        preference_weight=weights["preference"],
+        alignment_weight=weights["alignment"],
+        winners=cfg["selection"]["winners"],
+        near_duplicate_distance=cfg["moderation"]["near_duplicate_distance"],
+    )
     topup = (
-        records.add_topup_round(settings.database_url, item_id, passed=len(contenders), rounds=view.rounds)
+        records.add_topup_round(
+            settings.database_url,
+            item_id,
+            passed=len(contenders),
+            rounds=view.rounds,
+            ranking=result.order,
+            winners=result.winners,
+            scores=result.scores,
+        )
         if view.topup_due()
         else None
     )
@@ -71,14 +88,6 @@ def rank_item(self: Task, item_id: str) -> dict:
             priority=dispatch.celery_priority(topup.priority),
         )
         return {"item": item_id, "topup_round": topup.round, "added": len(topup.candidate_ids)}
-    weights = cfg["scoring"]["weights"]
-    result = rank(
-        contenders,
-        preference_weight=weights["preference"],
-        alignment_weight=weights["alignment"],
-        winners=cfg["selection"]["winners"],
-        near_duplicate_distance=cfg["moderation"]["near_duplicate_distance"],
-    )
     done = records.finish_item(
         settings.database_url,
         item_id,

@@ -2,17 +2,20 @@
 
 A second rank is normal: a chord whose slice was re-sent by the reaper still fires when the original message
 comes back after the visibility timeout, and a rank redelivered after its commit (its worker died before the
-ack) runs again. It must leave the item as the first rank left it.
+ack) runs again. It must leave the item as the first rank left it, its rounds included. The tests without
+workers run the task's code (Task.apply) on rows written as the stages write them.
 """
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
+from farm import dispatch, records
+from farm.config import load_settings
+from farm.db import Batch, Candidate, Item, ItemRound, migrate, session_scope
 from farm.tasks.rank import rank_item
 from tests.tasks.test_end_to_end import _rows
-
-pytestmark = pytest.mark.slow
 
 MANIFEST = """
 name: rank-again
@@ -31,13 +34,22 @@ def _snapshot(settings, batch_id: str) -> tuple:
         (batch.status, batch.items_done, batch.candidates_total),
         [(it.id, it.status, it.rounds, it.winners) for it in items],
         [(c.id, c.status, c.rank, c.is_winner, c.score) for c in cands],
+        _rounds(settings.database_url, batch_id),
     )
 
 
+def _rounds(url: str, batch_id: str) -> list[list[tuple]]:
+    """Each item's rounds as the JSON views show them: (number, kind, winners), oldest first."""
+    with session_scope(url) as s:
+        items = records.batch_dict(s, s.get(Batch, batch_id))["items"]
+    return [[(r["number"], r["kind"], r["winners"]) for r in it["rounds"]] for it in items]
+
+
+@pytest.mark.slow
 def test_a_rank_delivered_again_after_its_item_closed_keeps_ranks_winners_and_rounds(settings, run_batch):
     batch_id = run_batch(MANIFEST)
     before = _snapshot(settings, batch_id)
-    (_, items, cands) = before
+    (_, items, cands, rounds) = before
     assert any(winners for *_, winners in items), "the seeded tiny models pass some candidates"
     assert any(is_winner for *_, is_winner, _score in cands)
 
@@ -47,6 +59,59 @@ def test_a_rank_delivered_again_after_its_item_closed_keeps_ranks_winners_and_ro
         assert out["item"] == item_id and not out.get("topup_round"), out
 
     assert _snapshot(settings, batch_id) == before
+    assert all(kept and kept[-1][1] == "ranked" for kept in rounds), rounds
+    latest = [kept[-1][2] for kept in rounds]
+    assert [winners for *_, winners in items] == latest, "an item's winners are its latest round's"
+
+
+TOPPED = """
+name: topped
+model: tiny
+defaults: {candidates: 3, seed: 5}
+selection: {winners: 1, min_accepted: 3, max_topup_rounds: 1}
+items: [a fox]
+"""
+
+
+def _score(url: str, outcomes: dict[str, float | None]) -> None:
+    """The stages' ends: a preference, scored; None, rejected."""
+    from sqlalchemy import update
+
+    with session_scope(url) as s:
+        for cid, preference in outcomes.items():
+            status = "rejected" if preference is None else "scored"
+            values = {"status": status, "preference": preference}
+            s.execute(update(Candidate).where(Candidate.id == cid).values(**values))
+
+
+def test_a_short_item_records_its_top_up_round_then_the_round_that_closes_it(monkeypatch, tmp_path):
+    """Each rank's decision is kept as a round: the top-up's ranking of the first candidates (lost before,
+    when the close ranked the new ones with them), then the close. A rank delivered again adds none."""
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    settings = load_settings()
+    url = settings.database_url
+    migrate(url)
+    sent: list[list[str]] = []
+    monkeypatch.setattr(dispatch, "send_item", lambda _b, _i, cids, **_kw: sent.append(list(cids)))
+    manifest, items = dispatch.plan(TOPPED, settings=settings)
+    batch_id = dispatch.create_batch(manifest, items, TOPPED, settings=settings).batch_id
+    item_id = dispatch.item_id(batch_id, 0)
+    first = [dispatch.candidate_id(item_id, i) for i in range(3)]
+    _score(url, {first[0]: 0.2, first[1]: 0.6, first[2]: None})
+
+    assert rank_item.apply(args=(item_id,)).get()["topup_round"] == 1
+    (added,) = sent
+    assert _rounds(url, batch_id) == [[(0, "top_up", [first[1]])]]
+    _score(url, {added[0]: None, added[1]: 0.9})
+    assert rank_item.apply(args=(item_id,)).get()["winners"] == [added[1]]
+    assert rank_item.apply(args=(item_id,)).get()["already_closed"]
+
+    assert _rounds(url, batch_id) == [[(0, "top_up", [first[1]]), (1, "ranked", [added[1]])]]
+    with session_scope(url) as s:
+        kept = s.scalars(select(ItemRound).where(ItemRound.item_id == item_id).order_by(ItemRound.number))
+        rankings = [({cid: r["rank"] for cid, r in kr.ranking.items()}, kr.considered) for kr in kept]
+        assert s.get(Item, item_id).winners == [added[1]]
+    assert rankings == [({first[1]: 1, first[0]: 2}, 2), ({added[1]: 1, first[1]: 2, first[0]: 3}, 3)]
 
 
 def _one_item_batch(rows: list[tuple[str, bool]], stored: list[int]) -> tuple[object, str, list[str]]:

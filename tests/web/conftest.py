@@ -27,7 +27,8 @@ from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH
 
 from farm import artifacts
 from farm.config import Settings
-from farm.db import Batch, Candidate, Item, Worker, session_scope, utcnow
+from farm.db import Batch, Candidate, Item, ItemRound, Worker, session_scope, utcnow
+from farm.states import RoundKind
 
 
 @pytest.fixture
@@ -166,10 +167,28 @@ def make_batch(app: Any, settings: Settings) -> Callable[..., Made]:
                            finished_at=now if item_status == "done" else None))
                 s.flush()
                 s.add_all(cands)
+                s.add_all(_rounds(iid, item_status, cands))
                 made.candidate_ids += [c.id for c in cands]
         return made
 
     return build
+
+
+def _rounds(iid: str, item_status: str, cands: list[Candidate]) -> list[ItemRound]:
+    """A done item's ranking rounds: item 0 was topped up first (its runner-up led then), item 1 was not."""
+    if item_status != "done":
+        return []
+    ranked = sorted((c for c in cands if c.rank), key=lambda c: c.rank)
+    rounds = []
+    if iid.endswith("-00000"):
+        early = ranked[-1]
+        rounds.append(ItemRound(item_id=iid, number=0, kind=RoundKind.TOP_UP, winners=[early.id],
+                                ranking={early.id: {"rank": 1, "score": early.score}}, considered=1))
+    rounds.append(ItemRound(item_id=iid, number=len(rounds), kind=RoundKind.RANKED,
+                            winners=[c.id for c in cands if c.is_winner],
+                            ranking={c.id: {"rank": c.rank, "score": c.score} for c in ranked},
+                            considered=len(ranked)))
+    return rounds
 
 
 def _candidates(batch_id: str, iid: str, index: int, item_status: str, root: Path) -> list[Candidate]:

@@ -14,6 +14,7 @@ from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH, queued_messages
 
 from farm.assets import FILE_REFUSED, FOLDER_REFUSED
 from farm.db import Batch, Candidate, Item, session_scope
+from farm.states import RoundKind
 
 
 def _count(settings: Any, model: Any) -> int:
@@ -344,6 +345,10 @@ def test_get_batch_is_the_records_batch_dict(client, make_batch):
     first = body["items"][0]
     assert first["winners"] == [f"{made.item_ids[0]}-000"]
     assert {c["status"] for c in first["candidates"]} == {"passed", "rejected", "failed"}
+    rounds = [(r["number"], r["kind"], r["winners"]) for r in first["rounds"]]
+    assert rounds == [(0, "top_up", [f"{made.item_ids[0]}-001"]), (1, "ranked", first["winners"])]
+    assert all(r["created_at"].endswith("Z") for r in first["rounds"])
+    assert [r["kind"] for r in body["items"][1]["rounds"]] == ["ranked"]
     assert "items" not in client.get(f"/api/v1/batches/{made.batch_id}?items=0").json
 
 
@@ -455,6 +460,8 @@ def test_openapi_describes_every_endpoint(client, app):
             path = rule.rule.removeprefix("/api/v1").replace("<batch_id>", "{batch_id}")
             served |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
     assert served == documented
+    kinds = doc["components"]["schemas"]["Round"]["properties"]["kind"]["enum"]
+    assert kinds == [k.value for k in RoundKind] and "ranked" in kinds
     refs = json.dumps(doc)
     for name in doc["components"]["schemas"]:
         assert f"#/components/schemas/{name}" in refs or name == "Errors"

@@ -64,6 +64,7 @@ def test_batch_page_rows_winners_and_badges(client, make_batch):
     assert "rejected: validation" in html
     assert "failed in generate" in html
     assert "winner" in html and "rank 1" in html
+    assert html.count('class="muted rounds"') == 1 and "top-up → ranked" in html, "item 0 was topped up"
     assert f"/batches/{made.batch_id}/contact-sheet.png" in html
     assert f"/batches/{made.batch_id}/scores.png" in html
     assert "Cancel batch" not in html  # a finished batch cannot be cancelled

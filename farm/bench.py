@@ -89,9 +89,8 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
     rt.preload()
     planned = plan_manifest(workload.manifest())
     manifest, plans = planned.manifest, planned.items
-    cfg = manifest.model_dump(mode="json")
-    gen = rt.generator(manifest.model, dtype=cfg["dtype"], memory=cfg["memory"])
-    validator, scorer = rt.validator(cfg["validation"]["model"]), rt.scorer(cfg["scoring"]["model"])
+    gen = rt.generator(manifest.model, dtype=manifest.dtype, memory=manifest.memory.model_dump())
+    validator, scorer = rt.validator(manifest.validation.model), rt.scorer(manifest.scoring.model)
     stage = dict.fromkeys(STAGES, 0.0)
     hashes = mod.HashIndex()
     barrier = os.environ.get("FARM_BENCH_BARRIER")

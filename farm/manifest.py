@@ -34,7 +34,7 @@ import math
 import re
 import string
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -79,6 +79,7 @@ __all__ = [
     "parse_manifest",
     "parse_size",
     "plan_manifest",
+    "stored_manifest",
     "summary",
 ]
 
@@ -548,8 +549,8 @@ class Moderation(_Strict):
     @field_validator("pdq_blocklist")
     @classmethod
     def _resolve_blocklist(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
+        if value is None or _stored(info):
+            return value
         return _check_pdq_file(value, _base_dir(info), _assets(info))
 
 
@@ -567,6 +568,8 @@ class Validation(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model_path(cls, value: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return value
         ref = _check_plain_model_path(value, _base_dir(info), _assets(info), "validator")
         return _checked_ref(ref, "validator", info)
 
@@ -595,6 +598,8 @@ class Scoring(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model_path(cls, value: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return value
         ref = _check_plain_model_path(value, _base_dir(info), _assets(info), "scorer")
         return _checked_ref(ref, "scorer", info)
 
@@ -664,6 +669,8 @@ class Manifest(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return value
         policy = _assets(info)
         ref = _resolve_model_ref(value, _base_dir(info), policy)
         # An uploaded manifest's hub id goes to no check that could look at the disk: its folders, all inside
@@ -676,6 +683,12 @@ class Manifest(_Strict):
 # ----------------------------------------------------------------------------------------------------------
 # Paths: model folders and the PDQ blocklist
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether this is a read of settings stored at submit (``stored_manifest``): each validator that looks
+    at files, folders, the asset policy or a plugged-in model check returns the value as stored instead."""
+    return isinstance(info.context, dict) and info.context.get("stored") is True
 
 
 def _base_dir(info: ValidationInfo) -> Path | None:
@@ -1302,6 +1315,27 @@ def plan_manifest(
     if problems:
         raise ManifestError(problems)
     return Planned(manifest, plans)
+
+
+def stored_manifest(settings: Mapping[str, Any]) -> Manifest:
+    """A batch's settings (``Batch.settings``, the manifest's ``model_dump(mode="json")`` written at submit)
+    read back as the typed ``Manifest``; fields missing from settings an older version wrote take today's
+    defaults, so each default lives only on the model.
+
+    Why the checks that touch files are skipped (model folders, the PDQ blocklist, the asset policy, the ML
+    layer's model checks): they ran at submit, and their results (absolute paths, resolved references) are
+    what was stored. A worker or the web reading the batch later may not see those paths the same way (another
+    host, a deleted upload, a folder moved since), and a batch already running must not fail on that here;
+    the stage that uses a file reports its own error. Every other check (types, ranges, regexes) runs.
+
+    >>> m = plan_manifest("name: demo\nitems: [a fox]").manifest
+    >>> stored_manifest(m.model_dump(mode="json")) == m
+    True
+    """
+    try:
+        return Manifest.model_validate(settings, context={"stored": True})
+    except ValidationError as exc:
+        raise ManifestError(_errors_from_validation(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

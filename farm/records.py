@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import cached_property
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Row, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
@@ -34,6 +35,9 @@ from farm.states import (
     ItemStatus,
     RoundKind,
 )
+
+if TYPE_CHECKING:
+    from farm.manifest import Manifest
 
 T = TypeVar("T")
 
@@ -61,6 +65,14 @@ class StageStart:
     #: Candidates at a stage input that another live worker process holds, or took while this delivery read
     #: them (not started here).
     held_elsewhere: list[str] = field(default_factory=list)
+
+    @cached_property
+    def config(self) -> Manifest:
+        """The batch's settings as the typed manifest, read once per delivery (a batch's settings never
+        change) and shared by its stages."""
+        from farm.manifest import stored_manifest
+
+        return stored_manifest(self.batch.settings)
 
     @property
     def token(self) -> int | None:
@@ -732,7 +744,7 @@ def add_topup_round(
     before writing the item, in the order :func:`finish_item` does, so the two never deadlock on PostgreSQL.
     """
     from farm.dispatch import candidate_row
-    from farm.manifest import MAX_CANDIDATES_PER_ITEM, candidate_seeds
+    from farm.manifest import MAX_CANDIDATES_PER_ITEM, candidate_seeds, stored_manifest
 
     with get_engine(url).begin() as conn:
         batch, item = _lock_batch_then_read_item(
@@ -743,9 +755,10 @@ def add_topup_round(
         )
         if item.rounds != rounds or item.status in ITEM_CLOSED:
             return RACED
-        selection = batch.settings["selection"]
-        shortfall = selection["min_accepted"] - passed
-        if batch.status in BATCH_STOPPED or shortfall <= 0 or rounds >= selection["max_topup_rounds"]:
+        config = stored_manifest(batch.settings)
+        selection = config.selection
+        shortfall = selection.min_accepted - passed
+        if batch.status in BATCH_STOPPED or shortfall <= 0 or rounds >= selection.max_topup_rounds:
             return None
         existing = conn.execute(
             select(_C.c.round, _C.c.seed).where(_C.c.item_id == item_id).order_by(_C.c.index)
@@ -762,7 +775,7 @@ def add_topup_round(
             return RACED
         _write_round(conn, item_id, RoundKind.TOP_UP, ranking, winners, scores or {})
         seeds = candidate_seeds(
-            batch.settings["defaults"]["seed"],
+            config.defaults.seed,
             item.params.get("seed"),
             item.index,
             len(existing),
@@ -783,13 +796,13 @@ def add_topup_round(
 @dataclass(frozen=True)
 class RankView:
     """What ranking an item reads, in one read transaction: whether the item is already closed, how many of
-    its candidates are still in flight, the batch's status and settings, and the scored candidates (id,
-    index, preference, alignment, hash)."""
+    its candidates are still in flight, the batch's status and settings (``config``, the typed manifest, read
+    once per rank), and the scored candidates (id, index, preference, alignment, hash)."""
 
     closed: bool
     waiting: int
     batch_status: str
-    settings: dict[str, Any]
+    config: Manifest
     prompt: str
     rounds: int
     scored: list[Row[Any]]
@@ -797,16 +810,18 @@ class RankView:
     def topup_due(self) -> bool:
         """Whether fewer passed than ``min_accepted`` and a top-up round is still allowed (decided again under
         the write lock by ``add_topup_round``; this only spares the lock when none is due)."""
-        selection = self.settings["selection"]
+        selection = self.config.selection
         return (
             self.batch_status not in BATCH_STOPPED
-            and len(self.scored) < selection["min_accepted"]
-            and self.rounds < selection["max_topup_rounds"]
+            and len(self.scored) < selection.min_accepted
+            and self.rounds < selection.max_topup_rounds
         )
 
 
 def rank_view(url: str, item_id: str) -> RankView:
     """The item as ``farm.rank`` needs it; ``waiting`` counts candidates not yet final nor scored."""
+    from farm.manifest import stored_manifest
+
     with _reading(url) as conn:
         item = conn.execute(
             select(_I.c.batch_id, _I.c.prompt, _I.c.rounds, _I.c.status).where(_I.c.id == item_id)
@@ -822,7 +837,7 @@ def rank_view(url: str, item_id: str) -> RankView:
         closed=item.status in ITEM_CLOSED,
         waiting=waiting,
         batch_status=batch.status,
-        settings=batch.settings,
+        config=stored_manifest(batch.settings),
         prompt=item.prompt,
         rounds=item.rounds,
         scored=[r for r in rows if r.status == CandidateStatus.SCORED],

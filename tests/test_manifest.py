@@ -25,10 +25,12 @@ from farm.manifest import (
     ItemPlan,
     Manifest,
     ManifestError,
+    ScoringWeights,
     expand,
     json_schema,
     parse_manifest,
     plan_manifest,
+    stored_manifest,
     summary,
 )
 
@@ -980,3 +982,57 @@ def test_any_manifest_shaped_mapping_gives_a_manifest_or_a_manifest_error(value:
 @given(st.lists(manifest_like | st.text(min_size=1, max_size=20), min_size=1, max_size=4), manifest_like)
 def test_any_items_and_defaults_give_a_manifest_or_a_manifest_error(items: list[Any], defaults: Any) -> None:
     _parse_outcome(yaml.safe_dump({"name": "t", "items": items, "defaults": defaults}))
+
+
+# --- settings stored with a batch, read back
+
+
+def _stored_json(m: Manifest) -> dict[str, Any]:
+    """``m`` as a batch row holds it: dumped at submit, through JSON."""
+    return json.loads(json.dumps(m.model_dump(mode="json")))
+
+
+@pytest.mark.parametrize("path", sorted(BATCHES.glob("*.yaml")), ids=lambda p: p.name)
+def test_stored_manifest_of_a_dump_equals_the_parsed_manifest(path: Path) -> None:
+    m = parse_manifest(path.read_text(), base_dir=path.parent)
+    assert stored_manifest(_stored_json(m)) == m
+
+
+def test_stored_manifest_skips_the_checks_that_touch_files_and_models(tmp_path: Path) -> None:
+    import shutil
+
+    pipeline_folder(tmp_path)
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    (tmp_path / "hashes.txt").write_text(PDQ_HASH + "\n")
+    m = parse_manifest(
+        doc(model="pipe", moderation={"pdq_blocklist": "hashes.txt"}, validation={"model": "models/clip"},
+            scoring={"model": "clip-score:models/clip"}),
+        base_dir=tmp_path,
+        check_model=lambda ref: None,
+        check_ref=lambda ref, kind: None,
+    )
+    stored = _stored_json(m)
+    shutil.rmtree(tmp_path)  # the submit host's files are gone, or this host never saw them
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(stored)
+    assert stored_manifest(stored) == m
+    assert stored_manifest(stored).moderation.pdq_blocklist == m.moderation.pdq_blocklist
+
+
+def test_stored_manifest_still_checks_types_and_ranges() -> None:
+    stored = _stored_json(parse_manifest(doc()))
+    stored["selection"]["winners"] = 0
+    with pytest.raises(ManifestError, match="selection.winners"):
+        stored_manifest(stored)
+
+
+def test_settings_stored_before_a_field_existed_read_with_todays_default() -> None:
+    stored = _stored_json(parse_manifest(doc(scoring={"weights": {"preference": 2.0, "alignment": 0.25}})))
+    del stored["scoring"]["weights"]["alignment"]
+    del stored["moderation"]["near_duplicate_distance"]
+    del stored["memory"]
+    m = stored_manifest(stored)
+    assert m.scoring.weights.preference == 2.0
+    assert m.scoring.weights.alignment == ScoringWeights().alignment == 0.5
+    assert m.moderation.near_duplicate_distance == parse_manifest(doc()).moderation.near_duplicate_distance
+    assert not m.memory.cpu_offload

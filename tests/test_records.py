@@ -120,6 +120,20 @@ def test_a_candidate_started_past_the_cap_in_a_later_stage_is_failed_naming_that
     assert "validate was started 2 times" in row.error and "FARM_MAX_ATTEMPTS=2" in row.error
 
 
+def test_a_delivery_and_a_rank_read_the_batch_settings_once_as_the_parsed_manifest(slice_ids, monkeypatch):
+    import farm.manifest
+
+    url, ids = slice_ids
+    manifest, _ = dispatch.plan(MANIFEST, settings=load_settings())
+    reads = []
+    stored = farm.manifest.stored_manifest
+    monkeypatch.setattr(farm.manifest, "stored_manifest", lambda cfg: reads.append(1) or stored(cfg))
+    start = records.begin_stages(url, ids, ("generate",), max_attempts=3)
+    assert start.config == manifest and start.config is start.config
+    assert start.config.defaults.steps == 1 and len(reads) == 1
+    assert records.rank_view(url, ids[0].rsplit("-", 1)[0]).config == manifest
+
+
 def test_rank_view_counts_the_unsettled_and_due_top_ups_in_one_read(slice_ids):
     url, _ = slice_ids
     text = MANIFEST.replace("items:", "selection: {min_accepted: 1}\nitems:")

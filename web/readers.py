@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from farm.db import Batch, Candidate, Item, ItemRound, Worker, utcnow
+from farm.manifest import stored_manifest
 from farm.ranking import Contender, composite
 from farm.records import batch_dict
 from farm.states import BATCH_OPEN, CANDIDATE_FINAL, CANDIDATE_IN_PROGRESS, CandidateStatus
@@ -161,8 +162,8 @@ def scores(s: Session, batch: Batch) -> ScoreSpread:
     computed with the same rule (farm.ranking.composite, the batch's weights) from what they were measured on;
     those rejected before any measurement are only counted.
     """
-    weights = (batch.settings or {}).get("scoring", {}).get("weights", {})
-    pw, aw = float(weights.get("preference", 1.0)), float(weights.get("alignment", 0.0))
+    weights = stored_manifest(batch.settings).scoring.weights
+    pw, aw = weights.preference, weights.alignment
     rows = s.execute(
         select(Candidate.id, Candidate.index, Candidate.status, Candidate.score, Candidate.preference,
                Candidate.alignment)

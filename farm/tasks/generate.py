@@ -19,9 +19,9 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
 
     rt = runtime()
     batch, item = start.batch, start.item
-    cfg = batch.settings
+    cfg = start.config
     terms = check_prompt_terms(
-        item.prompt, terms=cfg["moderation"]["blocked_terms"], patterns=cfg["moderation"]["blocked_patterns"]
+        item.prompt, terms=cfg.moderation.blocked_terms, patterns=cfg.moderation.blocked_patterns
     )
     if terms.verdict == "reject":
         record = {
@@ -32,7 +32,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         return {c.id: dict(record) for c in cands}
     p = item.params
-    gen = rt.generator(batch.model, dtype=cfg["dtype"], memory=cfg["memory"])
+    gen = rt.generator(batch.model, dtype=cfg.dtype, memory=cfg.memory.model_dump())
     images = gen.generate(
         prompt=item.prompt,
         negative_prompt=item.negative_prompt,

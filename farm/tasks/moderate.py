@@ -53,7 +53,7 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    cfg = start.batch.settings["moderation"]
+    cfg = start.config.moderation
     seen = {c.id: _find(c) for c in cands}
     lost = [c for c in cands if seen[c.id] is None]
     if lost:
@@ -67,16 +67,16 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     images = [seen[c.id] for c in cands]
     hashes = [mod.pdq_hash(im) for im in images]
     layers: list[list[mod.LayerVerdict]] = [[] for _ in cands]
-    if cfg.get("pdq_blocklist"):
-        blocklist = rt.blocklist(cfg["pdq_blocklist"])
+    if cfg.pdq_blocklist:
+        blocklist = rt.blocklist(cfg.pdq_blocklist)
         for verdicts, (h, _q) in zip(layers, hashes, strict=True):
-            verdicts.append(mod.check_pdq_blocklist(h, blocklist, max_distance=cfg["pdq_max_distance"]))
-    if cfg["nsfw_detector"]["enabled"]:
-        found = rt.nudenet().check(images, threshold=cfg["nsfw_detector"]["threshold"])
+            verdicts.append(mod.check_pdq_blocklist(h, blocklist, max_distance=cfg.pdq_max_distance))
+    if cfg.nsfw_detector.enabled:
+        found = rt.nudenet().check(images, threshold=cfg.nsfw_detector.threshold)
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
-    if cfg["nsfw_classifier"]["enabled"]:
-        found = rt.opennsfw().check(images, threshold=cfg["nsfw_classifier"]["threshold"])
+    if cfg.nsfw_classifier.enabled:
+        found = rt.opennsfw().check(images, threshold=cfg.nsfw_classifier.threshold)
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
     for c, verdicts, (h, quality) in zip(cands, layers, hashes, strict=True):
@@ -104,7 +104,7 @@ def flag_near_duplicates(start: StageStart, conn: Connection, ids: list[str]) ->
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    limit = start.batch.settings["moderation"]["near_duplicate_distance"]
+    limit = start.config.moderation.near_duplicate_distance
     pool = rt.batch_hashes(conn, start.batch.id)
     pairs = {cid: [o for o in pool.within(pool[cid], limit) if o != cid] for cid in ids if cid in pool}
     records.add_near_duplicate_flags(conn, {k: v for k, v in pairs.items() if v}, limit)

@@ -50,16 +50,16 @@ def rank_item(self: Task, item_id: str) -> dict:
         if self.request.retries * SETTLE_POLL_S < settings.stall_seconds:
             raise self.retry(countdown=SETTLE_POLL_S, exc=None)
         return {"item": item_id, "winners": [], "batch_closed": False, "waiting": view.waiting}
-    cfg, prompt = view.settings, view.prompt
+    cfg, prompt = view.config, view.prompt
     contenders = [Contender(c.id, c.index, c.preference, c.alignment, c.pdq_hash) for c in view.scored]
-    weights = cfg["scoring"]["weights"]
+    weights = cfg.scoring.weights
     # Ranked before the top-up decision too: a top-up round records the ranking it was decided on.
     result = rank(
         contenders,
-        preference_weight=weights["preference"],
-        alignment_weight=weights["alignment"],
-        winners=cfg["selection"]["winners"],
-        near_duplicate_distance=cfg["moderation"]["near_duplicate_distance"],
+        preference_weight=weights.preference,
+        alignment_weight=weights.alignment,
+        winners=cfg.selection.winners,
+        near_duplicate_distance=cfg.moderation.near_duplicate_distance,
     )
     topup = (
         records.add_topup_round(

@@ -16,7 +16,7 @@ def score_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, di
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    scorer = rt.scorer(start.batch.settings["scoring"]["model"])
+    scorer = rt.scorer(start.config.scoring.model)
     scores = scorer.score(load_images(cands), start.item.prompt)
     return {c.id: {"preference": float(s)} for c, s in zip(cands, scores, strict=True)}
 

@@ -17,14 +17,14 @@ def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    cfg = start.batch.settings["validation"]
+    cfg = start.config.validation
     item = start.item
     images = load_images(cands)
-    model = rt.validator(cfg["model"])
+    model = rt.validator(cfg.model)
     scores = model.alignment(images, item.prompt)
     phrases = item.params.get("required_attributes") or []
     margins = model.attributes(images, phrases) if phrases else [{} for _ in cands]
-    floor, need = cfg.get("min_alignment"), cfg.get("attribute_threshold", 0.0)
+    floor, need = cfg.min_alignment, cfg.attribute_threshold
     out = {}
     for c, score, margin in zip(cands, scores, margins, strict=True):
         problems = []

@@ -28,6 +28,7 @@ from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH
 from farm import artifacts
 from farm.config import Settings
 from farm.db import Batch, Candidate, Item, ItemRound, Worker, session_scope, utcnow
+from farm.manifest import parse_manifest
 from farm.states import RoundKind
 
 
@@ -140,7 +141,7 @@ def make_batch(app: Any, settings: Settings) -> Callable[..., Made]:
                 id=batch_id, name=name or f"{kind}-batch", status=status, model="tiny", priority=5,
                 tags=["t"],
                 manifest_yaml=EXAMPLE_MANIFEST,
-                settings={"scoring": {"weights": {"preference": 1.0, "alignment": 0.5}}},
+                settings=parse_manifest(EXAMPLE_MANIFEST).model_dump(mode="json"),
                 items_total=1 if kind == "queued" else 2,
                 items_done={"done": 2, "running": 1, "queued": 0, "cancelled": 1}[kind],
                 candidates_total=4 if kind == "queued" else 8,

@@ -15,6 +15,8 @@ from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH, csrf_from, queued_messages
 
 from farm.assets import FILE_REFUSED, FOLDER_REFUSED
 from farm.db import Batch, session_scope
+from farm.manifest import ScoringWeights
+from web import readers
 
 
 def _batches(settings) -> int:
@@ -133,6 +135,20 @@ def test_score_histogram_is_a_png_with_both_groups(client, make_batch):
     assert (200, 60, 60) in colours  # rejected bars (validation reject has an alignment-only composite)
     empty = make_batch("queued")
     assert _png_of(client.get(f"/batches/{empty.batch_id}/scores.png")).size == (640, 320)
+
+
+def test_scores_of_settings_stored_without_the_alignment_weight_use_its_default(settings, make_batch):
+    made = make_batch("done")
+    with session_scope(settings.database_url) as s:
+        batch = s.get(Batch, made.batch_id)
+        older = json.loads(json.dumps(batch.settings))
+        del older["scoring"]["weights"]["alignment"]  # written before the weight was a setting
+        batch.settings = older
+    with session_scope(settings.database_url) as s:
+        spread = readers.scores(s, s.get(Batch, made.batch_id))
+    # The validation reject has only an alignment (0.1): its composite is the alignment weight's share.
+    assert spread.rejected == [pytest.approx(0.1 * ScoringWeights().alignment)]
+    assert ScoringWeights().alignment == 0.5
 
 
 def test_ui_export_zip(client, make_batch):

@@ -228,7 +228,7 @@ def submit(manifest: Path, dry_run: bool, wait: bool) -> None:
 
 def wait_for(settings: Settings, batch_id: str, *, poll: float = 0.5, check: Any = None) -> str:
     """Progress bar over the batch's candidates until the batch is closed; returns its final status."""
-    from farm import records
+    from farm import views
     from farm.db import Batch, session_scope
 
     with session_scope(settings.database_url) as s:
@@ -238,7 +238,7 @@ def wait_for(settings: Settings, batch_id: str, *, poll: float = 0.5, check: Any
         while True:
             with session_scope(settings.database_url) as s:
                 batch = s.get(Batch, batch_id)
-                prog = records.progress(s, batch_id)
+                prog = views.progress(s, batch_id)
                 status = batch.status
             bar.length = max(prog["total"], 1)
             bar.update(prog["done"] - shown)
@@ -372,7 +372,7 @@ def status(batch_id: str | None, as_json: bool) -> None:
     """One batch with its items and candidates, or (no BATCH_ID) every batch."""
     from sqlalchemy import select
 
-    from farm import records
+    from farm import views
     from farm.db import Batch, migrate, session_scope
 
     settings = _settings()
@@ -382,10 +382,10 @@ def status(batch_id: str | None, as_json: bool) -> None:
             batch = s.get(Batch, batch_id)
             if batch is None:
                 raise click.ClickException(f"no batch {batch_id}")
-            data: Any = records.batch_dict(s, batch)
+            data: Any = views.batch_dict(s, batch)
         else:
             batches = s.scalars(select(Batch).order_by(Batch.created_at.desc())).all()
-            data = [records.batch_dict(s, b, with_items=False) for b in batches]
+            data = [views.batch_dict(s, b, with_items=False) for b in batches]
     if as_json:
         click.echo(json.dumps(data, indent=2))
     elif batch_id:
@@ -435,11 +435,11 @@ def workers(as_json: bool) -> None:
 
 def print_ranked(settings: Settings, batch_id: str) -> None:
     """The ranked result as a person reads it: each prompt's winner, its scores, and why others fell."""
-    from farm import records
+    from farm import views
     from farm.db import Batch, session_scope
 
     with session_scope(settings.database_url) as s:
-        data = records.batch_dict(s, s.get(Batch, batch_id))
+        data = views.batch_dict(s, s.get(Batch, batch_id))
     p = data["progress"]
     click.echo(
         f"\nbatch {data['name']} ({data['id']}): {data['status']}, {p['done']}/{p['total']} candidates "

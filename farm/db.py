@@ -138,7 +138,7 @@ class Candidate(Base):
 
 
 class ItemRound(Base):
-    """One ranking of an item, written in the transaction of the decision it records (farm.records): a top-up
+    """One ranking of an item, written in the transaction of the decision it records (farm.rounds): a top-up
     (its ranking at the time, otherwise lost when the item closes over more candidates), the rank that
     closed it, and the kinds farm.states.RoundKind adds later. The latest round's winners are the item's
     ``winners``. A raced or repeated rank writes none: the guard of the decision decides, and the key

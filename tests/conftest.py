@@ -138,3 +138,32 @@ def run_batch(settings: Settings, stack: object):
         return done.batch_id
 
     return _run
+
+
+#: One item of three candidates on the tiny model: the slice tests/test_records.py and tests/test_rounds.py
+#: write to (``slice_ids``).
+SLICE_MANIFEST = """
+name: records
+model: tiny
+defaults: {candidates: 3, steps: 1, size: 32x32}
+items:
+  - "a kite"
+"""
+
+
+@pytest.fixture
+def slice_ids(monkeypatch, tmp_path) -> tuple[str, list[str]]:
+    """A fresh FARM_HOME's database holding one batch of SLICE_MANIFEST: its url and candidate ids, sorted."""
+    from sqlalchemy import select
+
+    from farm import dispatch
+    from farm.db import Candidate
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    url = load_settings().database_url
+    migrate(url)
+    manifest, items = dispatch.plan(SLICE_MANIFEST, settings=load_settings())
+    done = dispatch.create_batch(manifest, items, SLICE_MANIFEST, settings=load_settings())
+    with session_scope(url) as s:
+        ids = list(s.scalars(select(Candidate.id).where(Candidate.batch_id == done.batch_id)))
+    return url, sorted(ids)

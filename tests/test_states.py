@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
-from farm import actions, dispatch, records, states
+from farm import actions, dispatch, records, rounds, states
 from farm.config import load_settings
 from farm.db import Candidate, get_engine, migrate, session_scope
 from farm.states import (
@@ -258,7 +258,7 @@ def _run(url: str, ids: list[str], stages: tuple[str, ...], results: dict[str, l
 
 
 def _finish(url: str, item_id: str, winners: list[str]) -> None:
-    records.finish_item(
+    rounds.finish_item(
         url, item_id, ranking=winners, winners=winners, scores=dict.fromkeys(winners, 1.0), rounds=0
     )
 

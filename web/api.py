@@ -15,8 +15,8 @@ from farm.artifacts import store_for
 from farm.config import Settings
 from farm.db import Batch, session_scope
 from farm.manifest import ManifestError, json_schema
-from farm.records import batch_dict
 from farm.states import BATCH_OPEN
+from farm.views import batch_dict
 from web import intake, readers, security
 from web.export import winners_zip
 from web.openapi import openapi_document

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from farm.artifacts import ArtifactPathError, ArtifactStore
 from farm.db import Batch
-from farm.records import batch_dict, candidate_dict
+from farm.views import batch_dict, candidate_dict
 from web.readers import winners
 
 

@@ -1,6 +1,6 @@
 """The SQL reads behind the pages and the API, shaped for display (no Flask here, only farm's models).
 
-Progress figures come from the candidates' rows (farm.records.progress); throughput is final candidates per
+Progress figures come from the candidates' rows (farm.views.progress); throughput is final candidates per
 second since the batch started, and the ETA extrapolates it over what is left.
 """
 
@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from farm.db import Batch, Candidate, Item, ItemRound, Worker, utcnow
 from farm.manifest import stored_manifest
 from farm.ranking import Contender, composite
-from farm.records import batch_dict
 from farm.states import BATCH_OPEN, CANDIDATE_FINAL, CANDIDATE_IN_PROGRESS, CandidateStatus
+from farm.views import batch_dict
 
 #: The filter for every candidate not final yet; the others are the final statuses themselves.
 IN_PROGRESS_FILTER = "in_progress"
@@ -38,7 +38,7 @@ def rates(batch: Batch, done: int, total: int, *, now: datetime | None = None) -
 
 
 def batch_summary(s: Session, batch: Batch) -> dict[str, Any]:
-    """records.batch_dict without items, plus throughput and ETA: one row of the batches list."""
+    """views.batch_dict without items, plus throughput and ETA: one row of the batches list."""
     out = batch_dict(s, batch, with_items=False)
     p = out["progress"]
     out.update(rates(batch, p["done"], p["total"]))

@@ -26,8 +26,8 @@ from farm.artifacts import ArtifactPathError, store_for
 from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.manifest import ManifestError
-from farm.records import progress
 from farm.states import BATCH_OPEN
+from farm.views import progress
 from web import intake, pictures, readers, security
 from web.export import winners_zip
 

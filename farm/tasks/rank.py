@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 
 from celery import Task
 
-from farm import faults, logs, records
+from farm import faults, logs, records, rounds
 from farm.canvas import RANK_TASK
 from farm.celery_app import app
 from farm.config import Settings, load_settings
@@ -42,7 +42,7 @@ def rank_item(self: Task, item_id: str) -> dict:
     nothing: it neither adds a second round for the same shortfall nor closes the item over the new round.
     """
     settings = load_settings()
-    view = records.rank_view(settings.database_url, item_id)
+    view = rounds.rank_view(settings.database_url, item_id)
     if view.closed:
         log.info("item %s is already closed; not ranked again", item_id)
         return {"item": item_id, "already_closed": True}
@@ -62,7 +62,7 @@ def rank_item(self: Task, item_id: str) -> dict:
         near_duplicate_distance=cfg.moderation.near_duplicate_distance,
     )
     topup = (
-        records.add_topup_round(
+        rounds.add_topup_round(
             settings.database_url,
             item_id,
             passed=len(contenders),
@@ -74,7 +74,7 @@ def rank_item(self: Task, item_id: str) -> dict:
         if view.topup_due()
         else None
     )
-    if topup is records.RACED:
+    if topup is rounds.RACED:
         return _raced(item_id)
     if topup is not None:
         # Short of min_accepted: a round of new seeds goes through the same chord, whose rank comes back here.
@@ -88,7 +88,7 @@ def rank_item(self: Task, item_id: str) -> dict:
             priority=dispatch.celery_priority(topup.priority),
         )
         return {"item": item_id, "topup_round": topup.round, "added": len(topup.candidate_ids)}
-    done = records.finish_item(
+    done = rounds.finish_item(
         settings.database_url,
         item_id,
         ranking=result.order,
@@ -97,7 +97,7 @@ def rank_item(self: Task, item_id: str) -> dict:
         rounds=view.rounds,
         during=lambda: faults.trigger("rank", prompt, [0], attempt=self.request.retries + 1),
     )
-    if done is records.RACED:
+    if done is rounds.RACED:
         return _raced(item_id)
     if done.closed_with_images or done.batch_closed:
         store_matches_rows(settings, done)
@@ -121,7 +121,7 @@ def _raced(item_id: str) -> dict:
     return {"item": item_id, "raced": True}
 
 
-def store_matches_rows(settings: Settings, done: records.Ranked) -> None:
+def store_matches_rows(settings: Settings, done: rounds.Ranked) -> None:
     """Rows and files one to one, after the item's close. A closed row naming an image the store never got
     (handed to a QC task that never ran: the batch was cancelled) names none. When the batch closes, files no
     row names are removed: a worker killed, or fenced off by its lease, between writing a candidate's PNG and

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from farm import dispatch, records
+from farm import dispatch, views
 from farm.config import load_settings
 from farm.db import Batch, Candidate, Item, ItemRound, migrate, session_scope
 from farm.tasks.rank import rank_item
@@ -41,7 +41,7 @@ def _snapshot(settings, batch_id: str) -> tuple:
 def _rounds(url: str, batch_id: str) -> list[list[tuple]]:
     """Each item's rounds as the JSON views show them: (number, kind, winners), oldest first."""
     with session_scope(url) as s:
-        items = records.batch_dict(s, s.get(Batch, batch_id))["items"]
+        items = views.batch_dict(s, s.get(Batch, batch_id))["items"]
     return [[(r["number"], r["kind"], r["winners"]) for r in it["rounds"]] for it in items]
 
 

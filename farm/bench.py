@@ -89,8 +89,9 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
     rt.preload()
     planned = plan_manifest(workload.manifest())
     manifest, plans = planned.manifest, planned.items
-    gen = rt.generator(manifest.model, dtype=manifest.dtype, memory=manifest.memory.model_dump())
-    validator, scorer = rt.validator(manifest.validation.model), rt.scorer(manifest.scoring.model)
+    models = rt.models
+    gen = models.generator(manifest.model, dtype=manifest.dtype, memory=manifest.memory.model_dump())
+    validator, scorer = models.validator(manifest.validation.model), models.scorer(manifest.scoring.model)
     stage = dict.fromkeys(STAGES, 0.0)
     hashes = mod.HashIndex()
     barrier = os.environ.get("FARM_BENCH_BARRIER")
@@ -119,7 +120,7 @@ def bare_loop(workload: Workload, models_dir: Path) -> dict[str, Any]:
                 h, _q = mod.pdq_hash(im.convert("RGB"))
                 _near = hashes.within(h, 20)
                 hashes.update([(f"{plan.index}-{k}", h)])
-            verdicts = [rt.nudenet().check(images), rt.opennsfw().check(images)]
+            verdicts = [models.nudenet().check(images), models.opennsfw().check(images)]
             [mod.combine([v[i] for v in verdicts]) for i in range(len(images))]
             t2 = time.perf_counter()
             validator.alignment(images, plan.prompt)

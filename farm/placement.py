@@ -43,7 +43,7 @@ STEAL_HOLD_S = 10.0
 
 
 def generator_key(ref: str, *, dtype: str = "fp32", memory: dict | None = None) -> str:
-    """The key a worker's model registry keeps a generator under (farm.tasks.runtime.Runtime.generator)."""
+    """The key a worker's model registry keeps a generator under (farm.tasks.runtime.Models.generator)."""
     memory = memory or {}
     flags = f"{int(bool(memory.get('attention_slicing')))}{int(bool(memory.get('cpu_offload')))}"
     return f"generator:{ref}:{dtype}:{flags}"

@@ -4,7 +4,7 @@ FARM_QC=worker, handed off to the device's QC worker, which writes them)."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm import records
 from farm.artifacts import image_name
@@ -12,12 +12,13 @@ from farm.records import StagedCandidate, StageStart
 from farm.states import CandidateStatus, CandidateVerdict
 from farm.tasks.stage import Stage
 
+if TYPE_CHECKING:
+    from farm.tasks.runtime import Runtime
 
-def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
+
+def generate_slice(rt: Runtime, start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     from farm.ml.moderation import check_prompt_terms
-    from farm.tasks.runtime import runtime
 
-    rt = runtime()
     batch, item = start.batch, start.item
     cfg = start.config
     terms = check_prompt_terms(
@@ -32,7 +33,7 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         }
         return {c.id: dict(record) for c in cands}
     p = item.params
-    gen = rt.generator(batch.model, dtype=cfg.dtype, memory=cfg.memory.model_dump())
+    gen = rt.models.generator(batch.model, dtype=cfg.dtype, memory=cfg.memory.model_dump())
     images = gen.generate(
         prompt=item.prompt,
         negative_prompt=item.negative_prompt,
@@ -68,23 +69,21 @@ def generate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
         files.append((rel, image, recipe))
         stored.append(c)
         out[c.id] = {"image_path": rel, "recipe": recipe, "device": rt.queue, "worker": rt.name}
-    if rt.handing_off:  # FARM_QC=worker: the device's QC worker stores the PNGs
+    if rt.images.handing_off:  # FARM_QC=worker: the device's QC worker stores the PNGs
         for rel, image, _recipe in files:
-            rt.handoff.put(rel, image)
+            rt.images.handoff.put(rel, image)
         return out
     for rel, image, _recipe in files:
-        rt.remember_image(rel, image.convert("RGB"))
-    for c, future in zip(stored, rt.store.start_pngs(files), strict=True):
-        rt.pending_writes[c.id] = future
+        rt.images.remember(rel, image.convert("RGB"))
+    for c, future in zip(stored, rt.images.store.start_pngs(files), strict=True):
+        rt.images.pending_writes[c.id] = future
     return out
 
 
-def settle_writes(cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
+def settle_writes(rt: Runtime, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     """Wait for the slice's PNG writes; a candidate whose image could not be stored fails (its row is
     written only now, so it never names a missing file)."""
-    from farm.tasks.runtime import runtime
-
-    pending = runtime().pending_writes
+    pending = rt.images.pending_writes
     failed = {}
     for c in cands:
         future = pending.pop(c.id, None)

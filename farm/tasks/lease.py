@@ -91,7 +91,7 @@ class Lease:
         self.url = rt.settings.database_url
         self.seconds = float(rt.settings.lease_seconds)
         self.heartbeat = float(rt.settings.heartbeat_seconds)
-        self.beat = rt.alive
+        self.beat = rt.heartbeat.alive
         self.token = token
         self.held = set(candidate_ids)
         self.lost: set[str] = set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from sqlalchemy import Connection
@@ -18,6 +18,9 @@ from farm.records import StagedCandidate, StageStart
 from farm.states import CandidateStatus, CandidateVerdict
 from farm.tasks.stage import Stage
 
+if TYPE_CHECKING:
+    from farm.tasks.runtime import Runtime
+
 log = logging.getLogger(__name__)
 
 LOST = (
@@ -26,35 +29,29 @@ LOST = (
 )
 
 
-def load_images(cands: list[StagedCandidate]) -> list[Image.Image]:
+def load_images(rt: Runtime, cands: list[StagedCandidate]) -> list[Image.Image]:
     """The slice's images: kept in memory by the stage before, else read from the store."""
-    from farm.tasks.runtime import runtime
-
-    return [runtime().image(c.image_path) for c in cands]
+    return [rt.images.image(c.image_path) for c in cands]
 
 
-def _find(c: StagedCandidate) -> Image.Image | None:
+def _find(rt: Runtime, c: StagedCandidate) -> Image.Image | None:
     """Moderate's image for ``c``: handed off by the generating worker (FARM_QC=worker; its PNG is stored
     from here), in memory, in the store, or None when it is nowhere."""
-    from farm.tasks.runtime import runtime
-
-    rt = runtime()
-    image = rt.take_handoff(c)
+    image = rt.images.take_handoff(c)
     if image is not None:
         return image
     try:
-        return rt.image(c.image_path)
+        return rt.images.image(c.image_path)
     except FileNotFoundError:
         return None
 
 
-def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
+def moderate_slice(rt: Runtime, start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     from farm.ml import moderation as mod
-    from farm.tasks.runtime import runtime
 
-    rt = runtime()
+    models = rt.models
     cfg = start.config.moderation
-    seen = {c.id: _find(c) for c in cands}
+    seen = {c.id: _find(rt, c) for c in cands}
     lost = [c for c in cands if seen[c.id] is None]
     if lost:
         logs.event(
@@ -68,15 +65,15 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     hashes = [mod.pdq_hash(im) for im in images]
     layers: list[list[mod.LayerVerdict]] = [[] for _ in cands]
     if cfg.pdq_blocklist:
-        blocklist = rt.blocklist(cfg.pdq_blocklist)
+        blocklist = models.blocklist(cfg.pdq_blocklist)
         for verdicts, (h, _q) in zip(layers, hashes, strict=True):
             verdicts.append(mod.check_pdq_blocklist(h, blocklist, max_distance=cfg.pdq_max_distance))
     if cfg.nsfw_detector.enabled:
-        found = rt.nudenet().check(images, threshold=cfg.nsfw_detector.threshold)
+        found = models.nudenet().check(images, threshold=cfg.nsfw_detector.threshold)
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
     if cfg.nsfw_classifier.enabled:
-        found = rt.opennsfw().check(images, threshold=cfg.nsfw_classifier.threshold)
+        found = models.opennsfw().check(images, threshold=cfg.nsfw_classifier.threshold)
         for verdicts, v in zip(layers, found, strict=True):
             verdicts.append(v)
     for c, verdicts, (h, quality) in zip(cands, layers, hashes, strict=True):
@@ -93,7 +90,7 @@ def moderate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str,
     return out
 
 
-def flag_near_duplicates(start: StageStart, conn: Connection, ids: list[str]) -> None:
+def flag_near_duplicates(rt: Runtime, start: StageStart, conn: Connection, ids: list[str]) -> None:
     """Flag, on both sides, every candidate of the batch within the near-duplicate distance of this slice.
 
     Runs in the transaction that writes the slice's hashes, after them, so the flags commit with the hashes
@@ -101,16 +98,13 @@ def flag_near_duplicates(start: StageStart, conn: Connection, ids: list[str]) ->
     written (``lock_hashes``), makes of two slices moderated at the same moment on two devices the one that
     writes second always see the first.
     """
-    from farm.tasks.runtime import runtime
-
-    rt = runtime()
     limit = start.config.moderation.near_duplicate_distance
     pool = rt.batch_hashes(conn, start.batch.id)
     pairs = {cid: [o for o in pool.within(pool[cid], limit) if o != cid] for cid in ids if cid in pool}
     records.add_near_duplicate_flags(conn, {k: v for k, v in pairs.items() if v}, limit)
 
 
-def lock_hashes(start: StageStart, conn: Connection) -> None:
+def lock_hashes(_rt: Runtime, start: StageStart, conn: Connection) -> None:
     records.lock_batch_hashes(conn, start.batch.id)
 
 

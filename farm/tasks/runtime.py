@@ -1,4 +1,7 @@
-"""What a worker process holds for its whole life: its pinning, its settings and its loaded models.
+"""What a worker process holds for its whole life: its pinning, its settings, and three parts with one job
+each: ``Models`` (what it has loaded), ``Images`` (a slice's images between its stages, and the QC handoff)
+and ``Heartbeat`` (its row in the ``workers`` table). ``Runtime`` composes them with the lease of the task
+it runs (farm.tasks.lease); a task's entry point fetches it with ``runtime()`` and passes it down.
 
 Models are loaded once per process, in ``worker_process_init`` (the child, after the fork: no CUDA context
 is ever created in the prefork parent), and kept in a registry that counts loads. The registry and what the
@@ -40,42 +43,26 @@ IMAGE_CACHE = 64
 DEFAULT_PRELOAD = {"validator": "tiny-clip", "scorer": "tiny-aesthetic"}
 
 
-class Runtime:
-    """Per-process models and identity of a device worker.
+class Models:
+    """The models a worker process has loaded, in a registry that counts loads and evicts generators.
 
-    With FARM_QC=worker a device has two workers on its host: the generating one (``cuda0@host``), which
-    holds only generators, hands each slice's images off in shared memory and passes the slice to
-    ``qc_queue``; and the QC worker (role ``qc``, ``qc-cuda0@host``), which holds the checking models, stores
-    the PNGs and runs the checks while the first generates the next slice.
+    Its own part because loading is what a stage asks of the process most, and what the heartbeat reports:
+    each loader builds on first use and hands back the registry's copy after. Generator loads and evictions
+    change which model queues the worker should consume, so they are announced to its main process.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, device: str, *, store: Any, announce_as: str | None) -> None:
         from farm.ml.registry import ModelRegistry
 
         self.settings = settings
-        self.queue, self.device = pinned()
-        self.role = pinned_role()
-        split = settings.qc == "worker" and bool(self.queue)
-        host = socket.gethostname()
-        self.name = qc_queue(self.queue, host) if self.role == "qc" else f"{self.queue or 'local'}@{host}"
-        self.handoff = Handoff(settings.handoff_dir) if split else None
-        self.qc_queue = qc_queue(self.queue) if split and self.role != "qc" else None
-        #: Whether generate hands the slice's images off to the QC worker (see ``checks_here``).
-        self.handing_off = self.qc_queue is not None
-        self.registry = ModelRegistry(budget_bytes=_budget_bytes(self.device))
-        self.tasks_done = 0
-        self.images: OrderedDict[str, Any] = OrderedDict()
-        self.pending_writes: dict[str, Future[None]] = {}
-        self.store = store_for(settings)
-        self.hashes: dict[str, tuple[HashIndex, Any]] = {}
+        self.device = device
+        self.store = store
+        #: The worker told which model queues to consume (``announce``): None for a QC or unpinned process.
+        self.announce_as = announce_as
+        self.registry = ModelRegistry(budget_bytes=_budget_bytes(device))
         pinned_threads = os.environ.get("FARM_PINNED_THREADS")
         self.threads = int(pinned_threads) if pinned_threads else None
-        self._lock = threading.Lock()
-        self._upsert: Any = None
         self._announced: list[str] | None = None
-        #: The lease the task running in this process holds (farm.tasks.lease), renewed by ``renewer``.
-        self.lease: Lease | None = None
-        self.renewer: threading.Thread | None = None
 
     def _resolve(self, ref: str, kind: str) -> Any:
         from farm.ml.builds import build_and_resolve
@@ -97,17 +84,17 @@ class Runtime:
             ),
             evictable=True,
         )
-        self.announce_generators()
+        self.announce()
         return gen
 
-    def announce_generators(self) -> None:
+    def announce(self) -> None:
         """Tell this worker's main process which model queues to consume: those of the generators held now.
 
         Sent only when the set changed since the last announcement (a load or an eviction), as a remote
         control message to this worker alone; the main process also reads ``loaded`` from the heartbeat
         when idle, so a lost message is corrected (farm.worker.ModelQueues).
         """
-        if not self.queue or self.role == "qc":
+        if self.announce_as is None:
             return
         queues = sorted(generator_queues(self.registry.loaded()))
         if queues == self._announced:
@@ -115,9 +102,9 @@ class Runtime:
         from farm.celery_app import app
 
         try:
-            announce_models(app, self.name, queues)
+            announce_models(app, self.announce_as, queues)
         except Exception as exc:  # the broker is away: the next load, or the idle re-read, catches up
-            log.warning("could not tell %s its model queues %s: %s", self.name, queues, exc)
+            log.warning("could not tell %s its model queues %s: %s", self.announce_as, queues, exc)
             return
         self._announced = queues
 
@@ -146,24 +133,57 @@ class Runtime:
 
         return self.registry.get("moderation:opennsfw", lambda: OpenNsfwLayer(threads=self.threads))
 
-    def remember_image(self, rel: str, image: Any) -> None:
+    def blocklist(self, path: str) -> HashIndex:
+        from farm.ml.moderation import HashIndex, load_blocklist
+
+        return self.registry.get(
+            f"blocklist:{path}", lambda: HashIndex.of(load_blocklist(path, store=self.store))
+        )
+
+
+class Images:
+    """A slice's images between its stages: kept in memory, their PNG writes in flight, the QC handoff.
+
+    Its own part because the stages of a slice run in one process and pass images through it, not through
+    SQL or the store: generate remembers or hands off what it made, moderate takes handed-off images and
+    starts their PNG writes, and ``settle_writes`` waits for those before a row names the file.
+    """
+
+    def __init__(self, store: Any, *, handoff: Handoff | None, qc: bool, hands_off: bool) -> None:
+        self.store = store
+        self.handoff = handoff
+        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.pending_writes: dict[str, Future[None]] = {}
+        self._qc = qc
+        self._hands_off = hands_off
+        #: Whether generate hands the slice's images off to the QC worker (see ``checks_here``).
+        self.handing_off = hands_off
+
+    def remember(self, rel: str, image: Any) -> None:
         """Keep a slice's images in memory for its later stages, which run in this same process."""
-        self.images[rel] = image
-        self.images.move_to_end(rel)
-        while len(self.images) > IMAGE_CACHE:
-            self.images.popitem(last=False)
+        self.cache[rel] = image
+        self.cache.move_to_end(rel)
+        while len(self.cache) > IMAGE_CACHE:
+            self.cache.popitem(last=False)
+
+    def image(self, rel: str) -> Any:
+        """The image at ``rel`` in the artifact store, from memory when this process made it."""
+        cached = self.cache.get(rel)
+        if cached is not None:
+            return cached
+        return self.store.open_image(rel)
 
     def take_handoff(self, c: Any) -> Any:
         """QC worker: candidate ``c``'s image as its generating worker handed it off, with its PNG write
         started (``settle_writes`` waits for it before the row moves on); None where there is no handoff."""
-        if self.handoff is None or self.role != "qc":
+        if self.handoff is None or not self._qc:
             return None
         if c.id in self.pending_writes:
-            return self.images.get(c.image_path)
+            return self.cache.get(c.image_path)
         image = self.handoff.open(c.image_path)
         if image is None:
             return None
-        self.remember_image(c.image_path, image)
+        self.remember(c.image_path, image)
         self.pending_writes[c.id] = self.store.start_pngs([(c.image_path, image, c.recipe)])[0]
         return image
 
@@ -175,62 +195,41 @@ class Runtime:
         try:
             yield
         finally:
-            self.handing_off = self.qc_queue is not None
+            self.handing_off = self._hands_off
 
     def drop_handoff(self, candidate_ids: list[str]) -> None:
         """QC worker, its task done: the slice's handed-off images are stored or no longer wanted."""
         if self.handoff is not None:
             self.handoff.drop(candidate_ids)
 
-    def image(self, rel: str) -> Any:
-        """The image at ``rel`` in the artifact store, from memory when this process made it."""
-        cached = self.images.get(rel)
-        if cached is not None:
-            return cached
-        return self.store.open_image(rel)
 
-    def batch_hashes(self, conn: Connection, batch_id: str) -> HashIndex:
-        """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since (read on
-        ``conn``, the stage's write transaction, which sees its own)."""
-        from farm.ml.moderation import HashIndex
-        from farm.records import batch_hashes
+class Heartbeat:
+    """This worker's row in the ``workers`` table: what `farm workers`, the dashboard and placement read.
 
-        known, since = self.hashes.get(batch_id) or (HashIndex(), None)
-        fresh, newest = batch_hashes(conn, batch_id, since=since)
-        known.update(fresh.items())
-        self.hashes = {batch_id: (known, newest)}  # one batch at a time is what a worker works on
-        return known
+    Its own part because it is written from three places, each at no extra commit where it can be: inside
+    the delivery count's transaction (``busy``), the last stage write's (``idle``) and each lease renewal's
+    (``alive``, from the renewing thread).
+    """
 
-    def blocklist(self, path: str) -> HashIndex:
-        from farm.ml.moderation import HashIndex, load_blocklist
+    def __init__(self, settings: Settings, *, name: str, queue: str, device: str, models: Models) -> None:
+        self.settings = settings
+        self.name = name
+        self.queue = queue
+        self.device = device
+        self.models = models
+        self.tasks_done = 0
+        self._upsert: Any = None
 
-        return self.registry.get(
-            f"blocklist:{path}", lambda: HashIndex.of(load_blocklist(path, store=self.store))
-        )
-
-    def preload(self) -> None:
-        """Load what every slice needs before the first task arrives."""
-        from farm import faults
-
-        faults.slow_load()
-        if self.role != "qc":
-            self.generator(self.settings.preload_generator, dtype=self.settings.preload_dtype)
-        if self.qc_queue:
-            return
-        self.validator(DEFAULT_PRELOAD["validator"])
-        self.scorer(DEFAULT_PRELOAD["scorer"])
-        self.nudenet()
-        self.opennsfw()
-
-    def _heartbeat_values(self) -> dict[str, Any]:
+    def _values(self) -> dict[str, Any]:
+        registry = self.models.registry
         return {
             "name": self.name,
             "queue": self.queue,
             "device": self.device,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
-            "models": self.registry.loads(),
-            "loaded": self.registry.loaded(),
+            "models": registry.loads(),
+            "loaded": registry.loaded(),
             "tasks_done": self.tasks_done,
             "heartbeat_at": utcnow(),
         }
@@ -244,17 +243,90 @@ class Runtime:
                 postgresql if get_engine(self.settings.database_url).dialect.name == "postgresql" else sqlite
             )
             stmt = dialect.insert(Worker)
-            keep = {k: stmt.excluded[k] for k in (*self._heartbeat_values(), "current") if k != "name"}
+            keep = {k: stmt.excluded[k] for k in (*self._values(), "current") if k != "name"}
             self._upsert = stmt.on_conflict_do_update(index_elements=["name"], set_=keep)
-        values = {**self._heartbeat_values(), "current": current, "started_at": utcnow()}
+        values = {**self._values(), "current": current, "started_at": utcnow()}
         upsert = self._upsert
         return lambda conn: conn.execute(upsert, values)
 
     def idle(self) -> Callable[[Connection], object]:
         """The heartbeat at the end of a task: nothing running, one more task done (the row exists)."""
-        values = {**self._heartbeat_values(), "current": None}
+        values = {**self._values(), "current": None}
         values["w_name"] = values.pop("name")
         return lambda conn: conn.execute(_IDLE, values)
+
+    def alive(self) -> Callable[[Connection], object]:
+        """The heartbeat a lease renewal writes beside it: this worker's row, from the process that works."""
+        values = {"w_name": self.name, "heartbeat_at": utcnow()}
+        return lambda conn: conn.execute(_IDLE, values)
+
+    def write(self, current: str | None = None) -> None:
+        """Write the heartbeat in a transaction of its own (at start, and where no stage write happens)."""
+        with get_engine(self.settings.database_url).begin() as conn:
+            self.busy(current)(conn)
+
+
+class Runtime:
+    """What a device worker process is (pinning, role, name) and the parts it holds for its whole life:
+    ``models``, ``images``, ``heartbeat``, and the ``lease`` of the task it runs.
+
+    One per process, built by ``runtime()`` at a task's entry (or in ``worker_process_init``) and passed
+    down to the stages explicitly. With FARM_QC=worker a device has two workers on its host: the generating
+    one (``cuda0@host``), which holds only generators, hands each slice's images off in shared memory and
+    passes the slice to ``qc_queue``; and the QC worker (role ``qc``, ``qc-cuda0@host``), which holds the
+    checking models, stores the PNGs and runs the checks while the first generates the next slice.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.queue, self.device = pinned()
+        self.role = pinned_role()
+        split = settings.qc == "worker" and bool(self.queue)
+        host = socket.gethostname()
+        self.name = qc_queue(self.queue, host) if self.role == "qc" else f"{self.queue or 'local'}@{host}"
+        self.qc_queue = qc_queue(self.queue) if split and self.role != "qc" else None
+        self.store = store_for(settings)
+        announce_as = self.name if self.queue and self.role != "qc" else None
+        self.models = Models(settings, self.device, store=self.store, announce_as=announce_as)
+        self.images = Images(
+            self.store,
+            handoff=Handoff(settings.handoff_dir) if split else None,
+            qc=self.role == "qc",
+            hands_off=self.qc_queue is not None,
+        )
+        self.heartbeat = Heartbeat(
+            settings, name=self.name, queue=self.queue, device=self.device, models=self.models
+        )
+        self.hashes: dict[str, tuple[HashIndex, Any]] = {}
+        #: The lease the task running in this process holds (farm.tasks.lease), renewed by ``renewer``.
+        self.lease: Lease | None = None
+        self.renewer: threading.Thread | None = None
+
+    def batch_hashes(self, conn: Connection, batch_id: str) -> HashIndex:
+        """The batch's PDQ hashes so far: kept in this process, topped up with the rows changed since (read on
+        ``conn``, the stage's write transaction, which sees its own)."""
+        from farm.ml.moderation import HashIndex
+        from farm.records import batch_hashes
+
+        known, since = self.hashes.get(batch_id) or (HashIndex(), None)
+        fresh, newest = batch_hashes(conn, batch_id, since=since)
+        known.update(fresh.items())
+        self.hashes = {batch_id: (known, newest)}  # one batch at a time is what a worker works on
+        return known
+
+    def preload(self) -> None:
+        """Load what every slice needs before the first task arrives."""
+        from farm import faults
+
+        faults.slow_load()
+        if self.role != "qc":
+            self.models.generator(self.settings.preload_generator, dtype=self.settings.preload_dtype)
+        if self.qc_queue:
+            return
+        self.models.validator(DEFAULT_PRELOAD["validator"])
+        self.models.scorer(DEFAULT_PRELOAD["scorer"])
+        self.models.nudenet()
+        self.models.opennsfw()
 
     def claim(self) -> Claim:
         """This process's claim on a slice's lease (taken by ``records.begin_stages``)."""
@@ -262,16 +334,6 @@ class Runtime:
         from farm.tasks.lease import gone, owner_name
 
         return Claim(owner=owner_name(self.name), seconds=self.settings.lease_seconds, gone=gone)
-
-    def alive(self) -> Callable[[Connection], object]:
-        """The heartbeat a lease renewal writes beside it: this worker's row, from the process that works."""
-        values = {"w_name": self.name, "heartbeat_at": utcnow()}
-        return lambda conn: conn.execute(_IDLE, values)
-
-    def heartbeat(self, current: str | None = None) -> None:
-        """Write the heartbeat in a transaction of its own (at start, and where no stage write happens)."""
-        with get_engine(self.settings.database_url).begin() as conn:
-            self.busy(current)(conn)
 
 
 _IDLE = update(Worker.__table__).where(Worker.__table__.c.name == bindparam("w_name"))
@@ -294,6 +356,8 @@ _runtime: Runtime | None = None
 
 
 def runtime() -> Runtime:
+    """This process's runtime, built on first use. Only task entry points and worker signal handlers call
+    it; everything below them is handed the runtime."""
     global _runtime
     if _runtime is None:
         _runtime = Runtime(load_settings())
@@ -316,9 +380,9 @@ def _on_process_init(**_kwargs: Any) -> None:
     limit_torch_threads()
     rt = runtime()
     rt.preload()
-    rt.heartbeat()
-    rt.announce_generators()  # a restarted child holds only what it preloaded
-    log.info("worker %s on %s loaded %s", rt.name, rt.device, rt.registry.loads())
+    rt.heartbeat.write()
+    rt.models.announce()  # a restarted child holds only what it preloaded
+    log.info("worker %s on %s loaded %s", rt.name, rt.device, rt.models.registry.loads())
 
 
 def describe_task(name: str, payload: Any) -> str:

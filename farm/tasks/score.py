@@ -5,19 +5,19 @@ Idempotent: the scorer is deterministic and writes only onto 'validated' candida
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.records import StagedCandidate, StageStart
 from farm.tasks.moderate import load_images
 from farm.tasks.stage import Stage
 
+if TYPE_CHECKING:
+    from farm.tasks.runtime import Runtime
 
-def score_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
-    from farm.tasks.runtime import runtime
 
-    rt = runtime()
-    scorer = rt.scorer(start.config.scoring.model)
-    scores = scorer.score(load_images(cands), start.item.prompt)
+def score_slice(rt: Runtime, start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
+    scorer = rt.models.scorer(start.config.scoring.model)
+    scores = scorer.score(load_images(rt, cands), start.item.prompt)
     return {c.id: {"preference": float(s)} for c, s in zip(cands, scores, strict=True)}
 
 

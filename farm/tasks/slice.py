@@ -50,13 +50,13 @@ def run_slice(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
     rt = runtime()
     if rt.qc_queue is None:
-        run_stages(self, payload, STAGES)
+        run_stages(rt, self, payload, STAGES)
         return payload
     if not wait_for_qc(rt.qc_queue, rt.settings.qc_ahead, limit=rt.settings.task_time_limit / 2):
-        with rt.checks_here():
-            run_stages(self, payload, STAGES)
+        with rt.images.checks_here():
+            run_stages(rt, self, payload, STAGES)
         return payload
-    run_stages(self, payload, STAGES[:1])
+    run_stages(rt, self, payload, STAGES[:1])
     return self.replace(qc_signature(app, payload, queue=rt.qc_queue, priority=_priority(self)))
 
 
@@ -109,10 +109,10 @@ def run_qc(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     from farm.tasks.runtime import runtime
 
     rt = runtime()
-    run_stages(self, payload, QC_STAGES)
+    run_stages(rt, self, payload, QC_STAGES)
     now = records.statuses(rt.settings.database_url, payload["candidates"])
     waiting = (STAGE_INPUT["generate"], STAGE_INPUT["moderate"])
-    rt.drop_handoff([c for c in payload["candidates"] if now.get(c) not in waiting])
+    rt.images.drop_handoff([c for c in payload["candidates"] if now.get(c) not in waiting])
     if STAGE_INPUT["generate"] not in now.values():
         return payload
     queue = route_batch(rt.settings.database_url, payload["batch_id"])

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from time import monotonic, perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from sqlalchemy import Connection
@@ -36,9 +36,14 @@ from farm.records import StagedCandidate, StageStart
 from farm.states import STAGE_INPUT, STAGE_OUTPUT
 from farm.tasks.lease import Lease, keep_renewing
 
+if TYPE_CHECKING:
+    from farm.tasks.runtime import Runtime
+
 log = logging.getLogger(__name__)
 
-Work = Callable[[StageStart, list[StagedCandidate]], dict[str, dict[str, Any]]]
+#: A stage's work, and each of its callables, get the worker process's runtime first: the task's entry point
+#: fetched it once (farm.tasks.slice), and the stages use its models, images and lease.
+Work = Callable[["Runtime", StageStart, list[StagedCandidate]], dict[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class Stage:
 
     name: str
     work: Work
-    within: Callable[[StageStart, Connection, list[str]], None] | None = None
-    before: Callable[[StageStart, Connection], None] | None = None
-    settle: Callable[[list[StagedCandidate]], dict[str, dict[str, Any]]] | None = None
+    within: Callable[[Runtime, StageStart, Connection, list[str]], None] | None = None
+    before: Callable[[Runtime, StageStart, Connection], None] | None = None
+    settle: Callable[[Runtime, list[StagedCandidate]], dict[str, dict[str, Any]]] | None = None
     hold: bool = False
 
     @property
@@ -131,25 +136,27 @@ def isolate(
     return out
 
 
-def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> list[StagedCandidate]:
-    """Run ``stages`` in order on a slice, each as one batched call followed by one write of its results.
+def run_stages(
+    rt: Runtime, task: Task, payload: dict[str, Any], stages: Sequence[Stage]
+) -> list[StagedCandidate]:
+    """Run ``stages`` in order on a slice, each as one batched call followed by one write of its results,
+    in the worker process whose runtime is ``rt``.
 
     A stage may send a candidate back to the first stage's input (moderate, when its image was lost with
     another host): the task runs the stages on it once more. Returns the candidates it worked on, as written.
     """
-    from farm.tasks.runtime import describe_task, runtime
+    from farm.tasks.runtime import describe_task
 
-    rt = runtime()
     taken = monotonic()  # before the lease's transaction: its expiry counts from no earlier than this
     start = records.begin_stages(
         rt.settings.database_url,
         payload["candidates"],
         tuple(s.name for s in stages),
         max_attempts=rt.settings.max_attempts,
-        also=rt.busy(describe_task(task.name, payload)),
+        also=rt.heartbeat.busy(describe_task(task.name, payload)),
         claim=rt.claim(),
     )
-    rt.tasks_done += 1
+    rt.heartbeat.tasks_done += 1
     if start.held_elsewhere:
         logs.event(
             log,
@@ -159,12 +166,12 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
             candidates=start.held_elsewhere,
         )
     if start.token is None:  # nothing to do here
-        rt.heartbeat(None)
+        rt.heartbeat.write(None)
         return start.todo
     rt.lease = lease = Lease(rt, [c.id for c in start.todo], start.token, taken=taken)
     keep_renewing(rt)
     try:
-        _run(start, stages, lease)
+        _run(rt, start, stages, lease)
     except BaseException:
         try:
             lease.release()
@@ -176,10 +183,7 @@ def run_stages(task: Task, payload: dict[str, Any], stages: Sequence[Stage]) -> 
     return start.todo
 
 
-def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
-    from farm.tasks.runtime import runtime
-
-    rt = runtime()
+def _run(rt: Runtime, start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
     redelivered = any(c.stage_attempts.get(records.NEXT_STAGE[c.status], 0) > 1 for c in start.todo)
     # A slice seen before may hold input that kills its worker: go one candidate at a time, committing each,
     # so the others finish and only the poison one runs into the attempt cap.
@@ -199,7 +203,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
                 cands = lease.keep(cands)
             for h in held:
                 h.preview(cands)
-            worked = _work(start, stage, cands, lease) if cands else None
+            worked = _work(rt, start, stage, cands, lease) if cands else None
             if worked is not None:
                 held.append(worked)
                 if k:
@@ -207,7 +211,7 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
             if not held or (stage.holds and k + 1 < len(stages)):
                 continue
             last = n == len(groups) and k == len(stages) - 1 and not rewound - sent_back
-            _commit(start, held, names, lease, also=rt.idle() if last else None)
+            _commit(rt, start, held, names, lease, also=rt.heartbeat.idle() if last else None)
             idle = idle or last
             held = []
         again = [c for c in group if c.id in rewound - sent_back and c.status == first]
@@ -215,12 +219,12 @@ def _run(start: StageStart, stages: Sequence[Stage], lease: Lease) -> None:
             sent_back.update(c.id for c in again)
             groups.append(again)
     if not idle:
-        rt.heartbeat(None)
+        rt.heartbeat.write(None)
 
 
-def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate], lease: Lease) -> _Worked:
-    from farm.tasks.runtime import runtime
-
+def _work(
+    rt: Runtime, start: StageStart, stage: Stage, cands: list[StagedCandidate], lease: Lease
+) -> _Worked:
     def guarded(part: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
         faults.trigger(
             stage.name,
@@ -228,18 +232,19 @@ def _work(start: StageStart, stage: Stage, cands: list[StagedCandidate], lease: 
             [c.index for c in part],
             attempt=max(c.stage_attempts.get(stage.name, 1) for c in part),
         )
-        return stage.work(start, part)
+        return stage.work(rt, start, part)
 
     t0 = perf_counter()
     updates = isolate(stage.name, guarded, cands)
     if lease.lost:  # taken over during the work: those are the new holder's to write
         updates = {cid: u for cid, u in updates.items() if cid not in lease.lost}
     seconds = perf_counter() - t0
-    timing = {"s": round(seconds / len(cands), 5), "queue": runtime().queue}
+    timing = {"s": round(seconds / len(cands), 5), "queue": rt.queue}
     return _Worked(stage, cands, updates, timing, seconds)
 
 
 def _commit(
+    rt: Runtime,
     start: StageStart,
     held: list[_Worked],
     names: list[str],
@@ -251,14 +256,11 @@ def _commit(
     Candidates leaving the task release their lease in that write (``keeps``: the statuses the task still
     works on, the inputs of the stages ``names``); those whose write was refused (a newer lease holder, or
     another delivery, recorded them) are dropped."""
-    from farm.tasks.runtime import runtime
-
-    rt = runtime()
     keeps = frozenset(STAGE_INPUT[name] for name in names)
     t0 = perf_counter()
     writes = []
     for w in held:
-        updates = w.updates if w.stage.settle is None else {**w.updates, **w.stage.settle(w.cands)}
+        updates = w.updates if w.stage.settle is None else {**w.updates, **w.stage.settle(rt, w.cands)}
         at = names.index(w.stage.name)
         writes.append(
             records.StageWrite(
@@ -267,8 +269,8 @@ def _commit(
                 w.timing,
                 started={c.id: c for c in w.cands},
                 entering=names[at + 1] if at + 1 < len(names) else None,
-                within=partial(w.stage.within, start) if w.stage.within is not None else None,
-                before=partial(w.stage.before, start) if w.stage.before is not None else None,
+                within=partial(w.stage.within, rt, start) if w.stage.within is not None else None,
+                before=partial(w.stage.before, rt, start) if w.stage.before is not None else None,
                 keeps=keeps,
             )
         )

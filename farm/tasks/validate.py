@@ -5,22 +5,22 @@ Idempotent: scores are recomputed from the image, written only onto 'moderated' 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.records import StagedCandidate, StageStart
 from farm.states import CandidateStatus, CandidateVerdict
 from farm.tasks.moderate import load_images
 from farm.tasks.stage import Stage
 
+if TYPE_CHECKING:
+    from farm.tasks.runtime import Runtime
 
-def validate_slice(start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
-    from farm.tasks.runtime import runtime
 
-    rt = runtime()
+def validate_slice(rt: Runtime, start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
     cfg = start.config.validation
     item = start.item
-    images = load_images(cands)
-    model = rt.validator(cfg.model)
+    images = load_images(rt, cands)
+    model = rt.models.validator(cfg.model)
     scores = model.alignment(images, item.prompt)
     phrases = item.params.get("required_attributes") or []
     margins = model.attributes(images, phrases) if phrases else [{} for _ in cands]

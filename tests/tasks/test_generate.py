@@ -10,19 +10,22 @@ from sqlalchemy import select, update
 from farm import records
 from farm.artifacts import store_for
 from farm.db import Candidate, session_scope, utcnow
-from farm.tasks import runtime as runtime_module
 from farm.tasks.generate import generate_slice, settle_writes
+from farm.tasks.runtime import Runtime
 
-from .test_stage import one_slice  # noqa: F401  (the fixture: one batch of one item, three candidates)
+from .test_stage import one_slice, rt  # noqa: F401  (the fixtures: one batch of one item, three candidates)
 
 
-def _generated(start: records.StageStart) -> dict:
-    out = generate_slice(start, start.todo)
-    assert settle_writes(start.todo) == {}, "every PNG stored"
+def _generated(runtime: Runtime, start: records.StageStart) -> dict:
+    out = generate_slice(runtime, start, start.todo)
+    assert settle_writes(runtime, start.todo) == {}, "every PNG stored"
     return out
 
 
-def test_a_holder_fenced_off_mid_write_cannot_overwrite_the_image_of_the_holder_that_took_over(one_slice):  # noqa: F811
+def test_a_holder_fenced_off_mid_write_cannot_overwrite_the_image_of_the_holder_that_took_over(
+    one_slice,  # noqa: F811
+    rt,  # noqa: F811
+):
     """The race the lease's token guard cannot close alone: a holder whose pass ended inside its lease (its
     check passed) is paused before its PNG writes land; the lease runs out, another worker takes the slice
     over (here the reaper hands it on, and the new holder generates candidate 0 alone) and records it. Then
@@ -39,7 +42,7 @@ def test_a_holder_fenced_off_mid_write_cannot_overwrite_the_image_of_the_holder_
     )
     assert (first.token, second.token) == (1, 3)
 
-    taken_over = _generated(second)
+    taken_over = _generated(rt, second)
     (written,) = records.apply_stages(
         url,
         [
@@ -49,12 +52,12 @@ def test_a_holder_fenced_off_mid_write_cannot_overwrite_the_image_of_the_holder_
         ],
     )
     assert [c.id for c in written] == ids[:1]
-    late = _generated(first)  # the fenced holder's writes land last
+    late = _generated(rt, first)  # the fenced holder's writes land last
 
     with session_scope(url) as s:
         row = s.scalars(select(Candidate).where(Candidate.id == ids[0])).one()
     assert row.image_path == taken_over[ids[0]]["image_path"] != late[ids[0]]["image_path"]
-    store = store_for(runtime_module.runtime().settings)
+    store = store_for(rt.settings)
     stored = json.loads(store.read_bytes(row.image_path.removesuffix(".png") + ".json"))
     assert stored["slice_seeds"] == [row.seed], "the image the row names is the new holder's (slice of one)"
     assert len(late[ids[0]]["recipe"]["slice_seeds"]) == 3

@@ -19,12 +19,12 @@ def test_the_preloaded_generator_takes_the_configured_dtype_and_serves_batches_o
     rt = Runtime(replace(settings, preload_dtype="bf16"))
     rt.preload()
     key = placement.generator_key("tiny", dtype="bf16")
-    assert key in rt.registry.loaded()
-    assert placement.generator_key("tiny") not in rt.registry.loaded(), "no fp32 copy loaded beside it"
-    assert rt.generator("tiny", dtype="bf16") is rt.generator("tiny", dtype="bf16")
-    assert rt.registry.loads()[key] == 1
-    assert rt.generator("tiny", dtype="bf16").pipe.unet.dtype.is_floating_point
-    assert str(rt.generator("tiny", dtype="bf16").pipe.unet.dtype) == "torch.bfloat16"
+    assert key in rt.models.registry.loaded()
+    assert placement.generator_key("tiny") not in rt.models.registry.loaded(), "no fp32 copy loaded beside it"
+    assert rt.models.generator("tiny", dtype="bf16") is rt.models.generator("tiny", dtype="bf16")
+    assert rt.models.registry.loads()[key] == 1
+    assert rt.models.generator("tiny", dtype="bf16").pipe.unet.dtype.is_floating_point
+    assert str(rt.models.generator("tiny", dtype="bf16").pipe.unet.dtype) == "torch.bfloat16"
 
 
 def test_preload_dtype_defaults_to_fp32_and_rejects_other_names_by_variable(tmp_path):
@@ -53,13 +53,13 @@ def test_with_qc_workers_the_generating_worker_preloads_only_generators_and_its_
     monkeypatch.setenv("FARM_PINNED_QUEUE", "cuda0")
     gen = Runtime(split)
     gen.preload()
-    assert gen.qc_queue == f"qc-cuda0@{socket.gethostname()}" and gen.handoff is not None
-    assert [k.split(":")[0] for k in gen.registry.loaded()] == ["generator"]
+    assert gen.qc_queue == f"qc-cuda0@{socket.gethostname()}" and gen.images.handoff is not None
+    assert [k.split(":")[0] for k in gen.models.registry.loaded()] == ["generator"]
     monkeypatch.setenv("FARM_PINNED_ROLE", "qc")
     qc = Runtime(split)
     qc.preload()
     assert qc.name == gen.qc_queue and qc.qc_queue is None
-    assert {k.split(":")[0] for k in qc.registry.loaded()} == {"validator", "scorer", "moderation"}
+    assert {k.split(":")[0] for k in qc.models.registry.loaded()} == {"validator", "scorer", "moderation"}
     monkeypatch.delenv("FARM_PINNED_ROLE")
     inline = Runtime(settings)
-    assert inline.qc_queue is None and inline.handoff is None
+    assert inline.qc_queue is None and inline.images.handoff is None

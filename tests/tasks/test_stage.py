@@ -14,7 +14,6 @@ from sqlalchemy import event, select, update
 from farm import dispatch, records
 from farm.config import load_settings
 from farm.db import READ_ONLY, Candidate, Worker, get_engine, migrate, session_scope, utcnow
-from farm.tasks import runtime as runtime_module
 from farm.tasks.lease import Lease, keep_renewing
 from farm.tasks.runtime import Runtime
 from farm.tasks.stage import Stage, run_stages
@@ -30,10 +29,15 @@ def one_slice(monkeypatch, tmp_path) -> tuple[str, list[str]]:
     migrate(settings.database_url)
     manifest, items = dispatch.plan(MANIFEST, settings=settings)
     done = dispatch.create_batch(manifest, items, MANIFEST, settings=settings)
-    monkeypatch.setattr(runtime_module, "_runtime", Runtime(settings))
     with session_scope(settings.database_url) as s:
         ids = sorted(s.scalars(select(Candidate.id).where(Candidate.batch_id == done.batch_id)))
     return settings.database_url, ids
+
+
+@pytest.fixture
+def rt(one_slice) -> Runtime:
+    """The runtime a task's entry point would hand the stages, on the slice's settings."""
+    return Runtime(load_settings())
 
 
 def _rows(url: str, ids: list[str]) -> list[Candidate]:
@@ -47,20 +51,20 @@ def _statuses(url: str, ids: list[str]) -> dict[str, str]:
 
 
 def test_a_settled_stage_is_written_after_the_next_stages_work_and_a_failed_side_effect_fails_its_candidate(
-    one_slice,
+    one_slice, rt
 ):
     url, ids = one_slice
     events: list[str] = []
 
-    def generate(start, cands):
+    def generate(rt, start, cands):
         events.append("generate")
         return {c.id: {"image_path": f"b/{c.id}.png"} for c in cands}
 
-    def settle(cands):
+    def settle(rt, cands):
         events.append("settle")
         return {ids[1]: records.failure("generate", "could not store the image: disk full")}
 
-    def moderate(start, cands):
+    def moderate(rt, start, cands):
         events.append("moderate")
         # The next stage sees what generate made before it is written; SQL does not yet.
         assert [c.image_path for c in cands] == [f"b/{i}.png" for i in ids]
@@ -68,7 +72,7 @@ def test_a_settled_stage_is_written_after_the_next_stages_work_and_a_failed_side
         return {c.id: {"verdict": "ok"} for c in cands}
 
     stages = [Stage("generate", generate, settle=settle), Stage("moderate", moderate)]
-    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
 
     assert events == ["generate", "moderate", "settle"]
     with session_scope(url) as s:
@@ -88,7 +92,7 @@ def _four_stages(events: list[str], *, score_dies: bool = False) -> list[Stage]:
     """The real stages' shape: generate settles, moderate checks within its write, validate holds."""
 
     def work(name: str, result: dict):
-        def run(start, cands):
+        def run(rt, start, cands):
             events.append(name)
             if name == "score" and score_dies:
                 raise SystemExit("the worker died")  # not an Exception: nothing catches it, as a SIGKILL
@@ -96,19 +100,19 @@ def _four_stages(events: list[str], *, score_dies: bool = False) -> list[Stage]:
 
         return run
 
-    def within(start, conn, written):
+    def within(rt, start, conn, written):
         rows = conn.execute(select(Candidate.status).where(Candidate.id.in_(written))).scalars()
         events.append(f"within:{len(written)}:{','.join(sorted(set(rows)))}")
 
     return [
-        Stage("generate", work("generate", {"image_path": "x.png"}), settle=lambda cands: {}),
+        Stage("generate", work("generate", {"image_path": "x.png"}), settle=lambda rt, cands: {}),
         Stage("moderate", work("moderate", {"pdq_hash": "ab"}), within=within),
         Stage("validate", work("validate", {"alignment": 0.5}), hold=True),
         Stage("score", work("score", {"preference": 0.1, "score": 0.2})),
     ]
 
 
-def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own_rows(one_slice):
+def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own_rows(one_slice, rt):
     url, ids = one_slice
     writes, events = [], []
     event.listen(
@@ -116,7 +120,7 @@ def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own
         "begin",
         lambda conn: None if conn.get_execution_options().get(READ_ONLY) else writes.append(conn),
     )
-    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
+    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
 
     assert len(writes) == 3, "the delivery count, generate + moderate, validate + score"
     assert events == ["generate", "moderate", "within:3:moderated", "validate", "score"]
@@ -128,17 +132,17 @@ def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own
     assert all(c.stage_attempts == {st: 1 for st in STAGE_NAMES} for c in rows)
 
 
-def test_a_crash_in_score_repeats_validate_which_held_its_results_and_nothing_before_it(one_slice):
+def test_a_crash_in_score_repeats_validate_which_held_its_results_and_nothing_before_it(one_slice, rt):
     url, ids = one_slice
     events: list[str] = []
     with pytest.raises(SystemExit):
         run_stages(
-            SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events, score_dies=True)
+            rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events, score_dies=True)
         )
     assert set(_statuses(url, ids).values()) == {"moderated"}, "validate's results went with score's"
 
     events.clear()
-    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
+    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
     assert "generate" not in events and "moderate" not in events
     assert events.count("validate") == 3, "redelivered: one candidate at a time"
     with session_scope(url) as s:
@@ -152,8 +156,8 @@ def _losing_moderate(events: list[str], lose: set[str], *, every_time: bool = Fa
     stages = _four_stages(events)
     plain = stages[1].work
 
-    def moderate(start, cands):
-        out = plain(start, cands)
+    def moderate(rt, start, cands):
+        out = plain(rt, start, cands)
         for c in cands:
             if c.id in lose:
                 out[c.id] = records.image_lost(c)
@@ -165,11 +169,11 @@ def _losing_moderate(events: list[str], lose: set[str], *, every_time: bool = Fa
     return stages
 
 
-def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(one_slice):
+def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(one_slice, rt):
     url, ids = one_slice
     events: list[str] = []
     worked = run_stages(
-        SimpleNamespace(name="farm.slice"), {"candidates": ids}, _losing_moderate(events, {ids[1]})
+        rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _losing_moderate(events, {ids[1]})
     )
 
     assert events.count("generate") == 2 and events.count("score") == 2
@@ -179,11 +183,11 @@ def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(on
     assert rows[ids[1]].stage_attempts == {st: 1 for st in STAGE_NAMES}, "one delivery; moderate started over"
 
 
-def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and_the_task_ends(one_slice):
+def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and_the_task_ends(one_slice, rt):
     url, ids = one_slice
     events: list[str] = []
     stages = _losing_moderate(events, {ids[0]}, every_time=True)
-    worked = run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+    worked = run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
 
     assert events.count("generate") == 2, "generated again once in this task, not in a loop"
     assert {c.id: c.status for c in worked} == {ids[0]: "pending", ids[1]: "scored", ids[2]: "scored"}
@@ -191,13 +195,14 @@ def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and
     assert (lost.image_path, lost.recipe, lost.stage) == (None, {}, None), "the row names no missing image"
 
 
-def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_holder_writes_once(one_slice):
+def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_holder_writes_once(
+    one_slice, rt
+):
     url, ids = one_slice
     events: list[str] = []
-    rt = runtime_module.runtime()
     other: list[records.StageStart] = []
 
-    def paused_past_its_lease(start, cands):
+    def paused_past_its_lease(rt, start, cands):
         # This run stopped here past its lease: the reaper moved the generation on and another worker took
         # the slice (it has not written yet); then this run goes on.
         with session_scope(url) as s:
@@ -209,8 +214,9 @@ def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_h
         events.append("taken over")
         return {c.id: {"image_path": "old.png", "worker": "cuda0@here"} for c in cands}
 
-    stages = [Stage("generate", paused_past_its_lease, settle=lambda cands: {}), *_four_stages(events)[1:]]
-    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+    generate = Stage("generate", paused_past_its_lease, settle=lambda rt, cands: {})
+    stages = [generate, *_four_stages(events)[1:]]
+    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
 
     assert events == ["taken over"], "nothing after generate ran: the slice was dropped"
     assert rt.lease is None
@@ -235,11 +241,12 @@ def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_h
     assert all(c.stage_attempts == {"generate": 2} and c.lease_expires_at is None for c in rows)
 
 
-def test_the_process_running_a_slice_renews_its_lease_and_its_worker_row_from_a_thread_of_its_own(one_slice):
+def test_the_process_running_a_slice_renews_its_lease_and_its_worker_row_from_a_thread_of_its_own(
+    one_slice, rt
+):
     url, ids = one_slice
-    rt = runtime_module.runtime()
     rt.settings = replace(rt.settings, heartbeat_seconds=1, lease_seconds=3)
-    rt.heartbeat("farm.slice")  # the worker's row, as its first task writes it
+    rt.heartbeat.write("farm.slice")  # the worker's row, as its first task writes it
     start = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=rt.claim())
     assert rt.claim().owner.endswith(f" pid {os.getpid()}")
     taken = {c.id: c.lease_expires_at for c in _rows(url, ids)}
@@ -262,7 +269,7 @@ def test_the_process_running_a_slice_renews_its_lease_and_its_worker_row_from_a_
     assert rt.lease is None and rt.renewer.is_alive()
 
 
-def test_a_slice_dates_its_lease_from_before_the_transaction_that_took_it(one_slice, monkeypatch):
+def test_a_slice_dates_its_lease_from_before_the_transaction_that_took_it(one_slice, rt, monkeypatch):
     """Review F8: the lease's expiry counts from the clock read inside the transaction that took it, and
     that transaction may then wait on row locks (PostgreSQL) before it commits. The run dated its lease
     when it built it, after the commit, so ``keep`` trusted a lease older than it assumed; it dates it from
@@ -287,5 +294,5 @@ def test_a_slice_dates_its_lease_from_before_the_transaction_that_took_it(one_sl
 
     monkeypatch.setattr(records, "_write_guarded", waits_for_locks)
     monkeypatch.setattr(stage_module, "Lease", Stamped)
-    run_stages(SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages([]))
+    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages([]))
     assert len(stamps) == 1 and stamps[0] <= read[0], "dated no later than its expiry was read"

@@ -311,6 +311,11 @@ def bench(
     # Workers preload the manifest's own generator, so B's first slice loads nothing that A loaded untimed.
     base.update({"FARM_PRELOAD_GENERATOR": workload.model, "FARM_PRELOAD_DTYPE": workload.dtype})
     two = parse_devices(devices)
+    if workload.items < len(two):
+        raise RuntimeError(
+            f"--items {workload.items} is fewer than the {len(two)} devices of --devices: run A2 splits the "
+            f"items between one bare loop per device, so give at least {len(two)}"
+        )
     one = dict(list(two.items())[:1])
     from farm.gpu_pinning.pinning import cpu_share
 

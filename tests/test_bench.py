@@ -63,7 +63,7 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
 def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
     run = subprocess.run(
-        [sys.executable, "-m", "farm", "bench", "--model", str(tmp_path / "no-such-model"), "--items", "1"],
+        [sys.executable, "-m", "farm", "bench", "--model", str(tmp_path / "no-such-model"), "--items", "2"],
         env={**env, "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
@@ -72,6 +72,22 @@ def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
     assert run.returncode == 1
     assert "Error: a bare-loop process failed before its loop started (exit 1)" in run.stderr
     assert f"generator model folder '{tmp_path / 'no-such-model'}' does not exist" in run.stderr
+
+
+def test_fewer_items_than_devices_is_refused_before_any_run_starts(tmp_path):
+    # Run A2 gives each device's bare loop its share of the items: with --items 1 on two devices the second
+    # loop got none and failed after the models had loaded, with a manifest error about 'items'.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "farm", "bench", "--items", "1", "--devices", "cuda0=cpu,cuda1=cpu"],
+        env={**env, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1
+    assert "--items 1 is fewer than the 2 devices of --devices" in run.stderr
+    assert not list(tmp_path.glob("farm-bench-*")), "nothing started"
 
 
 def test_overhead_with_model_time_matched_is_each_runs_time_outside_its_models_subtracted():

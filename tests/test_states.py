@@ -4,6 +4,7 @@ out, its sets say what their names say, and the code changes statuses only as ``
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,6 +110,39 @@ def test_a_literal_planted_in_a_copy_of_the_tree_is_named_with_its_file_and_line
     planted = 'n = p["done"]\nif b.status in ("queued", "running"):\n    pass\n'
     (tmp_path / "web" / "page.py").write_text(planted)
     assert offences(tmp_path) == ["web/page.py:2: 'queued'", "web/page.py:2: 'running'"]
+
+
+#: A template comparing a status with a quoted word (``c.status == 'passed'``, ``status in ('a', 'b')``).
+TEMPLATE_COMPARISON = re.compile(r"status\s*(?:==|!=|(?:not\s+)?in)\s*\(?\s*['\"](\w+)['\"]")
+
+
+def template_offences(root: Path) -> list[str]:
+    """``file:line: word`` for every template under web/templates that compares a status with a spelled-out
+    word; they compare with the enums farm.states puts in the Jinja globals (web/filters.py). Counts read by
+    key (``p.get('failed')``) are JSON fields, not statuses."""
+    found = []
+    for path in sorted((root / "web" / "templates").rglob("*.html")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            found += [
+                f"{path.relative_to(root)}:{number}: {word!r}"
+                for word in TEMPLATE_COMPARISON.findall(line)
+                if word in WORDS
+            ]
+    return found
+
+
+def test_no_template_compares_a_status_with_a_spelled_out_word():
+    assert template_offences(ROOT) == [], "compare with CandidateStatus.X / BatchStatus.X"
+
+
+def test_a_status_comparison_planted_in_a_template_is_found(tmp_path):
+    (tmp_path / "web" / "templates").mkdir(parents=True)
+    page = "{% if c.status == 'passed' %}x{% endif %}\n{{ p.get('failed') }}\n{% if b.status in ('done',) %}"
+    (tmp_path / "web" / "templates" / "page.html").write_text(page)
+    assert template_offences(tmp_path) == [
+        "web/templates/page.html:1: 'passed'",
+        "web/templates/page.html:3: 'done'",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------- sets

@@ -6,6 +6,8 @@ from datetime import datetime
 
 from flask import Flask
 
+from farm.states import BatchStatus, CandidateStatus
+
 
 def duration(seconds: float | None) -> str:
     """``3725`` -> ``1h 2m``; None -> an en dash."""
@@ -50,3 +52,5 @@ def percent(done: int, total: int) -> int:
 def init_app(app: Flask) -> None:
     app.jinja_env.filters.update(duration=duration, rate=rate, number=number, when=when)
     app.jinja_env.globals["percent"] = percent
+    # Templates compare statuses through farm.states too: one spelling of each.
+    app.jinja_env.globals.update(BatchStatus=BatchStatus, CandidateStatus=CandidateStatus)

@@ -60,15 +60,20 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
         assert len(r["seconds_each"]) == 2 and r["seconds"] == min(r["seconds_each"]), "the fastest round"
 
 
-def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
+def _farm_bench(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`farm bench ARGS` on the embedded default (no FARM_* of the suite), its temporary files in tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    run = subprocess.run(
-        [sys.executable, "-m", "farm", "bench", "--model", str(tmp_path / "no-such-model"), "--items", "2"],
+    return subprocess.run(
+        [sys.executable, "-m", "farm", "bench", *args],
         env={**env, "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
+    run = _farm_bench(tmp_path, "--model", str(tmp_path / "no-such-model"), "--items", "2")
     assert run.returncode == 1
     assert "Error: a bare-loop process failed before its loop started (exit 1)" in run.stderr
     assert f"generator model folder '{tmp_path / 'no-such-model'}' does not exist" in run.stderr
@@ -77,14 +82,7 @@ def test_a_bare_loop_that_fails_stops_the_bench_with_its_own_error(tmp_path):
 def test_fewer_items_than_devices_is_refused_before_any_run_starts(tmp_path):
     # Run A2 gives each device's bare loop its share of the items: with --items 1 on two devices the second
     # loop got none and failed after the models had loaded, with a manifest error about 'items'.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    run = subprocess.run(
-        [sys.executable, "-m", "farm", "bench", "--items", "1", "--devices", "cuda0=cpu,cuda1=cpu"],
-        env={**env, "TMPDIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _farm_bench(tmp_path, "--items", "1", "--devices", "cuda0=cpu,cuda1=cpu")
     assert run.returncode == 1
     assert "--items 1 is fewer than the 2 devices of --devices" in run.stderr
     assert not list(tmp_path.glob("farm-bench-*")), "nothing started"

@@ -349,6 +349,16 @@ class _Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_when_stored(cls, data: Any, info: ValidationInfo) -> Any:
+        """Stored settings (``stored_manifest``) keep only the fields this version knows: a batch written by a
+        newer version, with a field added since, is read by the workers not yet upgraded during a rolling
+        restart, and must not fail there. A manifest being submitted still gets every unknown key refused."""
+        if not (_stored(info) and isinstance(data, dict)):
+            return data
+        return {key: value for key, value in data.items() if key in cls.model_fields}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
@@ -1328,7 +1338,7 @@ def stored_manifest(settings: Mapping[str, Any]) -> Manifest:
     host, a deleted upload, a folder moved since), and a batch already running must not fail on that here;
     the stage that uses a file reports its own error. Every other check (types, ranges, regexes) runs.
 
-    >>> m = plan_manifest("name: demo\nitems: [a fox]").manifest
+    >>> m = plan_manifest("name: demo\\nitems: [a fox]").manifest
     >>> stored_manifest(m.model_dump(mode="json")) == m
     True
     """

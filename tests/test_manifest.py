@@ -1026,6 +1026,19 @@ def test_stored_manifest_still_checks_types_and_ranges() -> None:
         stored_manifest(stored)
 
 
+def test_settings_a_newer_version_stored_read_without_the_fields_this_version_does_not_know() -> None:
+    # A rolling upgrade: the web and control run the new version, a device worker still the old one.
+    m = parse_manifest(doc())
+    stored = _stored_json(m)
+    stored["added_later"] = {"x": 1}
+    stored["moderation"]["new_layer"] = {"enabled": True}
+    stored["items"][0] = {"prompt": stored["items"][0], "new_item_field": 2}
+    read = stored_manifest(stored)
+    assert read.model_copy(update={"items": m.items}) == m and read.items[0].prompt == m.items[0]
+    with pytest.raises(ManifestError, match="added_later"):
+        parse_manifest(json.dumps(stored))  # a manifest submitted with an unknown key is still refused
+
+
 def test_settings_stored_before_a_field_existed_read_with_todays_default() -> None:
     stored = _stored_json(parse_manifest(doc(scoring={"weights": {"preference": 2.0, "alignment": 0.25}})))
     del stored["scoring"]["weights"]["alignment"]

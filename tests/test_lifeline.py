@@ -68,8 +68,8 @@ def test_embedded_redis_ignores_the_owner_group_ctrl_c_and_stops_when_asked(tmp_
         "from farm.embedded import EmbeddedRedis\n"
         "home = Path(sys.argv[1])\n"
         "server = EmbeddedRedis(home / 'redis', home / 'redis.sock').start()\n"
-        "print(server.process.pid, flush=True)\n"
-        "try:\n"
+        "try:\n"  # the pid is printed inside: the Ctrl-C that follows it must land in this try
+        "    print(server.process.pid, flush=True)\n"
         "    time.sleep(300)\n"
         "except KeyboardInterrupt:\n"
         "    time.sleep(1.0)\n"

@@ -21,6 +21,7 @@ import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -343,17 +344,20 @@ class Handoff:
     def drop(self, candidate_ids: list[str]) -> None:
         """Remove the handed-off images of these candidates, of every generation."""
         ids = set(candidate_ids)
-        for name in self.older_than(-math.inf):
+        for name in self._names():
             if candidate_of(name) in ids:
                 self.discard(name)
 
     def older_than(self, seconds: float) -> list[str]:
         """The handed-off files written more than ``seconds`` ago."""
+        cutoff = time.time() - seconds
+        return self._names(lambda entry: _mtime(entry) < cutoff)
+
+    def _names(self, keep: Callable[[os.DirEntry[str]], bool] = lambda entry: True) -> list[str]:
         if not self.folder.root.is_dir():
             return []
-        cutoff = time.time() - seconds
         with os.scandir(self.folder.root) as entries:
-            return [e.name for e in entries if e.name.endswith(".npy") and e.is_file() and _mtime(e) < cutoff]
+            return [e.name for e in entries if e.name.endswith(".npy") and e.is_file() and keep(e)]
 
     def discard(self, name: str) -> None:
         self.folder.delete(name)

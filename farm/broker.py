@@ -30,6 +30,13 @@ MODELS_COMMAND = "farm_models"
 TAKE_SLICES_COMMAND = "farm_take_slices"
 
 
+def local_queue(queue: str, host: str | None = None) -> str:
+    """The queue of device ``queue``'s worker on ``host`` alone, also that worker's name: ``cuda0@gpu-box-1``.
+    The rest of a slice's chain goes there when its device checks the slice itself (FARM_QC=inline, or its
+    QC worker away): bound to the host, like ``qc_queue``, because the images are in that worker's memory."""
+    return f"{queue}@{host or socket.gethostname()}"
+
+
 def qc_queue(queue: str, host: str | None = None) -> str:
     """The queue of device ``queue``'s QC worker on ``host`` (FARM_QC=worker), which is also that worker's
     name: ``qc-cuda0@gpu-box-1``. Bound to the host, because the images it checks are handed off in this
@@ -73,9 +80,15 @@ def device_workers(app: Any, queue: str, timeout: float = 2.0) -> list[str]:
 
 
 def live_queues(app: Any) -> set[str]:
-    """Device queues some live worker consumes (workers are named ``<queue>@<host>``; a QC worker is named
-    after its queue, ``qc-<device>@<host>``)."""
-    return {n if n.startswith(QC_PREFIX) else n.split("@", 1)[0] for n in worker_names(app, timeout=2.0)}
+    """Device queues some live worker consumes: a device worker named ``<queue>@<host>`` consumes ``<queue>``
+    and its own queue of the same name as itself (``local_queue``); a QC worker is named after its queue,
+    ``qc-<device>@<host>``."""
+    live = set()
+    for name in worker_names(app, timeout=2.0):
+        live.add(name)
+        if not name.startswith(QC_PREFIX):
+            live.add(name.split("@", 1)[0])
+    return live
 
 
 def answers(app: Any, name: str, timeout: float) -> bool:

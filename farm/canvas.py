@@ -16,10 +16,15 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.canvas import Signature
 
-#: A slice of an item's candidates: generate, then moderate, validate and score on the device that took it.
-SLICE_TASK = "farm.slice"
-#: FARM_QC=worker: a generated slice's checks, on its device's QC worker.
-QC_TASK = "farm.qc"
+#: A slice of an item's candidates is a chain of four stage tasks: generate on whichever device takes it,
+#: then moderate, validate and score on the host that holds its images (farm.tasks.chain).
+GENERATE_TASK = "farm.generate"
+MODERATE_TASK = "farm.moderate"
+VALIDATE_TASK = "farm.validate"
+SCORE_TASK = "farm.score"
+#: The stage tasks in chain order, and those after generate (sent on to the generating host).
+STAGE_TASKS = (GENERATE_TASK, MODERATE_TASK, VALIDATE_TASK, SCORE_TASK)
+CHECK_TASKS = STAGE_TASKS[1:]
 #: An item ranked after its slices (a chord's body, or the link after a one-slice item's task).
 RANK_TASK = "farm.rank"
 #: A written batch's chords sent, item by item.
@@ -28,20 +33,49 @@ DISPATCH_BATCH_TASK = "farm.dispatch_batch"
 REAP_TASK = "farm.reap"
 
 #: Every task the farm registers.
-TASK_NAMES = (SLICE_TASK, QC_TASK, RANK_TASK, DISPATCH_BATCH_TASK, REAP_TASK)
+TASK_NAMES = (*STAGE_TASKS, RANK_TASK, DISPATCH_BATCH_TASK, REAP_TASK)
 #: The tasks the control worker runs (routed to the control queue whoever sends them).
 CONTROL_TASKS = (RANK_TASK, DISPATCH_BATCH_TASK, REAP_TASK)
 
 
-def slice_signature(app: Celery, payload: dict[str, Any], *, queue: str, priority: int | None) -> Signature:
-    """One slice (``{"batch_id", "item_id", "candidates"}``) sent to ``queue``: ``slices``, a model queue or
-    a device's. ``priority`` None is what a task replacing itself passes when its delivery had none."""
-    return app.signature(SLICE_TASK, args=(payload,), queue=queue, priority=priority)
+def slice_chain(
+    app: Celery,
+    payload: dict[str, Any],
+    *,
+    queue: str,
+    priority: int | None,
+    stages: tuple[str, ...] = STAGE_TASKS,
+) -> Signature:
+    """One slice (``{"batch_id", "item_id", "candidates"}``) as the chain of its ``stages`` (all four unless
+    a task sends part of one), each immutable with the payload: a stage reads its candidates from SQL, not
+    from the task before it. The first goes to ``queue`` (``slices``, a model queue or a device's) at
+    ``priority``; the later ones name the same queue until generate sends them to its host
+    (``send_checks_to``). ``priority`` None is what a task replacing itself passes when its delivery had
+    none."""
+    from celery import chain
+
+    first, *rest = stages
+    return chain(
+        app.signature(first, args=(payload,), queue=queue, priority=priority, immutable=True),
+        *(app.signature(name, args=(payload,), queue=queue, immutable=True) for name in rest),
+    )
 
 
-def qc_signature(app: Celery, payload: dict[str, Any], *, queue: str, priority: int | None) -> Signature:
-    """A generated slice's checks on the QC worker's queue (farm.broker.qc_queue)."""
-    return app.signature(QC_TASK, args=(payload,), queue=queue, priority=priority)
+def send_checks_to(request_chain: list[dict[str, Any]] | None, queue: str | None) -> None:
+    """Route the rest of a slice's chain (the stage tasks a running task's ``request.chain`` still holds,
+    not the rank after them) to ``queue``: the generating worker's own queue or its QC worker's.
+
+    Celery sends the chain's next task from ``request.chain`` once this task returns, before its message is
+    acked, so the change goes out with it and a redelivered task carries it on (celery/app/trace.py). The
+    next task goes without a priority (Celery passes the parent's only with task_inherit_parent_priority),
+    which kombu's Redis transport serves first, at step 0: a worker finishes the slice it holds before it
+    takes new work at the same step from the queues it lists after its own. ``queue`` None (a process
+    serving no device) leaves the chain as it was sent."""
+    if queue is None:
+        return
+    for sig in request_chain or ():
+        if sig.get("task") in CHECK_TASKS:
+            sig.setdefault("options", {})["queue"] = queue
 
 
 def rank_signature(

@@ -12,7 +12,7 @@ from farm.config import Settings, load_settings
 
 TASK_MODULES = [
     "farm.tasks.dispatch_batch",
-    "farm.tasks.slice",
+    "farm.tasks.chain",
     "farm.tasks.rank",
     "farm.tasks.reap",
 ]

@@ -125,7 +125,7 @@ def up(no_web: bool, no_flower: bool) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
     """Run one Celery worker: pinned to one device, named after it, loading its models once."""
-    from farm.broker import qc_queue
+    from farm.broker import local_queue, qc_queue
     from farm.gpu_pinning.pinning import apply_pinning, plan_pinning
 
     settings = _settings()
@@ -169,7 +169,7 @@ def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
             from farm.placement import device_worker_queues
 
             queues = device_worker_queues(queue, settings.preload_generator, settings.preload_dtype)
-            argv = ["worker", "-Q", ",".join(queues), "-n", f"{queue}@%h", "-c", "1"]
+            argv = ["worker", "-Q", ",".join(queues), "-n", local_queue(queue), "-c", "1"]
     from farm.celery_app import app
     from farm.db import migrate
 

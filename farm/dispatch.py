@@ -198,12 +198,13 @@ def slices(candidate_ids: list[str], size: int) -> list[list[str]]:
     return [candidate_ids[i : i + size] for i in range(0, len(candidate_ids), size)]
 
 
-def slice_task(
+def slice_chain(
     batch_id: str, iid: str, ids: list[str], *, priority: int, app: Celery, queue: str = SLICES_QUEUE
 ) -> Signature:
-    """The task of one slice (all four stages), sent to ``queue`` (``slices`` or a model queue)."""
+    """The chain of one slice (its four stage tasks), its generate sent to ``queue`` (``slices`` or a model
+    queue)."""
     payload = {"batch_id": batch_id, "item_id": iid, "candidates": ids}
-    return canvas.slice_signature(app, payload, queue=queue, priority=priority)
+    return canvas.slice_chain(app, payload, queue=queue, priority=priority)
 
 
 def item_chord(
@@ -216,12 +217,12 @@ def item_chord(
     app: Celery,
     queue: str = SLICES_QUEUE,
 ) -> Signature:
-    """The item's slice tasks with farm.rank after them: a chord whose body ranks, or, for an item of one
-    slice (the usual case: a prompt's candidates fit one batched forward pass), the chain slice -> rank. A
-    chord of one part cost a Lua script, a group lookup and a read of the results per item, about 1.4 ms, for
-    nothing (measured with timers in the worker child)."""
+    """The item's slice chains with farm.rank after them: a chord whose body ranks, or, for an item of one
+    slice (the usual case: a prompt's candidates fit one batched forward pass), the chain of its stages
+    followed by rank. A chord of one part cost a Lua script, a group lookup and a read of the results per
+    item, about 1.4 ms, for nothing (measured with timers in the worker child)."""
     header = [
-        slice_task(batch_id, iid, ids, priority=priority, app=app, queue=queue)
+        slice_chain(batch_id, iid, ids, priority=priority, app=app, queue=queue)
         for ids in slices(candidate_ids, slice_size)
     ]
     body = canvas.rank_signature(app, iid, priority=priority, immutable=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from farm.broker import SLICES_QUEUE
+from farm.broker import SLICES_QUEUE, local_queue
 from farm.db import Batch, Worker, session_scope, utcnow
 from farm.states import BATCH_LIVE
 
@@ -81,11 +81,14 @@ def preload_queue(preload_generator: str, dtype: str = "fp32") -> str:
     return model_queue(generator_key(preload_generator, dtype=dtype))
 
 
-def device_worker_queues(queue: str, preload_generator: str, dtype: str = "fp32") -> list[str]:
+def device_worker_queues(
+    queue: str, preload_generator: str, dtype: str = "fp32", *, host: str | None = None
+) -> list[str]:
     """What a device worker consumes from its start, however it is started (`farm worker --device` or a
-    plain `celery worker -Q`): its device queue, the shared slices queue and the model queue of the generator
-    it preloads; the other model queues follow its loads."""
-    return [queue, SLICES_QUEUE, preload_queue(preload_generator, dtype)]
+    plain `celery worker -Q`), in the order it serves them: its own queue first (the rest of the slices it
+    generated: ``local_queue``), then its device queue, the shared slices queue and the model queue of the
+    generator it preloads; the other model queues follow its loads."""
+    return [local_queue(queue, host), queue, SLICES_QUEUE, preload_queue(preload_generator, dtype)]
 
 
 def choose_queue(

@@ -327,7 +327,8 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
         try:
             waiting = {
                 "tasks in hand": len(state.active_requests) + len(state.reserved_requests),
-                f"messages queued on {queue}": queue_length(app, queue),
+                f"messages queued on {queue} and {hostname}": queue_length(app, queue)
+                + queue_length(app, hostname),
                 "candidates in flight": in_flight(database_url, queue),
             }
         except Exception as exc:  # broker or database gone: nothing left to wait for that can finish

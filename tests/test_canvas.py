@@ -16,7 +16,15 @@ def test_the_names_are_exactly_the_farm_tasks_the_workers_register():
 
 
 def test_the_wire_names_stay_what_queued_messages_carry():
-    assert canvas.TASK_NAMES == ("farm.slice", "farm.qc", "farm.rank", "farm.dispatch_batch", "farm.reap")
+    assert canvas.TASK_NAMES == (
+        "farm.generate",
+        "farm.moderate",
+        "farm.validate",
+        "farm.score",
+        "farm.rank",
+        "farm.dispatch_batch",
+        "farm.reap",
+    )
 
 
 def test_routes_and_beat_send_the_control_tasks_to_the_control_queue():
@@ -30,18 +38,6 @@ def test_routes_and_beat_send_the_control_tasks_to_the_control_queue():
 def test_each_builder_gives_the_signature_its_callers_built_by_hand():
     payload = {"batch_id": "b", "item_id": "b-00000", "candidates": ["c0"]}
     same = [
-        (
-            canvas.slice_signature(app, payload, queue=SLICES_QUEUE, priority=3),
-            app.signature("farm.slice", args=(payload,), queue=SLICES_QUEUE, priority=3),
-        ),
-        (
-            canvas.slice_signature(app, payload, queue="cuda0", priority=None),
-            app.signature("farm.slice", args=(payload,), queue="cuda0", priority=None),
-        ),
-        (
-            canvas.qc_signature(app, payload, queue="qc-cuda0@h", priority=4),
-            app.signature("farm.qc", args=(payload,), queue="qc-cuda0@h", priority=4),
-        ),
         (
             canvas.rank_signature(app, "i", priority=4, immutable=True),
             app.signature("farm.rank", args=("i",), queue=CONTROL_QUEUE, priority=4, immutable=True),
@@ -64,3 +60,41 @@ def test_each_builder_gives_the_signature_its_callers_built_by_hand():
     for built, by_hand in same:
         assert dict(built) == dict(by_hand), built["task"]
         assert built.immutable == by_hand.immutable
+
+
+def test_a_slice_is_the_chain_of_its_four_stage_tasks_each_given_the_payload():
+    payload = {"batch_id": "b", "item_id": "b-00000", "candidates": ["c0", "c1"]}
+    sent = canvas.slice_chain(app, payload, queue=SLICES_QUEUE, priority=3)
+    assert [t["task"] for t in sent.tasks] == [
+        "farm.generate",
+        "farm.moderate",
+        "farm.validate",
+        "farm.score",
+    ]
+    for k, t in enumerate(sent.tasks):
+        assert t.immutable and tuple(t.args) == (payload,), t["task"]
+        assert t.options["queue"] == SLICES_QUEUE
+        assert t.options.get("priority") == (3 if k == 0 else None), "only the first goes at the batch's"
+    part = canvas.slice_chain(
+        app, payload, queue="cuda0", priority=None, stages=("farm.generate", "farm.moderate")
+    )
+    assert [t["task"] for t in part.tasks] == ["farm.generate", "farm.moderate"]
+
+
+def test_generate_sends_on_the_stage_tasks_of_its_chain_and_not_the_rank_after_them():
+    payload = {"batch_id": "b", "item_id": "b-00000", "candidates": ["c0"]}
+    whole = canvas.slice_chain(app, payload, queue=SLICES_QUEUE, priority=3) | canvas.rank_signature(
+        app, "b-00000", immutable=True
+    )
+    # What a running generate finds in request.chain: the rest, last first, as plain dicts off the wire.
+    rest = [dict(t, options=dict(t.options)) for t in reversed(whole.tasks[1:])]
+    canvas.send_checks_to(rest, "cuda0@gpu-1")
+    assert [(t["task"], t["options"]["queue"]) for t in rest] == [
+        ("farm.rank", CONTROL_QUEUE),
+        ("farm.score", "cuda0@gpu-1"),
+        ("farm.validate", "cuda0@gpu-1"),
+        ("farm.moderate", "cuda0@gpu-1"),
+    ]
+    canvas.send_checks_to(rest, None)
+    assert rest[-1]["options"]["queue"] == "cuda0@gpu-1", "no queue of its own: the chain goes on as sent"
+    canvas.send_checks_to(None, "cuda0@gpu-1")

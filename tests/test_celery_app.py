@@ -64,6 +64,21 @@ def test_workers_send_no_task_events_until_a_monitor_enables_them_as_flower_does
         with _Events(app) as watched:
             run_batch(ONE)
         assert {"task-received", "task-started", "task-succeeded"} <= watched.slices()
-        assert any(e.get("name") == "farm.slice" for e in watched.seen if e["type"] == "task-received")
+        # As Flower lists them: the slice's four stage tasks, one chain (each the parent of the next), each
+        # succeeded with its own runtime on the device worker, then the rank on the control worker.
+        received = {e["uuid"]: e for e in watched.seen if e["type"] == "task-received"}
+        succeeded = {e["uuid"]: e for e in watched.seen if e["type"] == "task-succeeded"}
+        by_name = {e["name"]: e for e in received.values()}
+        stages = ["farm.generate", "farm.moderate", "farm.validate", "farm.score"]
+        assert sorted(by_name) == sorted([*stages, "farm.rank", "farm.dispatch_batch"]), sorted(by_name)
+        for parent, child in zip(stages, [*stages[1:], "farm.rank"]):
+            assert by_name[child]["parent_id"] == by_name[parent]["uuid"], child
+            assert by_name[child]["root_id"] == by_name["farm.generate"]["root_id"]
+        for name in stages:
+            done = succeeded[by_name[name]["uuid"]]
+            assert done["runtime"] > 0 and done["hostname"].startswith("cuda"), (name, done)
+        hosts = {succeeded[by_name[name]["uuid"]]["hostname"] for name in stages}
+        assert len(hosts) == 1, f"FARM_QC=inline: the worker that generated checks the slice ({hosts})"
+        assert succeeded[by_name["farm.rank"]["uuid"]]["hostname"].startswith("control@")
     finally:
         app.control.disable_events()

@@ -23,30 +23,36 @@ items:
 """
 
 
-def test_item_chord_has_one_slice_task_per_slice_and_ranks_on_control():
+STAGE_TASKS = ["farm.generate", "farm.moderate", "farm.validate", "farm.score"]
+
+
+def test_item_chord_has_one_stage_chain_per_slice_and_ranks_on_control():
     from farm.celery_app import app
 
     sig = dispatch.item_chord("b", "b-00000", [f"c{i}" for i in range(5)], slice_size=2, priority=4, app=app)
     header = list(sig.tasks)
     assert len(header) == 3
-    for task, ids in zip(header, (["c0", "c1"], ["c2", "c3"], ["c4"]), strict=True):
-        assert task.task == "farm.slice"
-        assert task.args[0] == {"batch_id": "b", "item_id": "b-00000", "candidates": ids}
-        assert task.options["queue"] == SLICES_QUEUE and task.options["priority"] == 4
+    for part, ids in zip(header, (["c0", "c1"], ["c2", "c3"], ["c4"]), strict=True):
+        assert [t.task for t in part.tasks] == STAGE_TASKS
+        generate = part.tasks[0]
+        assert generate.args[0] == {"batch_id": "b", "item_id": "b-00000", "candidates": ids}
+        assert generate.options["queue"] == SLICES_QUEUE and generate.options["priority"] == 4
     assert sig.body.task == "farm.rank"
     assert sig.body.options["queue"] == CONTROL_QUEUE
     assert sig.body.immutable and sig.body.args == ("b-00000",)
 
 
-def test_an_item_of_one_slice_is_the_chain_slice_then_rank_not_a_one_part_chord():
+def test_an_item_of_one_slice_is_the_chain_of_its_stages_then_rank_not_a_one_part_chord():
     from celery.canvas import _chain
 
     from farm.celery_app import app
 
     sig = dispatch.item_chord("b", "b-00000", ["c0", "c1"], slice_size=2, priority=4, app=app)
     assert isinstance(sig, _chain)
-    first, then = sig.tasks
-    assert first.task == "farm.slice" and first.args[0]["candidates"] == ["c0", "c1"]
+    *stages, then = sig.tasks
+    assert [t.task for t in stages] == STAGE_TASKS
+    first = stages[0]
+    assert first.args[0]["candidates"] == ["c0", "c1"]
     assert first.options["queue"] == SLICES_QUEUE and first.options["priority"] == 4
     assert then.task == "farm.rank" and then.immutable and then.args == ("b-00000",)
     assert then.options["queue"] == CONTROL_QUEUE and then.options["priority"] == 4

@@ -4,10 +4,11 @@ Celery users start workers with `celery worker -Q cuda0`. Without help that work
 child per core, called itself ``celery@host`` and generated unpinned on the CPU of a GPU host. The app now
 registers a ``--device`` worker option (``app.user_options['worker']``) and the ``DeviceWorker`` bootstep,
 which makes the worker what `farm worker --device cuda0` starts: pinned (CUDA_VISIBLE_DEVICES and the thread
-variables), named ``cuda0@host``, one prefork child, consuming its device queue, the shared ``slices`` queue
-and its preloaded generator's model queue, without gossip and mingle, with its QC worker beside it under
-FARM_QC=worker. `-Q cuda0` alone names the device as well. A worker that would take slices without a
-device (``-Q slices``, two device queues, a QC queue) refuses to start and says what to run instead.
+variables), named ``cuda0@host``, one prefork child, consuming its own queue (named as it is), its device
+queue, the shared ``slices`` queue and its preloaded generator's model queue, without gossip and mingle,
+with its QC worker beside it under FARM_QC=worker. `-Q cuda0` alone names the device as well. A worker
+that would take slices without a device (``-Q slices``, two device queues, a QC queue) refuses to start and
+says what to run instead.
 
 Why a bootstep is in time (read from Celery 5.7, celery/worker/worker.py and celery/bootsteps.py):
 ``WorkController.__init__`` resolves -Q and the concurrency, then ``Blueprint.apply`` constructs every step
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import click
 from celery import bootsteps
 from celery.bin.base import CeleryOption
 
-from farm.broker import CONTROL_QUEUE, QC_PREFIX, SLICES_QUEUE
+from farm.broker import CONTROL_QUEUE, QC_PREFIX, SLICES_QUEUE, local_queue
 from farm.config import Settings
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,12 @@ def plan_device_worker(
         known = ", ".join(sorted(devices))
         raise DeviceWorkerRefused(f"--device {device} is not in FARM_DEVICES (known: {known})")
     default_only = consuming == {CONTROL_QUEUE}  # no -Q: Celery's default queue, replaced by the device's
+    name, _, host = hostname.partition("@")
+    own = local_queue(device, host or None)
     others = sorted(
-        q for q in consuming if q not in (device, SLICES_QUEUE) and not is_model_queue(q) and not default_only
+        q
+        for q in consuming
+        if q not in (device, own, SLICES_QUEUE) and not is_model_queue(q) and not default_only
     )
     if others:
         raise DeviceWorkerRefused(
@@ -130,7 +134,6 @@ def plan_device_worker(
             "a device worker needs the prefork pool (time limits, a child restarted when it dies, models "
             "loaded after the fork): drop -P"
         )
-    name, _, host = hostname.partition("@")
     if name not in ("celery", device):
         raise DeviceWorkerRefused(
             f"-n {hostname}: the farm finds a device's workers by their name, {device}@<host>; drop -n "
@@ -138,8 +141,10 @@ def plan_device_worker(
         )
     return DevicePlan(
         queue=device,
-        hostname=f"{device}@{host or socket.gethostname()}",
-        queues=device_worker_queues(device, settings.preload_generator, settings.preload_dtype),
+        hostname=own,
+        queues=device_worker_queues(
+            device, settings.preload_generator, settings.preload_dtype, host=host or None
+        ),
         inferred=inferred,
     )
 

@@ -1,6 +1,7 @@
 """The moderate stage: PDQ blocklist, NudeNet, OpenNSFW and near-duplicates on a slice's images.
 
-Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'. An image
+Idempotent: reads the slice's images and writes verdicts only onto candidates still at 'generated'. On a QC
+worker it takes the images handed off to it and stores their PNGs, its write waiting for them. An image
 found nowhere (handed off on a host that restarted) sends its candidate back to generate.
 """
 
@@ -16,6 +17,7 @@ from sqlalchemy import Connection
 from farm import logs, records
 from farm.records import StagedCandidate, StageStart
 from farm.states import CandidateStatus, CandidateVerdict
+from farm.tasks.generate import settle_writes
 from farm.tasks.stage import Stage
 
 if TYPE_CHECKING:
@@ -108,4 +110,7 @@ def lock_hashes(_rt: Runtime, start: StageStart, conn: Connection) -> None:
     records.lock_batch_hashes(conn, start.batch.id)
 
 
-MODERATE = Stage("moderate", moderate_slice, within=flag_near_duplicates, before=lock_hashes)
+#: On a QC worker the stage starts the PNG writes of the images handed off to it; its write waits for them.
+MODERATE = Stage(
+    "moderate", moderate_slice, within=flag_near_duplicates, before=lock_hashes, settle=settle_writes
+)

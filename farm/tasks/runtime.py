@@ -26,7 +26,7 @@ from sqlalchemy import Connection, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from farm.artifacts import Handoff, store_for
-from farm.broker import announce_models, qc_queue
+from farm.broker import announce_models, local_queue, qc_queue
 from farm.config import Settings, load_settings
 from farm.db import Worker, get_engine, utcnow
 from farm.gpu_pinning.pinning import limit_torch_threads, pinned, pinned_role
@@ -142,11 +142,13 @@ class Models:
 
 
 class Images:
-    """A slice's images between its stages: kept in memory, their PNG writes in flight, the QC handoff.
+    """A slice's images between its stage tasks: kept in memory, their PNG writes in flight, the QC handoff.
 
-    Its own part because the stages of a slice run in one process and pass images through it, not through
-    SQL or the store: generate remembers or hands off what it made, moderate takes handed-off images and
-    starts their PNG writes, and ``settle_writes`` waits for those before a row names the file.
+    Its own part because images never travel through the broker: the stage tasks of a slice run in one
+    process (the device worker's one pool child, or its QC worker's) and pass images through it, across
+    processes through the host's handoff folder, and from the store where neither has them. Generate
+    remembers or hands off what it made, moderate takes handed-off images and starts their PNG writes, and
+    ``settle_writes`` waits for those before a row names the file.
     """
 
     def __init__(self, store: Any, *, handoff: Handoff | None, qc: bool, hands_off: bool) -> None:
@@ -189,7 +191,7 @@ class Images:
 
     @contextmanager
     def checks_here(self) -> Iterator[None]:
-        """A slice checked by this generating worker while its QC worker is away (farm.tasks.slice): generate
+        """A slice checked by this generating worker while its QC worker is away (farm.tasks.chain): generate
         stores the PNGs itself, and the checking models load here on first use."""
         self.handing_off = False
         try:
@@ -271,10 +273,11 @@ class Runtime:
     ``models``, ``images``, ``heartbeat``, and the ``lease`` of the task it runs.
 
     One per process, built by ``runtime()`` at a task's entry (or in ``worker_process_init``) and passed
-    down to the stages explicitly. With FARM_QC=worker a device has two workers on its host: the generating
-    one (``cuda0@host``), which holds only generators, hands each slice's images off in shared memory and
-    passes the slice to ``qc_queue``; and the QC worker (role ``qc``, ``qc-cuda0@host``), which holds the
-    checking models, stores the PNGs and runs the checks while the first generates the next slice.
+    down to the stages explicitly. A device worker sends the checks of the slices it generates to its own
+    queue (``local_queue``, ``cuda0@host``). With FARM_QC=worker a device has two workers on its host: the
+    generating one, which holds only generators, hands each slice's images off in shared memory and sends
+    its checks to ``qc_queue``; and the QC worker (role ``qc``, ``qc-cuda0@host``), which holds the checking
+    models, stores the PNGs and runs the checks while the first generates the next slice.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -285,6 +288,8 @@ class Runtime:
         host = socket.gethostname()
         self.name = qc_queue(self.queue, host) if self.role == "qc" else f"{self.queue or 'local'}@{host}"
         self.qc_queue = qc_queue(self.queue) if split and self.role != "qc" else None
+        #: Where this device worker sends the checks of a slice it keeps (farm.tasks.chain): its own queue.
+        self.local_queue = local_queue(self.queue, host) if self.queue and self.role != "qc" else None
         self.store = store_for(settings)
         announce_as = self.name if self.queue and self.role != "qc" else None
         self.models = Models(settings, self.device, store=self.store, announce_as=announce_as)
@@ -386,6 +391,6 @@ def _on_process_init(**_kwargs: Any) -> None:
 
 
 def describe_task(name: str, payload: Any) -> str:
-    """``farm.slice <first candidate id> (+N)``: what a worker is busy with (`farm workers`, tests)."""
+    """``farm.generate <first candidate id> (+N)``: what a worker is busy with (`farm workers`, tests)."""
     ids = (payload.get("candidates") if isinstance(payload, dict) else None) or []
     return f"{name} {ids[0]} (+{len(ids) - 1})" if ids else name

@@ -1,15 +1,16 @@
 """A device worker's life beyond one task: draining and a SIGTERM that loses nothing.
 
 Celery's own warm shutdown finishes the task in hand. SIGTERM here first stops taking new slices from the
-shared and model queues (the same as `farm drain`), keeps serving the device queue until no slice of this
-device is in flight (a slice dispatched by an older version may still have later stages waiting there), and
-only then sets Celery's warm-shutdown flag. A second SIGTERM, or FARM_DRAIN_TIMEOUT, stops at once (what is
-left stays queued in Redis for the next worker of this device).
+shared and model queues (the same as `farm drain`), keeps serving its device queue and its own queue
+(``cuda0@host``: the later stages of the slices it generated) until both are empty and no candidate generated
+on this device is still being checked (on its QC worker too), and only then sets Celery's warm-shutdown flag.
+A second SIGTERM, or FARM_DRAIN_TIMEOUT, stops at once (what is left stays queued in Redis for the next worker
+of this device).
 
 The main process also keeps the worker's model queues (farm.placement) in step: it consumes the queue of
 each generator its pool child holds (the child announces them when it loads or evicts one), steals a
 waiting model queue when it has nothing to do, and writes what it consumes to the ``workers`` table, which
-is what dispatch routes by. A drained worker consumes only its device queue.
+is what dispatch routes by. A drained worker consumes only its device queue and its own.
 
 With FARM_QC=worker it also keeps the device's QC worker running beside it (``QcCompanion``).
 """
@@ -415,11 +416,12 @@ class QcCompanion:
 
 
 def sweep_handoff(settings: Settings) -> list[str]:
-    """Remove handed-off images that no QC task will read: those whose candidate moved past 'generated' (or
-    was deleted) without its QC worker dropping them. That happens when a slice was finished elsewhere (the
-    reaper re-sent it after its QC worker went away, or FARM_QC went back to inline) and its QC task never
-    ran here; in shared memory each such image holds RAM until the host restarts. Only files older than
-    FARM_STALL_SECONDS are looked at, so an image handed off just before its row is written is never taken.
+    """Remove handed-off images that no farm.moderate will read: those whose candidate moved past 'generated'
+    (or was deleted) without its QC worker dropping them. That happens when a slice was finished elsewhere
+    (the reaper re-sent it after its QC worker went away, or FARM_QC went back to inline) and its moderate
+    task never ran here; in shared memory each such image holds RAM until the host restarts. Only files older
+    than FARM_STALL_SECONDS are looked at, so an image handed off just before its row is written is never
+    taken.
     """
     handoff = Handoff(settings.handoff_dir)
     old = {name: candidate_of(name) for name in handoff.older_than(settings.stall_seconds)}

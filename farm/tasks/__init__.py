@@ -1,6 +1,7 @@
 """The farm's Celery tasks and the stages they run. Tasks, named in farm.canvas: farm.dispatch_batch
-(dispatch_batch.py), farm.slice and farm.qc (slice.py), farm.rank (rank.py), farm.reap (reap.py). Stages, one
-module each, run by farm.tasks.stage with a lease (lease.py): generate, moderate, validate, score. Each is a
+(dispatch_batch.py), the stage tasks of a slice's chain, farm.generate, farm.moderate, farm.validate and
+farm.score (chain.py), farm.rank (rank.py), farm.reap (reap.py). Stages, one module each, each run by its
+stage task through farm.tasks.stage with a lease (lease.py): generate, moderate, validate, score. Each is a
 thin wrapper: decode ids, call farm.ml, record in SQL.
 
 Importing the package connects the worker signal handlers: model preload in each pool child

@@ -1,11 +1,13 @@
-"""The one way a device task runs a slice's stages: count the delivery, work, record, pass it on.
+"""The one way a stage task runs its stage on a slice: count the delivery, work, record, pass it on.
 
-A slice is one task, ``farm.slice``, taken from the shared (or a model) queue by whichever device is free:
-it generates, moderates, validates and scores the slice in turn on that device, its images kept in memory
-between stages. Each stage is still its own batched call with its own guarded updates, attempt counter and
-timing; one task per slice saves the broker round trips of a chain, and lets generate's PNG writes run
-behind the checks (``Stage.settle``). A slice costs three transactions: the delivery count, generate's and
-moderate's results (with the near-duplicate check), validate's and score's.
+A slice is a chain of four stage tasks (farm.tasks.chain): farm.generate, taken from a model, the shared or
+a device queue by whichever device is free, then farm.moderate, farm.validate and farm.score on the host that
+holds its images. Each task calls ``run_stages`` with its one stage: one batched call with its own guarded
+updates, attempt counter and timing, in two transactions (the delivery count with the lease, the stage's
+write), eight a slice. Generate waits for its PNG writes (``Stage.settle``) before its write, so a row never
+names a file that is not there and a later stage run by another process finds the image in the store.
+``run_stages`` also runs several stages in one task, writing a stage that ``holds`` with the next, as the
+tests do.
 
 The task holds a lease on the candidates it works on (farm.tasks.lease), taken with the delivery count and
 released with the write that moves a candidate out of the task; every write is fenced by it, so a run whose
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: A stage's work, and each of its callables, get the worker process's runtime first: the task's entry point
-#: fetched it once (farm.tasks.slice), and the stages use its models, images and lease.
+#: fetched it once (farm.tasks.chain), and the stages use its models, images and lease.
 Work = Callable[["Runtime", StageStart, list[StagedCandidate]], dict[str, dict[str, Any]]]
 
 
@@ -50,13 +52,16 @@ Work = Callable[["Runtime", StageStart, list[StagedCandidate]], dict[str, dict[s
 class Stage:
     """One stage's work on a slice.
 
-    A stage's results are written in one transaction with the next stage's when it ``hold``s them, or has a
-    ``settle``: that lets its side effects finish behind the next stage's work, and ``settle`` waits for
-    them before the write (generate's PNG writes: a row never names a file that is not there) and returns
-    failures for candidates whose side effect failed. Each transaction cost about 1 ms on a device worker;
-    a crash in the next stage's work then repeats this stage on redelivery, and is counted against it, so
-    only stages whose work is cheap to repeat, or whose side effects need the time, hold. ``within`` runs in
-    the write's transaction once the stage's rows are written (cross-slice checks), ``before`` before them.
+    ``settle`` waits for the stage's side effects before its results are written (the PNG writes of
+    generate, and of moderate on a QC worker: a row never names a file that is not there) and returns
+    failures for candidates whose side effect failed. ``within`` runs in the write's transaction once the
+    stage's rows are written (cross-slice checks), ``before`` before them.
+
+    Where one task runs several stages (``run_stages`` with more than one; a stage task runs one), a stage
+    that ``hold``s its results, or has a ``settle``, is written in one transaction with the next stage's:
+    that lets its side effects finish behind the next stage's work. Each transaction cost about 1 ms on a
+    device worker; a crash in the next stage's work then repeats this stage on redelivery, and is counted
+    against it, so only stages whose work is cheap to repeat, or whose side effects need the time, hold.
     """
 
     name: str
@@ -71,9 +76,9 @@ class Stage:
         return self.hold or self.settle is not None
 
 
-#: Options of the slice task: retry on transient database errors. Its return value reaches the item's chord
-#: (the Redis backend counts chord parts on its own keys), so the per-task result key nobody reads is not
-#: written: that saved about 1 ms a slice.
+#: Options of every stage task: retry on transient database errors. The last one's return value reaches the
+#: item's chord (the Redis backend counts chord parts on its own keys), so the per-task result key nobody
+#: reads is not written: that saved about 1 ms a task (measured when a slice was one task).
 STAGE_OPTIONS: dict[str, Any] = {
     "bind": True,
     "ignore_result": True,
@@ -140,10 +145,12 @@ def run_stages(
     rt: Runtime, task: Task, payload: dict[str, Any], stages: Sequence[Stage]
 ) -> list[StagedCandidate]:
     """Run ``stages`` in order on a slice, each as one batched call followed by one write of its results,
-    in the worker process whose runtime is ``rt``.
+    in the worker process whose runtime is ``rt``. A stage task passes its one stage (farm.tasks.chain).
 
-    A stage may send a candidate back to the first stage's input (moderate, when its image was lost with
-    another host): the task runs the stages on it once more. Returns the candidates it worked on, as written.
+    A later stage may send a candidate back to the first stage's input (moderate, when its image was lost
+    with another host): the task runs the stages on it once more. (farm.moderate, which runs moderate alone,
+    replaces itself with generate and moderate for such candidates instead.) Returns the candidates it worked
+    on, as written.
     """
     from farm.tasks.runtime import describe_task
 

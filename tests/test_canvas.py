@@ -36,7 +36,6 @@ def test_routes_and_beat_send_the_control_tasks_to_the_control_queue():
 
 
 def test_each_builder_gives_the_signature_its_callers_built_by_hand():
-    payload = {"batch_id": "b", "item_id": "b-00000", "candidates": ["c0"]}
     same = [
         (
             canvas.rank_signature(app, "i", priority=4, immutable=True),

@@ -1,5 +1,6 @@
-"""The generate stage: one batched forward pass for a slice, its images written behind the checks (or, with
-FARM_QC=worker, handed off to the device's QC worker, which writes them)."""
+"""The generate stage: one batched forward pass for a slice, its PNGs written in threads and waited for
+before its row names them (or, with FARM_QC=worker, handed off to the device's QC worker, which writes
+them)."""
 
 from __future__ import annotations
 

@@ -200,7 +200,8 @@ class Images:
             self.handing_off = self._hands_off
 
     def drop_handoff(self, candidate_ids: list[str]) -> None:
-        """QC worker, its task done: the slice's handed-off images are stored or no longer wanted."""
+        """After moderate: the slice's handed-off images are stored or no longer wanted (a no-op where
+        nothing is handed off)."""
         if self.handoff is not None:
             self.handoff.drop(candidate_ids)
 

@@ -23,6 +23,7 @@ from farm.canvas import CHECK_TASKS, slice_chain
 from farm.db import Batch, Candidate, Item, session_scope
 from farm.procs import alive, children, cmdline, parent_of
 from farm.worker import drain, undrain
+from tests.celery_events import TaskEvents
 from tests.faults.conftest import FaultFarm, manifest
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,45 @@ def test_sigkill_of_a_qc_worker_child_mid_check_repeats_the_checks_but_not_the_g
         assert c.stage_attempts["generate"] == 1, "the device did not generate the slice again"
         assert c.stage_attempts["moderate"] == 2
     assert _handed_off(split) == []
+
+
+def test_a_slices_generate_runs_on_its_device_and_its_three_checks_on_that_devices_qc_worker(
+    split: FaultFarm,
+):
+    replies = split.app.control.enable_events(reply=True, timeout=5)  # as Flower does while it runs
+    assert len(replies) >= 5, replies  # control, and two devices with their QC workers
+    try:
+        with TaskEvents(split.app) as watched:
+            batch_id = split.submit(manifest("split-places", ["a tern over surf"], candidates=2))
+            assert split.wait(batch_id) == "done"
+    finally:
+        split.app.control.disable_events()
+    ran = {t["name"]: t for t in watched.tasks().values() if {"name", "hostname"} <= set(t)}
+    device = ran["farm.generate"]["hostname"]
+    assert device in {f"{q}@{HOST}" for q in split.settings.devices}
+    for name in ("farm.moderate", "farm.validate", "farm.score"):
+        assert ran[name]["hostname"] == qc_queue(device.split("@")[0]), (name, ran[name])
+    assert ran["farm.rank"]["hostname"] == f"{CONTROL_QUEUE}@{HOST}"
+
+
+def test_a_check_redelivered_alone_does_only_its_own_stage(split: FaultFarm):
+    batch_id = split.submit(manifest("split-again", ["a bittern [[fault:validate:sleep:0]]"], candidates=2))
+    first = f"farm.validate {batch_id}-00000-000 "
+    split.wait_until(
+        lambda: any(w.current and w.current.startswith(first) for w in split.workers()),
+        what="the QC worker validating candidate 0",
+    )
+    (busy,) = [w for w in split.workers() if w.current and w.current.startswith(first)]
+    assert busy.name.startswith("qc-")
+    os.kill(busy.pid, signal.SIGKILL)
+    assert split.wait(batch_id) == "done"
+    for c in split.assert_accounted_for(batch_id, 2):
+        assert c.status in ("passed", "rejected"), (c.status, c.error)
+        tries = c.stage_attempts
+        assert (tries["generate"], tries["moderate"], tries["validate"]) == (1, 1, 2), tries
+        assert tries.get("score", 0) <= 1, tries
+    (item,) = split.items(batch_id)
+    assert item.winners and item.resends == 0
 
 
 def test_candidates_whose_handed_off_images_were_lost_are_generated_again_and_the_item_ranks_on_time(

@@ -72,7 +72,7 @@ def test_a_settled_stage_is_written_after_the_next_stages_work_and_a_failed_side
         return {c.id: {"verdict": "ok"} for c in cands}
 
     stages = [Stage("generate", generate, settle=settle), Stage("moderate", moderate)]
-    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+    run_stages(rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, stages)
 
     assert events == ["generate", "moderate", "settle"]
     with session_scope(url) as s:
@@ -120,7 +120,7 @@ def test_a_slice_takes_three_write_transactions_and_moderates_check_sees_its_own
         "begin",
         lambda conn: None if conn.get_execution_options().get(READ_ONLY) else writes.append(conn),
     )
-    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
+    run_stages(rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, _four_stages(events))
 
     assert len(writes) == 3, "the delivery count, generate + moderate, validate + score"
     assert events == ["generate", "moderate", "within:3:moderated", "validate", "score"]
@@ -137,12 +137,15 @@ def test_a_crash_in_score_repeats_validate_which_held_its_results_and_nothing_be
     events: list[str] = []
     with pytest.raises(SystemExit):
         run_stages(
-            rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events, score_dies=True)
+            rt,
+            SimpleNamespace(name="farm.generate"),
+            {"candidates": ids},
+            _four_stages(events, score_dies=True),
         )
     assert set(_statuses(url, ids).values()) == {"moderated"}, "validate's results went with score's"
 
     events.clear()
-    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages(events))
+    run_stages(rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, _four_stages(events))
     assert "generate" not in events and "moderate" not in events
     assert events.count("validate") == 3, "redelivered: one candidate at a time"
     with session_scope(url) as s:
@@ -173,7 +176,7 @@ def test_a_candidate_whose_image_was_lost_is_generated_again_in_the_same_task(on
     url, ids = one_slice
     events: list[str] = []
     worked = run_stages(
-        rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _losing_moderate(events, {ids[1]})
+        rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, _losing_moderate(events, {ids[1]})
     )
 
     assert events.count("generate") == 2 and events.count("score") == 2
@@ -187,7 +190,7 @@ def test_an_image_lost_again_in_the_repeat_leaves_its_candidate_for_generate_and
     url, ids = one_slice
     events: list[str] = []
     stages = _losing_moderate(events, {ids[0]}, every_time=True)
-    worked = run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+    worked = run_stages(rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, stages)
 
     assert events.count("generate") == 2, "generated again once in this task, not in a loop"
     assert {c.id: c.status for c in worked} == {ids[0]: "pending", ids[1]: "scored", ids[2]: "scored"}
@@ -216,7 +219,7 @@ def test_a_run_whose_lease_was_taken_over_mid_stage_writes_nothing_and_the_new_h
 
     generate = Stage("generate", paused_past_its_lease, settle=lambda rt, cands: {})
     stages = [generate, *_four_stages(events)[1:]]
-    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, stages)
+    run_stages(rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, stages)
 
     assert events == ["taken over"], "nothing after generate ran: the slice was dropped"
     assert rt.lease is None
@@ -246,7 +249,7 @@ def test_the_process_running_a_slice_renews_its_lease_and_its_worker_row_from_a_
 ):
     url, ids = one_slice
     rt.settings = replace(rt.settings, heartbeat_seconds=1, lease_seconds=3)
-    rt.heartbeat.write("farm.slice")  # the worker's row, as its first task writes it
+    rt.heartbeat.write("farm.generate")  # the worker's row, as its first task writes it
     start = records.begin_stages(url, ids, ("generate",), max_attempts=3, claim=rt.claim())
     assert rt.claim().owner.endswith(f" pid {os.getpid()}")
     taken = {c.id: c.lease_expires_at for c in _rows(url, ids)}
@@ -294,5 +297,5 @@ def test_a_slice_dates_its_lease_from_before_the_transaction_that_took_it(one_sl
 
     monkeypatch.setattr(records, "_write_guarded", waits_for_locks)
     monkeypatch.setattr(stage_module, "Lease", Stamped)
-    run_stages(rt, SimpleNamespace(name="farm.slice"), {"candidates": ids}, _four_stages([]))
+    run_stages(rt, SimpleNamespace(name="farm.generate"), {"candidates": ids}, _four_stages([]))
     assert len(stamps) == 1 and stamps[0] <= read[0], "dated no later than its expiry was read"

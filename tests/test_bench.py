@@ -58,6 +58,11 @@ def test_farm_bench_reports_runs_ratios_and_devices_keeping_each_runs_fastest_ro
     assert data["repeat"] == 2
     for r in data["runs"].values():
         assert len(r["seconds_each"]) == 2 and r["seconds"] == min(r["seconds_each"]), "the fastest round"
+    hops = {"generate->moderate", "moderate->validate", "validate->score"}
+    for key in ("B", "C", "D"):
+        gaps = data["runs"][key]["hop_ms"]
+        assert set(gaps) == hops and all(ms >= 0 for ms in gaps.values()), (key, gaps)
+    assert "hop_ms" not in data["runs"]["A"], "a bare loop has no hops"
 
 
 def _farm_bench(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -106,3 +111,23 @@ def test_overhead_with_model_time_matched_is_each_runs_time_outside_its_models_s
         "with model time matched (B's time outside model calls minus A's, 10.0 ms): 10.0 ms"
         in format_report(data)
     )
+
+
+def test_a_hop_is_the_gap_from_one_stages_work_ending_to_the_next_ones_beginning_per_slice():
+    from farm.bench import hop_gaps
+
+    def slice_of(t0: float, n: int) -> list[dict]:
+        # generate took 0.4 s for the slice (0.1 s a candidate), moderate began 5 ms after it ended, ...
+        return [
+            {
+                "generate": {"s": 0.4 / n, "at": t0},
+                "moderate": {"s": 0.02 / n, "at": t0 + 0.405},
+                "validate": {"s": 0.01 / n, "at": t0 + 0.425 + 0.003},
+                "score": {"s": 0.01 / n, "at": t0 + 0.438 + 0.007},
+            }
+            for _ in range(n)
+        ]
+
+    gaps = hop_gaps([*slice_of(100.0, 4), *slice_of(200.0, 4), *slice_of(300.0, 2)])
+    assert gaps == {"generate->moderate": 5.0, "moderate->validate": 3.0, "validate->score": 7.0}
+    assert hop_gaps([{"generate": {"s": 0.1}}]) == {}, "timings from before stages were timestamped"

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from time import monotonic, perf_counter
+from time import monotonic, perf_counter, time
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -241,12 +241,14 @@ def _work(
         )
         return stage.work(rt, start, part)
 
+    began = time()
     t0 = perf_counter()
     updates = isolate(stage.name, guarded, cands)
     if lease.lost:  # taken over during the work: those are the new holder's to write
         updates = {cid: u for cid, u in updates.items() if cid not in lease.lost}
     seconds = perf_counter() - t0
-    timing = {"s": round(seconds / len(cands), 5), "queue": rt.queue}
+    # ``at``: when the work began (epoch seconds), so the gap between two stage tasks can be measured.
+    timing = {"s": round(seconds / len(cands), 5), "queue": rt.queue, "at": round(began, 4)}
     return _Worked(stage, cands, updates, timing, seconds)
 
 

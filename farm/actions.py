@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from farm import canvas, dispatch, records
 from farm.config import Settings
 from farm.db import Batch, Candidate, Item, session_scope, utcnow
+from farm.rounds import reopen_round
 from farm.states import BATCH_OPEN, CANDIDATE_SETTLED, BatchStatus, CandidateStatus, ItemStatus
 
 
@@ -80,6 +81,7 @@ def retry_failed(batch_id: str, *, settings: Settings) -> int:
                 reopened += 1
             # The reaper's re-sends start over too: a retried item gets its full share of stall recovery.
             it.status, it.finished_at, it.winners, it.resends = ItemStatus.RUNNING, None, [], 0
+            reopen_round(s.connection(), it.id)
         # The rank stage ranks the candidates at 'scored': put the item's survivors back there so the retried
         # ones compete with them, not only with each other.
         s.execute(

@@ -72,6 +72,13 @@ def _lock_batch_then_read_item(
     return batch, item
 
 
+def reopen_round(conn: Connection, item_id: str) -> None:
+    """Record that a retry reopened the item (``RoundKind.REOPENED``): no winners until it is ranked again,
+    so the latest round says what the item's ``winners`` say meanwhile. Written in the retry's transaction,
+    which holds the batch's row (its guarded flip back to running)."""
+    _write_round(conn, item_id, RoundKind.REOPENED, (), (), {})
+
+
 def _write_round(
     conn: Connection,
     item_id: str,

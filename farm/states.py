@@ -70,6 +70,9 @@ class RoundKind(StrEnum):
     TOP_UP = "top_up"
     #: The rank that closed the item (done, or cancelled when its batch was).
     RANKED = "ranked"
+    #: A `farm retry` that reopened the item to generate its failed candidates again: no winners until the
+    #: item is ranked again, as the item's own ``winners`` say meanwhile.
+    REOPENED = "reopened"
 
 
 #: Batch statuses open to new work: dispatch sends their unsent items, and cancel and resume act on them.

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
 from farm import dispatch
-from farm.db import Batch, Candidate, Item, session_scope
+from farm.db import Batch, Candidate, Item, ItemRound, session_scope
 from farm.states import CANDIDATE_FINAL
 
 pytestmark = pytest.mark.slow
@@ -58,9 +58,18 @@ def test_retry_brings_back_a_candidate_that_failed_once(api, settings, run_batch
     assert won.status == "passed" and won.rank == 1
     # The winner "fails" as a lost GPU would have failed it; the item is ranked without it.
     with session_scope(settings.database_url) as s:
-        s.execute(update(Candidate).where(Candidate.id == winner_id).values(
-            status="failed", stage="generate", error="generate: RuntimeError: CUDA out of memory",
-            image_path=None, rank=None, is_winner=False))
+        s.execute(
+            update(Candidate)
+            .where(Candidate.id == winner_id)
+            .values(
+                status="failed",
+                stage="generate",
+                error="generate: RuntimeError: CUDA out of memory",
+                image_path=None,
+                rank=None,
+                is_winner=False,
+            )
+        )
 
     r = api.post(f"/api/v1/batches/{batch_id}/retry")
     assert r.status_code == 202 and r.json["retried"] == 1
@@ -77,10 +86,22 @@ def test_retry_brings_back_a_candidate_that_failed_once(api, settings, run_batch
     assert {cid: c.rank for cid, c in after.items()} == {cid: c.rank for cid, c in before.items()}
     assert all(c.status in CANDIDATE_FINAL for c in after.values())
     assert items[1].finished_at == untouched  # the other item was not reopened
+    # Its rounds: the first rank, the retry that reopened it (no winners, as the item had none meanwhile),
+    # the rank after the retry; the latest round's winners are the item's.
+    with session_scope(settings.database_url) as s:
+        by_number = select(ItemRound).order_by(ItemRound.number)
+        rounds = {it.id: s.scalars(by_number.where(ItemRound.item_id == it.id)).all() for it in items}
+    assert [(r.kind, r.winners) for r in rounds[items[0].id]] == [
+        ("ranked", [winner_id]),
+        ("reopened", []),
+        ("ranked", [winner_id]),
+    ]
+    assert [r.kind for r in rounds[items[1].id]] == ["ranked"]
 
 
-def test_retry_of_a_persistent_fault_fails_again_with_its_attempts_counted(api, settings, run_batch,
-                                                                           wait_batch):
+def test_retry_of_a_persistent_fault_fails_again_with_its_attempts_counted(
+    api, settings, run_batch, wait_batch
+):
     faulty = "a cursed teapot [[fault:moderate:raise:1]]"
     batch_id = run_batch(MANIFEST.format(name="retry-fault", first=faulty))
     _, items, before = _rows(settings, batch_id)
@@ -133,7 +154,10 @@ def test_metrics_of_the_running_farm(api, settings, run_batch):
     assert samples[("farm_candidates", (("status", "passed"),))] >= 6
     for queue in ("slices", "control", "cuda0", "cuda1"):
         assert ("farm_queue_length", (("queue", queue),)) in samples
-    generate = [v for (name, labels), v in samples.items()
-                if name == "farm_stage_duration_mean_seconds" and ("stage", "generate") in labels]
+    generate = [
+        v
+        for (name, labels), v in samples.items()
+        if name == "farm_stage_duration_mean_seconds" and ("stage", "generate") in labels
+    ]
     assert generate and all(v > 0 for v in generate)
     assert api.get("/healthz").json == {"ok": True, "database": "ok"}

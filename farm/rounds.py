@@ -219,6 +219,7 @@ def add_topup_round(
     ranking: Sequence[str] = (),
     winners: Sequence[str] = (),
     scores: Mapping[str, float] | None = None,
+    config: Manifest | None = None,
 ) -> TopUp | Raced | None:
     """Add a round of new candidates (new seeds) to an item whose passing candidates fell short, and record
     the caller's ranking of the item so far (``ranking``, ``winners``, ``scores`` as for :func:`finish_item`)
@@ -230,6 +231,8 @@ def add_topup_round(
     this adds none and returns ``RACED`` (reading the fresh count instead would add a second round for one
     shortfall, and the newer round is still to be ranked). None when no round is due. Locks the batch row
     before writing the item, in the order :func:`finish_item` does, so the two never deadlock on PostgreSQL.
+    ``config``: the batch's typed settings where the caller read them already (farm.rank's view), so they
+    are parsed once per task; a batch's settings never change after submit.
     """
     from farm.dispatch import candidate_row
     from farm.manifest import MAX_CANDIDATES_PER_ITEM, candidate_seeds, stored_manifest
@@ -243,7 +246,7 @@ def add_topup_round(
         )
         if item.rounds != rounds or item.status in ITEM_CLOSED:
             return RACED
-        config = stored_manifest(batch.settings)
+        config = config or stored_manifest(batch.settings)
         selection = config.selection
         shortfall = selection.min_accepted - passed
         if batch.status in BATCH_STOPPED or shortfall <= 0 or rounds >= selection.max_topup_rounds:

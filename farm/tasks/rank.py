@@ -70,6 +70,7 @@ def rank_item(self: Task, item_id: str) -> dict:
             ranking=result.order,
             winners=result.winners,
             scores=result.scores,
+            config=cfg,
         )
         if view.topup_due()
         else None

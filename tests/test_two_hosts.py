@@ -9,11 +9,12 @@ with its own FARM_HOME, pointed at the first host's Redis and PostgreSQL over th
 filesystem, not the network: the second host's FARM_HOME/artifacts is a symlink to the first host's
 artifacts folder, which stands for the shared mount (NFS, CephFS...) every host of a fleet mounts.
 
-The second host is killed while it runs the moderate stage of a slice: its PNGs are already on the shared
-store, its rows not yet written. The slice's message, taken from a queue both hosts serve, dies
-unacknowledged with the worker; Redis puts it back once the visibility timeout passes, and the first host
-runs the whole slice again. The test checks that those candidates were generated a second time on the first
-host, that no reaper re-send was needed, and that files and rows still match one to one.
+The second host is killed while it runs the generate task of a slice, its rows not yet written. That
+task's message, taken from a queue both hosts serve, dies unacknowledged with the worker; Redis puts it back
+once the visibility timeout passes, and the first host runs the slice's chain again. The test checks that
+those candidates were generated a second time on the first host, that no reaper re-send was needed, and that
+files and rows still match one to one. (A slice's later stage tasks go to a queue bound to the host that
+generated it, which no other host serves: the second test kills a host holding those.)
 
 The second test runs the second host with FARM_QC=worker, where its images wait in its own memory for its QC
 worker, and kills it while that worker checks a slice: the reaper has to re-send, the first host generates
@@ -55,9 +56,9 @@ THROUGH = ("scored", "passed", "rejected")  # a candidate that went through ever
 # Short timeouts so that recovery is observable within the test (as in the fault suite). The stall limit is
 # longer than the visibility timeout plus kombu's restore sweep (10 s), so the slice b0 held comes back by
 # itself before the reaper could act. One thread per worker: the two "hosts" share this machine's cores. The
-# tiny model runs a slice in a fraction of a second, so every slice's moderate stage takes FARM_FAULT_SLEEP_S
-# on its first delivery (the farm's own fault hook, in the prompt): the batch lasts long enough for both hosts
-# to serve it, and b0 can be caught in the middle of a slice.
+# tiny model runs a slice in a fraction of a second, so one stage of every slice (generate in the first test,
+# moderate in the second) takes FARM_FAULT_SLEEP_S on its first delivery (the farm's own fault hook, in the
+# prompt): the batch lasts long enough for both hosts to serve it, and b0 can be caught in that stage.
 FLEET_ENV = {
     "FARM_FAULTS": "1",
     "FARM_FAULT_SLEEP_S": "2",
@@ -150,7 +151,7 @@ def _wait(farm: HostFarm, predicate: Callable[[], bool], timeout: float, what: s
 
 def _running_slice(farm: HostFarm, worker: str, task: str) -> list[str]:
     """The candidates of the slice the worker named ``worker...`` is running as ``task`` (from its
-    ``current``, ``farm.slice <first id> (+<more>) ...``), or none."""
+    ``current``, ``farm.generate <first id> (+<more>) ...``), or none."""
     for w in farm.workers():
         if w.name.startswith(worker) and w.current and w.current.startswith(f"{task} "):
             first_id, more = w.current.split()[1:3]
@@ -208,17 +209,17 @@ def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_no
     assert h.ns.holds(second.popen.pid) and not h.ns.holds(os.getpid())
     ready_s = time.monotonic() - t0
 
-    prompts = [f"a lighthouse on a rock, study {i} [[fault:moderate:sleep:*]]" for i in range(ITEMS)]
+    prompts = [f"a lighthouse on a rock, study {i} [[fault:generate:sleep:*]]" for i in range(ITEMS)]
     batch_id = first.submit(manifest("two-hosts", prompts, candidates=CANDIDATES))
 
-    # Once the second host has carried two slices through every stage, kill it while it runs the moderate
-    # stage (slowed down) of another slice: its PNGs are on the shared store, but generate's rows are not
-    # written yet (they wait for the files, which are written behind moderation). Its worker takes one
-    # message at a time (prefetch 1, late acks), so the one it holds is that slice's task.
+    # Once the second host has carried two slices through every stage, kill it while it runs the generate
+    # task (slowed down) of another slice: its rows are not written yet. Its worker takes one message at a
+    # time (prefetch 1, late acks) and runs the checks of a slice it generated before it takes the next
+    # generate, so the one it holds is that slice's generate task, from a queue the first host serves too.
     def b0_slice() -> list[str]:
-        return _running_slice(first, "b0@", "farm.slice")
+        return _running_slice(first, "b0@", "farm.generate")
 
-    def b0_moderating() -> bool:
+    def b0_generating() -> bool:
         rows = {c.id: c for c in first.candidates(batch_id)}
         through = sum(c.device == "b0" and c.status in THROUGH for c in rows.values())
         ids = b0_slice()
@@ -226,11 +227,10 @@ def test_a_second_host_serves_part_of_a_batch_over_a_veth_and_its_death_loses_no
             through >= 4
             and bool(ids)
             and all(rows[i].status == "pending" for i in ids)
-            and all((first.settings.artifacts_dir / batch_id / f"{i}.png").exists() for i in ids)
             and _taken(h.redis, ids)
         )
 
-    _wait(first, b0_moderating, 120, "b0 to serve two slices and moderate another")
+    _wait(first, b0_generating, 120, "b0 to serve two slices and generate another")
     redis_clients = h.redis.client_addresses()
     stranded = b0_slice()
     os.killpg(second.popen.pid, signal.SIGKILL)
@@ -271,10 +271,11 @@ def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_noth
 ):
     """FARM_QC=worker on the second host: its device hands each slice's images off in its own memory (the
     handoff folder, which the first host cannot read) to its QC worker. The host dies while that worker checks
-    a slice, and its farm.qc messages are left in a queue bound to it (``qc-b0@host``) that nobody else
-    serves. The reaper finds the items stalled and re-sends them; the first host finds the images lost and
-    generates them again. When the second host comes back, the stale farm.qc it left behind runs and changes
-    nothing, and its handoff folder ends empty."""
+    a slice, and the stage tasks its device sent there (farm.moderate, then farm.validate and farm.score) are
+    left in a queue bound to it (``qc-b0@host``) that nobody else serves. The reaper finds the items stalled
+    and re-sends them; the first host finds the images lost and generates them again. When the second host
+    comes back, the stale stage tasks it left behind run and change nothing, and its handoff folder ends
+    empty."""
     h, first = two_hosts, two_hosts.first
     stack = first.stack
     handoff = tmp_path / "second-handoff"
@@ -302,7 +303,7 @@ def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_noth
         after b0 has carried at least one slice through every stage."""
         rows = {c.id: c for c in first.candidates(batch_id)}
         through = sum(c.device == "b0" and c.status in THROUGH for c in rows.values())
-        ids = _running_slice(first, qc, "farm.qc")
+        ids = _running_slice(first, qc, "farm.moderate")
         return (
             through >= 2
             and bool(ids)
@@ -312,7 +313,7 @@ def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_noth
         )
 
     _wait(first, qc_checking, 120, "b0's QC worker to check a slice")
-    held = _running_slice(first, qc, "farm.qc")
+    held = _running_slice(first, qc, "farm.moderate")
     os.killpg(second.popen.pid, signal.SIGKILL)
     second.popen.wait()
     stranded = sorted(
@@ -328,10 +329,11 @@ def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_noth
     for cid in stranded:
         c = by_id[cid]
         assert c.status in ("passed", "rejected"), (cid, c.status, c.error)
-        # Generated again inside the re-sent delivery on the first host (whose worker took b0's place), which
-        # counts no second generate attempt; moderate starts over with the new image.
+        # Generated again on the first host (whose worker took b0's place): its farm.moderate found the image
+        # lost and replaced itself with generate and moderate, a delivery of generate that counts a second
+        # attempt; moderate starts over with the new image.
         assert c.device == "cuda0" and c.worker.startswith("cuda0@"), (cid, c.device, c.worker)
-        assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (1, 1), (cid, c.stage_attempts)
+        assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (2, 1), (cid, c.stage_attempts)
         assert read_recipe(first.settings.artifacts_dir / c.image_path)["seed"] == c.seed
     # Re-sent by the reaper: by its stall path (counted in item.resends) for a slice queued for b0's QC
     # worker, which holds no lease, or by its lease path (not counted there) for the slice b0's QC worker
@@ -342,9 +344,10 @@ def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_noth
     assert {p.name for p in handoff.iterdir()} >= {f"{i}.npy" for i in stranded}, "read by nobody meanwhile"
 
     # What b0's QC worker held went back, after the visibility timeout, to the queue bound to b0's host: no
-    # other worker serves it. The second host comes back with it: its QC worker runs the stale farm.qc,
-    # finds every candidate past its stages and drops the handoff (files of candidates finished elsewhere go
-    # with the sweep); the rank a stale message's chord may fire again changes nothing. No row moves.
+    # other worker serves it. The second host comes back with it: its QC worker runs the stale farm.moderate
+    # (and the validate and score chained after it), finds every candidate past its stages and drops the
+    # handoff (files of candidates finished elsewhere go with the sweep); the rank a stale message's chord may
+    # fire again changes nothing. No row moves.
     stale = _queued_slices(h.redis, qc)
     assert held in stale, (held, stale)
 
@@ -369,5 +372,5 @@ def test_a_host_that_dies_while_its_qc_worker_holds_handed_off_images_loses_noth
             and not any(p.suffix == ".npy" for p in handoff.iterdir())
         )
 
-    _wait(first, stale_done, 120, "the second host to run its stale farm.qc and empty its handoff folder")
+    _wait(first, stale_done, 120, "the second host to run its stale stage tasks and empty its handoff folder")
     assert snapshot() == before

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from farm import dispatch
 from farm import worker as worker_module
 from farm.artifacts import Handoff
-from farm.broker import device_workers, queue_length
+from farm.broker import device_workers, local_queue, queue_length
 from farm.celery_app import app
 from farm.cli import cli
 from farm.config import load_settings
@@ -101,7 +101,8 @@ def test_sigterm_finishes_the_slices_in_flight_then_exits_and_nothing_is_lost(se
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(180) == 0
     assert in_flight(settings.database_url, "cuda1") == 0
-    assert queue_length(app, "cuda1") == 0
+    # Nor left queued: the device's queue, or its own, where the checks of the slices it generated wait.
+    assert queue_length(app, "cuda1") == 0 and queue_length(app, local_queue("cuda1")) == 0
     stack.procs.remove(stack.proc("worker-cuda1"))
     try:
         assert wait_batch(done.batch_id) == "done"

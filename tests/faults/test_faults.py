@@ -42,8 +42,8 @@ def test_sigkill_of_a_worker_child_during_generate_requeues_the_slice(farm: Faul
     batch_id = farm.submit(manifest("kill-child", ["a slow harbour [[fault:generate:sleep:0]]"]))
     farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
     first = f"{batch_id}-00000-000 "
-    farm.wait_until(lambda: _child_running(farm, "farm.slice", first) is not None, what="a busy child")
-    pid = _child_running(farm, "farm.slice", first)
+    farm.wait_until(lambda: _child_running(farm, "farm.generate", first) is not None, what="a busy child")
+    pid = _child_running(farm, "farm.generate", first)
     os.kill(pid, signal.SIGKILL)
     assert farm.wait(batch_id) == "done"
     rows = farm.assert_accounted_for(batch_id, 4)
@@ -59,7 +59,7 @@ def test_sigkill_of_a_whole_worker_loses_nothing(farm: FaultFarm):
         manifest("kill-worker", ["a slow lighthouse [[fault:generate:sleep:0]]", "a quiet bay"])
     )
     farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
-    first = f"farm.slice {batch_id}-00000-000 "
+    first = f"farm.generate {batch_id}-00000-000 "
     farm.wait_until(
         lambda: any(w.current and w.current.startswith(first) for w in farm.workers()),
         what="the worker generating candidate 0",
@@ -87,7 +87,7 @@ def test_a_redis_restart_mid_batch_loses_no_queued_work(farm: FaultFarm):
     farm.assert_accounted_for(batch_id, 24)
 
 
-# validate runs in the slice's task after moderate, whose write counted it as started.
+# validate is a task of its own after moderate's in the slice's chain: a kill redelivers farm.validate alone.
 @pytest.mark.parametrize("stage", ["generate", "validate"])
 def test_a_poison_candidate_is_failed_after_the_attempt_cap_and_the_item_still_ranks(farm: FaultFarm, stage):
     batch_id = farm.submit(manifest(f"poison-{stage}", [f"a cursed teapot [[fault:{stage}:kill:1]]"]))

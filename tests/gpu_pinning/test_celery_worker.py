@@ -48,9 +48,10 @@ def test_dash_q_with_a_device_queue_makes_that_devices_worker_named_and_fed_like
     model_queue = preload_queue(settings.preload_generator, settings.preload_dtype)
     assert plan is not None and plan.inferred
     assert (plan.queue, plan.hostname) == ("cuda0", f"cuda0@{HOST}")
-    assert plan.queues == ["cuda0", SLICES_QUEUE, model_queue]
+    # Its own queue first (the rest of the chains it generated), then what any device worker takes.
+    assert plan.queues == [f"cuda0@{HOST}", "cuda0", SLICES_QUEUE, model_queue]
     _, plan = _plan(device="cuda1")  # --device without -Q: Celery's default queue is replaced
-    assert plan is not None and not plan.inferred and plan.queues[0] == "cuda1"
+    assert plan is not None and not plan.inferred and plan.queues[:2] == [f"cuda1@{HOST}", "cuda1"]
 
 
 def test_workers_that_take_no_slices_or_are_pinned_already_are_left_as_they_are():
@@ -137,7 +138,7 @@ def test_plain_celery_worker_dash_q_cuda0_is_pinned_named_and_finishes_a_slice(t
         assert stats["pool"]["implementation"].endswith("prefork:TaskPool")
         (child,) = stats["pool"]["processes"]
         active = app.control.inspect(destination=[name], timeout=5).active_queues()[name]
-        assert {q["name"] for q in active} >= {"cuda0", SLICES_QUEUE}
+        assert {q["name"] for q in active} >= {name, "cuda0", SLICES_QUEUE}
 
         while True:
             with session_scope(settings.database_url) as s:

@@ -45,8 +45,8 @@ def test_retry_resets_failed_candidates_reopens_items_and_sends_them(client, set
         assert (batch.status, batch.items_done, batch.finished_at) == ("running", 0, None)
         assert {(it.status, it.finished_at, it.resends) for it in items} == {("running", None, 0)}
 
-    sent = _task_args(queued_messages(broker, "slices"))
-    assert [task for task, _ in sent] == ["farm.slice", "farm.slice"]
+    sent = _task_args(queued_messages(broker, "slices"))  # each slice's chain, sent as its first stage
+    assert [task for task, _ in sent] == ["farm.generate", "farm.generate"]
     assert sorted(cid for _, args in sent for cid in failed if cid in args) == failed
 
 
@@ -60,8 +60,11 @@ def test_retry_twice_is_refused_the_second_time(client, make_batch, broker):
 def test_retry_without_failed_candidates_changes_nothing(client, settings, make_batch, broker):
     made = make_batch("done")
     with session_scope(settings.database_url) as s:
-        s.execute(update(Candidate).where(Candidate.batch_id == made.batch_id, Candidate.status == "failed")
-                  .values(status="rejected"))
+        s.execute(
+            update(Candidate)
+            .where(Candidate.batch_id == made.batch_id, Candidate.status == "failed")
+            .values(status="rejected")
+        )
     r = client.post(f"/api/v1/batches/{made.batch_id}/retry")
     assert r.status_code == 200 and r.json == {"id": made.batch_id, "retried": 0}
     with session_scope(settings.database_url) as s:
@@ -97,7 +100,7 @@ def test_resume_resends_unsettled_candidates_of_running_items(client, settings, 
     r = client.post(f"/api/v1/batches/{made.batch_id}/resume")
     assert r.status_code == 202 and r.json == {"id": made.batch_id, "messages": 1}
     sent = _task_args(queued_messages(broker, "slices"))
-    assert sent and {task for task, _ in sent} == {"farm.slice"}
+    assert sent and {task for task, _ in sent} == {"farm.generate"}
     running_item = made.item_ids[1]
     resent = {cid for _, args in sent for cid in made.candidate_ids if cid in args}
     # Candidate 0 is scored (settled), 1 is generated and 2, 3 are pending: those three go again.

@@ -42,8 +42,11 @@ def test_submit_yaml_body_writes_rows_and_queues_dispatch(client, settings, brok
 
 
 def test_submit_multipart_field_and_x_yaml(client, settings, broker):
-    r = client.post("/api/v1/batches", data={"manifest": (io.BytesIO(EXAMPLE_MANIFEST.encode()), "m.yaml")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/api/v1/batches",
+        data={"manifest": (io.BytesIO(EXAMPLE_MANIFEST.encode()), "m.yaml")},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 202, r.json
     r2 = client.post("/api/v1/batches", data=EXAMPLE_MANIFEST, content_type="application/x-yaml")
     assert r2.status_code == 202, r2.json
@@ -113,8 +116,11 @@ def test_oversize_manifest_is_413(make_app, monkeypatch):
     huge = "#" * 500_000
     r = client.post("/api/v1/batches", data=huge, content_type="text/yaml")
     assert r.status_code == 413 and "limit of 2048 bytes" in r.json["errors"][0]["message"]
-    r = client.post("/api/v1/batches", data={"manifest": (io.BytesIO(just_over.encode()), "m.yaml")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/api/v1/batches",
+        data={"manifest": (io.BytesIO(just_over.encode()), "m.yaml")},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 413
 
 
@@ -122,9 +128,12 @@ def test_oversize_manifest_is_413(make_app, monkeypatch):
 
 
 def manifest_naming(**fields: Any) -> str:
-    doc: dict[str, Any] = {"name": "files", "model": "tiny", "defaults": {"candidates": 2, "steps": 1,
-                                                                          "size": "64x64"},
-                           "items": ["a red fox"]}
+    doc: dict[str, Any] = {
+        "name": "files",
+        "model": "tiny",
+        "defaults": {"candidates": 2, "steps": 1, "size": "64x64"},
+        "items": ["a red fox"],
+    }
     doc.update(fields)
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -132,13 +141,17 @@ def manifest_naming(**fields: Any) -> str:
 def multipart(manifest: str, **files: bytes) -> dict[str, Any]:
     """A multipart body: the manifest, and each file under the field ``files`` with its keyword as its name
     (``block_txt`` -> ``block.txt``)."""
-    return {"manifest": (io.BytesIO(manifest.encode()), "m.yaml"),
-            "files": [(io.BytesIO(data), name.replace("_", ".")) for name, data in files.items()]}
+    return {
+        "manifest": (io.BytesIO(manifest.encode()), "m.yaml"),
+        "files": [(io.BytesIO(data), name.replace("_", ".")) for name, data in files.items()],
+    }
 
 
 def _refused_cases(disk: Any) -> list[tuple[str, dict[str, Any], str]]:
-    cases = [("moderation.pdq_blocklist", {"moderation": {"pdq_blocklist": v}}, FILE_REFUSED)
-             for v in disk.refused_files()]
+    cases = [
+        ("moderation.pdq_blocklist", {"moderation": {"pdq_blocklist": v}}, FILE_REFUSED)
+        for v in disk.refused_files()
+    ]
     for field in ("model", "validation.model", "scoring.model"):
         for v in disk.refused_models():
             fields = {"model": v} if field == "model" else {field.split(".")[0]: {"model": v}}
@@ -154,8 +167,10 @@ def test_api_refuses_every_path_outside_uploads_and_asset_dirs_with_one_message_
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
     for path, fields, message in _refused_cases(server_disk):
-        for data, kind in ((manifest_naming(**fields), "text/yaml"),
-                           (multipart(manifest_naming(**fields)), "multipart/form-data")):
+        for data, kind in (
+            (manifest_naming(**fields), "text/yaml"),
+            (multipart(manifest_naming(**fields)), "multipart/form-data"),
+        ):
             r = client.post("/api/v1/batches", data=data, content_type=kind)
             assert r.status_code == 400, (path, fields, r.json)
             assert r.json["errors"] == [{"path": path, "message": message}], fields
@@ -165,8 +180,11 @@ def test_api_refuses_every_path_outside_uploads_and_asset_dirs_with_one_message_
 
 def test_api_dry_run_refuses_paths_outside_as_submit_does(server_disk, make_app):
     client = make_app().test_client()
-    r = client.post("/api/v1/batches?dry_run=1", content_type="text/yaml",
-                    data=manifest_naming(moderation={"pdq_blocklist": str(server_disk.outside / "x.txt")}))
+    r = client.post(
+        "/api/v1/batches?dry_run=1",
+        content_type="text/yaml",
+        data=manifest_naming(moderation={"pdq_blocklist": str(server_disk.outside / "x.txt")}),
+    )
     assert r.status_code == 400 and r.json["errors"][0]["message"] == FILE_REFUSED
 
 
@@ -180,8 +198,9 @@ def test_api_blocklist_uploaded_with_the_manifest_is_stored_and_read_back_by_the
     settings = client.application.config["FARM_SETTINGS"]
     listing = f"# exported\n{PDQ_HASH},known-bad-image\n{'0' * 64}\tother\n".encode()
     text = manifest_naming(moderation={"pdq_blocklist": "block.txt"})
-    r = client.post("/api/v1/batches", content_type="multipart/form-data",
-                    data=multipart(text, block_txt=listing))
+    r = client.post(
+        "/api/v1/batches", content_type="multipart/form-data", data=multipart(text, block_txt=listing)
+    )
     assert r.status_code == 202, r.json
     with session_scope(settings.database_url) as s:
         ref = s.get(Batch, r.json["id"]).settings["moderation"]["pdq_blocklist"]
@@ -194,9 +213,13 @@ def test_api_blocklist_uploaded_with_the_manifest_is_stored_and_read_back_by_the
 def test_api_dry_run_with_an_uploaded_file_stores_nothing(make_app, server_disk):
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
-    r = client.post("/api/v1/batches?dry_run=1", content_type="multipart/form-data",
-                    data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}),
-                                   block_txt=PDQ_HASH.encode()))
+    r = client.post(
+        "/api/v1/batches?dry_run=1",
+        content_type="multipart/form-data",
+        data=multipart(
+            manifest_naming(moderation={"pdq_blocklist": "block.txt"}), block_txt=PDQ_HASH.encode()
+        ),
+    )
     assert r.status_code == 200, r.json
     assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
 
@@ -205,12 +228,18 @@ def test_api_refused_submission_leaves_no_uploaded_file(make_app, server_disk, b
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
     bad = manifest_naming(moderation={"pdq_blocklist": "block.txt"}, defaults={"size": "7x7"})
-    r = client.post("/api/v1/batches", content_type="multipart/form-data",
-                    data=multipart(bad, block_txt=PDQ_HASH.encode()))
+    r = client.post(
+        "/api/v1/batches",
+        content_type="multipart/form-data",
+        data=multipart(bad, block_txt=PDQ_HASH.encode()),
+    )
     assert r.status_code == 400 and r.json["errors"][0]["path"] == "defaults.size"
     malformed = manifest_naming(moderation={"pdq_blocklist": "block.txt"})
-    r = client.post("/api/v1/batches", content_type="multipart/form-data",
-                    data=multipart(malformed, block_txt=b"not a hash\n"))
+    r = client.post(
+        "/api/v1/batches",
+        content_type="multipart/form-data",
+        data=multipart(malformed, block_txt=b"not a hash\n"),
+    )
     assert r.status_code == 400 and "line 1" in r.json["errors"][0]["message"]
     assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
 
@@ -221,9 +250,13 @@ def test_api_upload_with_the_broker_down_removes_the_stored_file_and_the_rows(
 ):
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
-    r = client.post("/api/v1/batches", content_type="multipart/form-data",
-                    data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}),
-                                   block_txt=PDQ_HASH.encode()))
+    r = client.post(
+        "/api/v1/batches",
+        content_type="multipart/form-data",
+        data=multipart(
+            manifest_naming(moderation={"pdq_blocklist": "block.txt"}), block_txt=PDQ_HASH.encode()
+        ),
+    )
     assert r.status_code == 503, r.json
     assert server_disk.uploads(settings) == []
     assert list((settings.artifacts_dir / "uploads").iterdir()) == []
@@ -233,8 +266,11 @@ def test_api_upload_with_the_broker_down_removes_the_stored_file_and_the_rows(
 def test_api_upload_the_manifest_does_not_name_is_refused(make_app, server_disk, broker):
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
-    r = client.post("/api/v1/batches", content_type="multipart/form-data",
-                    data=multipart(manifest_naming(), spare_txt=b"x"))
+    r = client.post(
+        "/api/v1/batches",
+        content_type="multipart/form-data",
+        data=multipart(manifest_naming(), spare_txt=b"x"),
+    )
     assert r.status_code == 400
     assert r.json["errors"][0]["path"] == "uploads" and "spare.txt" in r.json["errors"][0]["message"]
     assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
@@ -244,8 +280,11 @@ def test_api_file_in_an_asset_dir_is_accepted(server_disk, make_app, broker):
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
     for value in ("ok.txt", str(server_disk.assets / "ok.txt")):
-        r = client.post("/api/v1/batches", content_type="text/yaml",
-                        data=manifest_naming(moderation={"pdq_blocklist": value}))
+        r = client.post(
+            "/api/v1/batches",
+            content_type="text/yaml",
+            data=manifest_naming(moderation={"pdq_blocklist": value}),
+        )
         assert r.status_code == 202, r.json
         with session_scope(settings.database_url) as s:
             recorded = s.get(Batch, r.json["id"]).settings["moderation"]["pdq_blocklist"]
@@ -269,8 +308,11 @@ def test_api_uploaded_file_over_its_own_limit_is_413(make_app, server_disk, monk
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
     big = (PDQ_HASH + "\n").encode() * 40  # 2600 bytes: over the file limit, under the manifest's
-    r = client.post("/api/v1/batches", content_type="multipart/form-data",
-                    data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}), block_txt=big))
+    r = client.post(
+        "/api/v1/batches",
+        content_type="multipart/form-data",
+        data=multipart(manifest_naming(moderation={"pdq_blocklist": "block.txt"}), block_txt=big),
+    )
     assert r.status_code == 413 and "FARM_MAX_ASSET_BYTES" in r.json["errors"][0]["message"]
     assert server_disk.uploads(settings) == [] and _count(settings, Batch) == 0
 
@@ -280,8 +322,11 @@ def test_api_uploaded_file_over_its_own_limit_is_413(make_app, server_disk, monk
     [
         ({"validation": {"model": "tinny-clip"}}, "validation.model", "unknown validator model 'tinny-clip'"),
         ({"scoring": {"model": "tiny-clip"}}, "scoring.model", "validator preset, not a scorer"),
-        ({"scoring": {"model": "clip-score:tiny-aesthetic"}}, "scoring.model",
-         "scorer preset, not a validator"),
+        (
+            {"scoring": {"model": "clip-score:tiny-aesthetic"}},
+            "scoring.model",
+            "scorer preset, not a validator",
+        ),
     ],
 )
 def test_a_validator_or_scorer_no_worker_knows_is_refused_at_validation(client, fields, path, words):
@@ -423,12 +468,12 @@ def test_export_of_a_batch_without_winners_is_an_empty_zip(client, make_batch):
 
 
 def test_workers_from_the_workers_table(client, make_worker):
-    make_worker("w-cuda0", current="farm.slice", age=5)
+    make_worker("w-cuda0", current="farm.generate", age=5)
     make_worker("w-cuda1", queue="cuda1", age=400, models={})
     r = client.get("/api/v1/workers")
     rows = {w["name"]: w for w in r.json["workers"]}
     assert rows["w-cuda0"]["models"] == {"generator:tiny": 1, "scorer:tiny": 2}
-    assert rows["w-cuda0"]["current"] == "farm.slice"
+    assert rows["w-cuda0"]["current"] == "farm.generate"
     assert rows["w-cuda0"]["heartbeat_age_seconds"] == pytest.approx(5, abs=3)
     assert rows["w-cuda1"]["heartbeat_age_seconds"] >= 400
 

@@ -172,8 +172,9 @@ def test_ui_cancel_with_csrf(client, settings, make_batch):
 
 def test_ui_cancel_finished_batch_says_why(client, make_batch):
     made = make_batch("done")
-    r = client.post(f"/batches/{made.batch_id}/cancel", data={"csrf_token": _csrf(client)},
-                    follow_redirects=True)
+    r = client.post(
+        f"/batches/{made.batch_id}/cancel", data={"csrf_token": _csrf(client)}, follow_redirects=True
+    )
     assert "only a queued or running batch can be cancelled" in r.get_data(as_text=True)
 
 
@@ -202,12 +203,12 @@ def test_candidate_page_shows_layers_recipe_scores_timings(client, make_batch):
 def test_workers_page_lists_models_and_links_flower(make_app, make_worker, monkeypatch):
     monkeypatch.setenv("FARM_FLOWER_PORT", "5999")
     client = make_app().test_client()
-    make_worker("w-cuda0", current="farm.slice")
+    make_worker("w-cuda0", current="farm.generate")
     make_worker("w-cuda1", queue="cuda1", age=500)
     html = client.get("/workers").get_data(as_text=True)
     assert "w-cuda0" in html and "w-cuda1" in html
     assert "generator:tiny</code> × 1" in html and "scorer:tiny</code> × 2" in html
-    assert "farm.slice" in html and "idle" in html
+    assert "farm.generate" in html and "idle" in html
     assert 'href="http://127.0.0.1:5999"' in html
     assert "8m" in html  # 500 s heartbeat age
 
@@ -266,8 +267,9 @@ def test_upload_page_has_file_text_preview_submit(client):
 
 
 def test_preview_shows_counts_and_queues_nothing(client, settings):
-    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": EXAMPLE_MANIFEST,
-                                     "action": "preview"})
+    r = client.post(
+        "/upload", data={"csrf_token": _csrf(client), "manifest_text": EXAMPLE_MANIFEST, "action": "preview"}
+    )
     assert r.status_code == 200
     html = r.get_data(as_text=True)
     assert 'id="preview"' in html
@@ -288,9 +290,15 @@ def test_upload_errors_are_shown_at_their_field_path(client, settings):
 
 
 def test_upload_bad_yaml_file(client, settings):
-    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "preview",
-                                     "manifest_file": (io.BytesIO(b"name: [oops"), "bad.yaml")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/upload",
+        data={
+            "csrf_token": _csrf(client),
+            "action": "preview",
+            "manifest_file": (io.BytesIO(b"name: [oops"), "bad.yaml"),
+        },
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 400
     html = r.get_data(as_text=True)
     assert 'data-path="(root)"' in html and "invalid YAML" in html
@@ -311,17 +319,29 @@ def test_upload_oversize_is_413(make_app, monkeypatch, settings):
     assert "limit is 2048 bytes" in r.get_data(as_text=True)
     # A multipart upload may also carry files (FARM_MAX_ASSET_BYTES each), so its manifest is measured by the
     # view against the manifest's own limit.
-    r = client.post("/upload", data={"csrf_token": token, "action": "submit",
-                                     "manifest_file": (io.BytesIO(b"#" * 400_000), "big.yaml")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/upload",
+        data={
+            "csrf_token": token,
+            "action": "submit",
+            "manifest_file": (io.BytesIO(b"#" * 400_000), "big.yaml"),
+        },
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 413 and "limit is 2048 bytes" in r.get_data(as_text=True)
     assert _batches(settings) == 0
 
 
 def test_submit_file_through_the_form(client, settings, broker):
-    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "submit",
-                                     "manifest_file": (io.BytesIO(EXAMPLE_MANIFEST.encode()), "m.yaml")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/upload",
+        data={
+            "csrf_token": _csrf(client),
+            "action": "submit",
+            "manifest_file": (io.BytesIO(EXAMPLE_MANIFEST.encode()), "m.yaml"),
+        },
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 302
     batch_id = r.headers["Location"].rsplit("/", 1)[-1]
     with session_scope(settings.database_url) as s:
@@ -332,8 +352,10 @@ def test_submit_file_through_the_form(client, settings, broker):
 
 
 def _page_manifest(**moderation: str) -> str:
-    return ("name: page-files\nmodel: tiny\ndefaults: {candidates: 2, steps: 1, size: 64x64}\n"
-            f"items: [a red fox]\nmoderation: {json.dumps(moderation)}\n")
+    return (
+        "name: page-files\nmodel: tiny\ndefaults: {candidates: 2, steps: 1, size: 64x64}\n"
+        f"items: [a red fox]\nmoderation: {json.dumps(moderation)}\n"
+    )
 
 
 def test_upload_page_refuses_every_path_outside_with_one_message_and_keeps_nothing(
@@ -343,13 +365,22 @@ def test_upload_page_refuses_every_path_outside_with_one_message_and_keeps_nothi
     settings = client.application.config["FARM_SETTINGS"]
     token = _csrf(client)
     texts = [(_page_manifest(pdq_blocklist=v), FILE_REFUSED) for v in server_disk.refused_files()]
-    texts += [(_page_manifest().replace("model: tiny", f"model: {json.dumps(v)}"), FOLDER_REFUSED)
-              for v in server_disk.refused_models()]
+    texts += [
+        (_page_manifest().replace("model: tiny", f"model: {json.dumps(v)}"), FOLDER_REFUSED)
+        for v in server_disk.refused_models()
+    ]
     for text, message in texts:
         for action in ("preview", "submit"):
-            r = client.post("/upload", data={"csrf_token": token, "action": action, "manifest_text": text,
-                                             "files": [(io.BytesIO(b""), "")]},
-                            content_type="multipart/form-data")
+            r = client.post(
+                "/upload",
+                data={
+                    "csrf_token": token,
+                    "action": action,
+                    "manifest_text": text,
+                    "files": [(io.BytesIO(b""), "")],
+                },
+                content_type="multipart/form-data",
+            )
             html = r.get_data(as_text=True)
             assert r.status_code == 400, (text, html)
             assert html.count('class="field-error"') == 1 and escape(message) in html, text
@@ -362,10 +393,16 @@ def test_upload_page_submits_a_manifest_with_the_blocklist_file_it_names(server_
     settings = client.application.config["FARM_SETTINGS"]
     assert 'name="files"' in client.get("/upload").get_data(as_text=True)
     listing = f"{PDQ_HASH}\tfrom the hash service\n".encode()
-    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "submit",
-                                     "manifest_text": _page_manifest(pdq_blocklist="bad-images.txt"),
-                                     "files": [(io.BytesIO(listing), "bad-images.txt")]},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/upload",
+        data={
+            "csrf_token": _csrf(client),
+            "action": "submit",
+            "manifest_text": _page_manifest(pdq_blocklist="bad-images.txt"),
+            "files": [(io.BytesIO(listing), "bad-images.txt")],
+        },
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 302, r.get_data(as_text=True)
     batch_id = r.headers["Location"].rsplit("/", 1)[-1]
     with session_scope(settings.database_url) as s:
@@ -377,10 +414,16 @@ def test_upload_page_submits_a_manifest_with_the_blocklist_file_it_names(server_
 def test_upload_page_preview_with_a_file_stores_nothing(server_disk, make_app):
     client = make_app().test_client()
     settings = client.application.config["FARM_SETTINGS"]
-    r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "preview",
-                                     "manifest_text": _page_manifest(pdq_blocklist="b.txt"),
-                                     "files": [(io.BytesIO(PDQ_HASH.encode()), "b.txt")]},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/upload",
+        data={
+            "csrf_token": _csrf(client),
+            "action": "preview",
+            "manifest_text": _page_manifest(pdq_blocklist="b.txt"),
+            "files": [(io.BytesIO(PDQ_HASH.encode()), "b.txt")],
+        },
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 200 and 'id="preview"' in r.get_data(as_text=True)
     assert server_disk.uploads(settings) == [] and _batches(settings) == 0
 
@@ -388,10 +431,16 @@ def test_upload_page_preview_with_a_file_stores_nothing(server_disk, make_app):
 def test_upload_page_refuses_a_hidden_or_pathed_file_name(server_disk, make_app):
     client = make_app().test_client()
     for name in (".bashrc", "../b.txt"):
-        r = client.post("/upload", data={"csrf_token": _csrf(client), "action": "submit",
-                                         "manifest_text": _page_manifest(pdq_blocklist="b.txt"),
-                                         "files": [(io.BytesIO(PDQ_HASH.encode()), name)]},
-                        content_type="multipart/form-data")
+        r = client.post(
+            "/upload",
+            data={
+                "csrf_token": _csrf(client),
+                "action": "submit",
+                "manifest_text": _page_manifest(pdq_blocklist="b.txt"),
+                "files": [(io.BytesIO(PDQ_HASH.encode()), name)],
+            },
+            content_type="multipart/form-data",
+        )
         html = r.get_data(as_text=True)
         assert r.status_code == 400 and 'data-path="uploads"' in html and "not allowed" in html
 
@@ -404,6 +453,9 @@ def test_pasted_manifest_larger_than_werkzeugs_form_default_is_accepted(client, 
     # Werkzeug keeps form fields under 500 kB by default; the manifest limit (1 MB here) must win.
     big = EXAMPLE_MANIFEST + ("# padding line\n" * 40_000)
     assert 500_000 < len(big) < settings.max_upload_bytes
-    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": big, "action": "preview"},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/upload",
+        data={"csrf_token": _csrf(client), "manifest_text": big, "action": "preview"},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 200 and 'id="preview"' in r.get_data(as_text=True)

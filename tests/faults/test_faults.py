@@ -54,15 +54,18 @@ def test_sigkill_of_a_worker_child_during_generate_requeues_the_slice(farm: Faul
     assert all(c.status != "failed" for c in first_slice)
 
 
-def test_sigkill_of_a_whole_worker_loses_nothing(farm: FaultFarm):
+# validate: the worker dies holding a later stage of its chain, whose message waits in its own queue
+# (cuda0@host); generate is not repeated, whichever way the stage comes back (the restarted worker, or the
+# reaper once the lease ran out).
+@pytest.mark.parametrize("stage", ["generate", "validate"])
+def test_sigkill_of_a_whole_worker_loses_nothing(farm: FaultFarm, stage: str):
     batch_id = farm.submit(
-        manifest("kill-worker", ["a slow lighthouse [[fault:generate:sleep:0]]", "a quiet bay"])
+        manifest(f"kill-worker-{stage}", [f"a slow lighthouse [[fault:{stage}:sleep:0]]", "a quiet bay"])
     )
-    farm.wait_until(lambda: _generating(farm, batch_id, 0), what="generate of candidate 0")
-    first = f"farm.generate {batch_id}-00000-000 "
+    first = f"farm.{stage} {batch_id}-00000-000 "
     farm.wait_until(
         lambda: any(w.current and w.current.startswith(first) for w in farm.workers()),
-        what="the worker generating candidate 0",
+        what=f"the worker in {stage} of candidate 0",
     )
     busy = [w for w in farm.workers() if w.current and w.current.startswith(first)]
     assert len(busy) == 1, [(w.name, w.current) for w in farm.workers()]
@@ -73,7 +76,17 @@ def test_sigkill_of_a_whole_worker_loses_nothing(farm: FaultFarm):
     # The supervisor in wait() brings the worker back, as systemd or `farm up` would.
     assert farm.wait(batch_id, timeout=300) == "done"
     rows = farm.assert_accounted_for(batch_id, 8)
-    assert max(c.stage_attempts.get("generate", 0) for c in rows) >= 2
+    if stage == "generate":
+        assert max(c.stage_attempts.get("generate", 0) for c in rows) >= 2
+    else:
+        assert all(c.stage_attempts["generate"] == 1 for c in rows), "only the killed stage is repeated"
+        # The slice of candidates 0 and 1 (FARM_SLICE_SIZE=2) was in validate when its worker died.
+        killed = [
+            c for c in rows if c.item_id.endswith("-00000") and c.index < 2 and "validate" in c.stage_attempts
+        ]
+        assert killed and all(c.stage_attempts["validate"] >= 2 for c in killed), [
+            c.stage_attempts for c in killed
+        ]
     farm.wait_ready()
 
 

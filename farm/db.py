@@ -177,6 +177,10 @@ class Worker(Base):
     #: Queues the worker consumes now (written by its main process; farm.placement).
     queues: Mapped[list | None] = mapped_column(JSON, nullable=True)
     current: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: The denoising step the slice it generates has reached, of ``steps`` (written at most once a second
+    #: while it generates, cleared when its task ends): the dashboard's per-step progress.
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tasks_done: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

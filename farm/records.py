@@ -502,6 +502,19 @@ def failure(stage: str, error: BaseException | str) -> dict[str, Any]:
     return {"status": CandidateStatus.FAILED, "stage": stage, "error": f"{stage}: {text}"[:4000]}
 
 
+def cancelled(stage: str) -> dict[str, Any]:
+    """A candidate whose stage stopped because its batch was cancelled (generate, mid-slice): final, and it
+    names no image, since none was made."""
+    return {"status": CandidateStatus.CANCELLED, "stage": stage, "image_path": None}
+
+
+def batch_stopped(url: str, batch_id: str) -> bool:
+    """Whether the batch was cancelled (cancelling or cancelled): what a generating slice polls between its
+    denoising steps (farm.tasks.interrupt, at most four times a second)."""
+    with _reading(url) as conn:
+        return conn.execute(select(_B.c.status).where(_B.c.id == batch_id)).scalar() in BATCH_STOPPED
+
+
 def image_failure(stage: str, error: str) -> dict[str, Any]:
     """A failure whose image is not in the store: the row names no image, so rows and files agree."""
     return {**failure(stage, error), "image_path": None}

@@ -12,8 +12,9 @@ recorded ones back for a replay.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -123,6 +124,17 @@ def numerics_as(recorded: dict[str, Any] | None) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
+def _step_callback(on_step: Callable[[int, int], None], steps: int) -> Callable[..., dict[str, Any]]:
+    """``on_step`` as diffusers' ``callback_on_step_end(pipe, i, t, callback_kwargs)``, which must hand the
+    tensors it was given back unchanged."""
+
+    def step_end(pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step(i + 1, int(getattr(pipe, "num_timesteps", 0) or steps))
+        return callback_kwargs
+
+    return step_end
+
+
 def replay_device(recorded: str | None) -> str:
     """Where to replay by default: the recorded device when this host has it, else the CPU."""
     if recorded and recorded.startswith("cuda") and torch.cuda.is_available():
@@ -224,9 +236,15 @@ class Generator:
         width: int,
         height: int,
         scheduler: str | None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """One image per seed in ONE batched forward pass; image i shows seeds[i] whatever the slice, and its
-        pixels are reproduced bit for bit by the same slice under the same numerics (``last_slice``)."""
+        pixels are reproduced bit for bit by the same slice under the same numerics (``last_slice``).
+
+        ``on_step(step, steps)`` is called after each denoising step (diffusers' ``callback_on_step_end``;
+        ``steps`` counts the pipeline's timesteps, which a second-order scheduler doubles). What it raises
+        ends the pass there and propagates: that is how a cancelled batch's slice stops at its next step
+        (farm.tasks.interrupt). A pipeline without ``callback_on_step_end`` runs without it."""
         if not seeds:
             return []
         if steps < 1:
@@ -246,10 +264,30 @@ class Generator:
         }
         if negative_prompt and guidance > 1.0:
             kwargs["negative_prompt"] = [negative_prompt] * len(seeds)
+        if on_step is not None and self.takes_step_callback:
+            kwargs["callback_on_step_end"] = _step_callback(on_step, steps)
         self.last_slice = {"slice_seeds": [int(s) for s in seeds], "numerics": numerics(self.device)}
-        with torch.inference_mode():
-            result = self.pipe(**kwargs)
+        try:
+            with torch.inference_mode():
+                result = self.pipe(**kwargs)
+        except BaseException:
+            # Stopped mid-pass, the pipeline skipped its own end: offloaded models go back to the CPU as
+            # they would have (a no-op without cpu_offload).
+            free = getattr(self.pipe, "maybe_free_model_hooks", None)
+            if free is not None:
+                free()
+            raise
         return list(result.images)
+
+    @functools.cached_property
+    def takes_step_callback(self) -> bool:
+        """Whether the pipeline calls ``callback_on_step_end`` (every diffusers text-to-image pipeline the
+        farm loads does; a custom one may not), read once from its signature."""
+        try:
+            return "callback_on_step_end" in inspect.signature(self.pipe.__call__).parameters
+        except (TypeError, ValueError):
+            return False
+
 
     def recipe(self) -> dict[str, Any]:
         """Everything needed to say how the last slice was made: model, fingerprint, classes, options,

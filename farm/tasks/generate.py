@@ -1,20 +1,25 @@
 """The generate stage: one batched forward pass for a slice, its PNGs written in threads and waited for
 before its row names them (or, with FARM_QC=worker, handed off to the device's QC worker, which writes
-them)."""
+them). A slice whose batch is cancelled while it generates stops at its next denoising step and records its
+candidates as cancelled (farm.tasks.interrupt)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from farm import records
+from farm import logs, records
 from farm.artifacts import image_name
 from farm.records import StagedCandidate, StageStart
 from farm.states import CandidateStatus, CandidateVerdict
+from farm.tasks.interrupt import SliceCancelled, watch_slice
 from farm.tasks.stage import Stage
 
 if TYPE_CHECKING:
     from farm.tasks.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def generate_slice(rt: Runtime, start: StageStart, cands: list[StagedCandidate]) -> dict[str, dict[str, Any]]:
@@ -35,16 +40,21 @@ def generate_slice(rt: Runtime, start: StageStart, cands: list[StagedCandidate])
         return {c.id: dict(record) for c in cands}
     p = item.params
     gen = rt.models.generator(batch.model, dtype=cfg.dtype, memory=cfg.memory.model_dump())
-    images = gen.generate(
-        prompt=item.prompt,
-        negative_prompt=item.negative_prompt,
-        seeds=[c.seed for c in cands],
-        steps=p["steps"],
-        guidance=p["guidance"],
-        width=p["width"],
-        height=p["height"],
-        scheduler=p["scheduler"],
-    )
+    try:
+        images = gen.generate(
+            prompt=item.prompt,
+            negative_prompt=item.negative_prompt,
+            seeds=[c.seed for c in cands],
+            steps=p["steps"],
+            guidance=p["guidance"],
+            width=p["width"],
+            height=p["height"],
+            scheduler=p["scheduler"],
+            on_step=watch_slice(rt, batch.id),
+        )
+    except SliceCancelled as stop:  # the batch was cancelled mid-slice: no image, the chain goes on to close
+        logs.event(log, "generate stopped: batch cancelled", batch=batch.id, step=stop.step, steps=stop.steps)
+        return {c.id: records.cancelled("generate") for c in cands}
     base = gen.recipe()
     # The pass may have outlasted the lease: no file for what another holder has.
     kept = None if rt.lease is None else {c.id for c in rt.lease.keep(cands)}

@@ -211,7 +211,8 @@ class Heartbeat:
 
     Its own part because it is written from three places, each at no extra commit where it can be: inside
     the delivery count's transaction (``busy``), the last stage write's (``idle``) and each lease renewal's
-    (``alive``, from the renewing thread).
+    (``alive``, from the renewing thread); a slice that generates for more than a second also writes its
+    denoising step (``progress``), once a second.
     """
 
     def __init__(self, settings: Settings, *, name: str, queue: str, device: str, models: Models) -> None:
@@ -235,6 +236,9 @@ class Heartbeat:
             "loaded": registry.loaded(),
             "tasks_done": self.tasks_done,
             "heartbeat_at": utcnow(),
+            # Per-step progress is the slice in flight's (``progress``): a task's start and end clear it.
+            "step": None,
+            "steps": None,
         }
 
     def busy(self, current: str | None) -> Callable[[Connection], object]:
@@ -262,6 +266,18 @@ class Heartbeat:
         """The heartbeat a lease renewal writes beside it: this worker's row, from the process that works."""
         values = {"w_name": self.name, "heartbeat_at": utcnow()}
         return lambda conn: conn.execute(_IDLE, values)
+
+    def progress(self, step: int, steps: int) -> None:
+        """Write how far the slice this process generates has denoised (step ``step`` of ``steps``) to its
+        row, with the heartbeat, in a transaction of its own. Called from the denoising loop at most once a
+        second (farm.tasks.interrupt), so `farm workers` and the dashboard show a long slice moving; a
+        failed write is logged and the slice goes on (the progress is for people; the stage write counts)."""
+        values = {"w_name": self.name, "step": step, "steps": steps, "heartbeat_at": utcnow()}
+        try:
+            with get_engine(self.settings.database_url).begin() as conn:
+                conn.execute(_IDLE, values)
+        except Exception as exc:
+            log.warning("could not write the progress of %s (step %d of %d): %s", self.name, step, steps, exc)
 
     def write(self, current: str | None = None) -> None:
         """Write the heartbeat in a transaction of its own (at start, and where no stage write happens)."""

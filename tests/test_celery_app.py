@@ -44,3 +44,45 @@ def test_workers_send_no_task_events_until_a_monitor_enables_them_as_flower_does
         assert by_name["farm.rank"]["hostname"].startswith("control@")
     finally:
         app.control.disable_events()
+
+
+MANY = """
+name: order
+model: tiny
+priority: 9
+defaults: {candidates: 4, steps: 2, size: 64x64, seed: 6}
+items:
+  - a kettle on a stove
+  - a teapot on a table
+  - a jug by a window
+"""
+
+
+def test_a_device_worker_checks_each_slice_it_generated_before_it_takes_the_next_generate(
+    settings, run_batch
+):
+    # FARM_QC=inline: the checks go to the worker's own queue, which it serves first, so its images wait in
+    # memory for at most one slice. Six slices over two devices: each worker's tasks run in chain order.
+    # Priority 9 sends the generates at kombu's step 0 too, where only the order of the queues decides.
+    app = app_for(settings)
+    run_batch(ONE)  # the session's workers are up and consuming their broadcasts
+    replies = app.control.enable_events(reply=True, timeout=5)
+    assert len(replies) >= 3, replies  # two device workers and the control worker
+    try:
+        with TaskEvents(app) as watched:
+            run_batch(MANY)
+    finally:
+        app.control.disable_events()
+    names = {tid: t["name"] for tid, t in watched.tasks().items() if "name" in t}
+    started: dict[str, list[str]] = {}
+    for e in watched.seen:
+        if (
+            e["type"] == "task-started"
+            and names.get(e["uuid"], "").startswith("farm.")
+            and e["hostname"].startswith("cuda")
+        ):
+            started.setdefault(e["hostname"], []).append(names[e["uuid"]].removeprefix("farm."))
+    chain = ["generate", "moderate", "validate", "score"]
+    assert sum(len(seq) for seq in started.values()) == 6 * 4, started
+    for worker, seq in started.items():
+        assert seq == chain * (len(seq) // 4), (worker, seq)

@@ -128,6 +128,11 @@ def _notes(recipe: dict[str, Any], replayed: dict[str, Any]) -> tuple[str, ...]:
             "the recipe predates slice recording (no slice seeds, batch size or thread count): the seed was "
             "regenerated alone, so a candidate made in a batched slice may differ by round-off"
         )
+    # The fingerprint (configs, file sizes) matched, or replay would have stopped; the hash reads the weights.
+    if recipe.get("model_hash") and replayed.get("model_hash") not in (None, recipe["model_hash"]):
+        notes.append(
+            f"model hash {recipe['model_hash']} recorded, {replayed['model_hash']} now: the weights differ"
+        )
     if recipe.get("pipeline_class") and recipe["pipeline_class"] != replayed["pipeline_class"]:
         notes.append(f"pipeline class {recipe['pipeline_class']} recorded, {replayed['pipeline_class']} now")
     if recipe.get("scheduler_class") and recipe["scheduler_class"] != replayed["scheduler_class"]:

@@ -160,6 +160,19 @@ def test_versions_and_device_that_differ_are_noted(generator: Any, models_dir: P
     assert any("made on cuda:0, replayed on cpu" in n for n in result.notes)
 
 
+def test_the_recipe_carries_the_model_hash_and_a_hash_that_differs_is_noted(
+    generator: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    png = tmp_path / "c-5.png"
+    recipe = make_candidate(generator, png, seeds=[5], seed=5)
+    assert len(recipe["model_hash"]) == 10 and read_recipe(png)["model_hash"] == recipe["model_hash"]
+    assert replay(png, models_dir=models_dir).notes == ()
+    # Same configs and file sizes (the fingerprint replay insists on), other weights: said, not refused.
+    make_candidate(generator, png, seeds=[5], seed=5, model_hash="0000000000")
+    result = replay(png, models_dir=models_dir)
+    assert f"model hash 0000000000 recorded, {recipe['model_hash']} now: the weights differ" in result.notes
+
+
 def test_png_without_recipe_is_refused(tmp_path: Path, models_dir: Path) -> None:
     png = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(png)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from farm.infotext import SCHEDULER_OPTION_KEYS
+from farm.ml.hashes import model_hash
 from farm.ml.presets import ResolvedModel, model_folder
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,34 @@ def numerics_as(recorded: dict[str, Any] | None) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
+_hasher: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def hash_in_background(folder: str) -> Future[str | None]:
+    """Start hashing a loaded model's files (``farm.ml.hashes.model_hash``) on this process's hashing thread.
+
+    Why in the background: a real checkpoint's weights are gigabytes, and the first slice's forward pass does
+    not need their hash, only its recipe does; hashlib and file reads release the GIL, so the hash is done
+    beside that pass instead of before it. One thread per process (made after any fork), so two models never
+    compete for the disk."""
+    global _hasher
+    if _hasher is None or _hasher[0] != os.getpid():
+        _hasher = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-model-hash"))
+    return _hasher[1].submit(model_hash, folder)
+
+
+def scheduler_options(scheduler: Any) -> dict[str, Any]:
+    """The scheduler config values that name its A1111 sampler and schedule type (``farm.infotext``), as
+    recorded in the recipe: those this scheduler has, JSON-ready."""
+    config = getattr(scheduler, "config", {}) or {}
+    out: dict[str, Any] = {}
+    for key in SCHEDULER_OPTION_KEYS:
+        value = config.get(key) if hasattr(config, "get") else None
+        if isinstance(value, bool | int | float | str):
+            out[key] = value
+    return out
+
+
 def _step_callback(on_step: Callable[[int, int], None], steps: int) -> Callable[..., dict[str, Any]]:
     """``on_step`` as diffusers' ``callback_on_step_end(pipe, i, t, callback_kwargs)``, which must hand the
     tensors it was given back unchanged."""
@@ -156,6 +188,8 @@ class Generator:
     options: dict[str, bool] = field(default_factory=dict)
     #: The last slice's seeds in order and the numerics it ran under (see ``numerics``), for its recipe.
     last_slice: dict[str, Any] = field(default_factory=dict)
+    #: The model's hash (``farm.ml.hashes``), being computed since the load (``hash_in_background``).
+    hashing: Future[str | None] | None = field(default=None, repr=False)
     _original_scheduler: Any = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -178,7 +212,8 @@ class Generator:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         # A folder, never a hub id: from_pretrained would look for the id in the working folder first.
-        pipe = DiffusionPipeline.from_pretrained(model_folder(resolved), dtype=DTYPES[dtype])
+        folder = model_folder(resolved)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=DTYPES[dtype])
         pipe.set_progress_bar_config(disable=True)
         if attention_slicing and hasattr(pipe, "enable_attention_slicing"):
             pipe.enable_attention_slicing()
@@ -191,7 +226,26 @@ class Generator:
                 log.warning("cpu_offload ignored on device %s", device)
             pipe.to(device)
         options = {"attention_slicing": attention_slicing, "cpu_offload": offloaded}
-        return cls(pipe=pipe, resolved=resolved, device=device, dtype=dtype, options=options)
+        return cls(
+            pipe=pipe,
+            resolved=resolved,
+            device=device,
+            dtype=dtype,
+            options=options,
+            hashing=hash_in_background(folder),
+        )
+
+    def model_hash(self) -> str | None:
+        """The loaded model's hash (A1111's "Model hash"; ``farm.ml.hashes``), waiting for it if it is still
+        being computed. None when it could not be (the files went away, unreadable): the hash is provenance
+        for other tools, so its failure is logged and the slice goes on without it."""
+        if self.hashing is None:
+            return None
+        try:
+            return self.hashing.result()
+        except OSError as exc:
+            log.warning("could not hash model %s: %s", self.resolved.ref, exc)
+            return None
 
     def set_scheduler(self, name: str | None) -> None:
         """Swap the pipeline's scheduler by short name; None keeps the current one. No-op if unchanged.
@@ -288,17 +342,19 @@ class Generator:
         except (TypeError, ValueError):
             return False
 
-
     def recipe(self) -> dict[str, Any]:
-        """Everything needed to say how the last slice was made: model, fingerprint, classes, options,
-        versions, and that slice's seeds and numerics (a candidate's recipe adds its ``slice_position``)."""
+        """Everything needed to say how the last slice was made: model, fingerprint and hash, classes (with
+        the scheduler options that name its A1111 sampler), options, versions, and that slice's seeds and
+        numerics (a candidate's recipe adds its ``slice_position``)."""
         return {
             "model_ref": self.resolved.ref,
             "model_source": self.resolved.source,
             "model_path_or_id": self.resolved.path_or_id,
             "fingerprint": self.resolved.fingerprint,
+            "model_hash": self.model_hash(),
             "pipeline_class": type(self.pipe).__name__,
             "scheduler_class": type(self.pipe.scheduler).__name__,
+            "scheduler_options": scheduler_options(self.pipe.scheduler),
             "scheduler": self.scheduler_name,
             "device": self.device,
             "dtype": self.dtype,

@@ -92,6 +92,70 @@ def test_recipe_records_provenance(tiny_generator: Generator) -> None:
     assert set(recipe["versions"]) == {"torch", "diffusers", "transformers", "numpy"}
 
 
+def test_recipe_records_the_hash_of_the_loaded_models_weights(tiny_generator: Generator) -> None:
+    from farm.ml.hashes import folder_hash
+
+    recipe = tiny_generator.recipe()
+    assert recipe["model_hash"] == folder_hash(Path(tiny_generator.resolved.path_or_id))
+    assert len(recipe["model_hash"]) == 10
+
+
+#: What the recipe's scheduler options name in A1111's terms for each scheduler swapped into the tiny SD
+#: pipeline (its own is DDIM with leading spacing, which every swap keeps: from_config of its config).
+A1111_NAMES = {
+    "ddim": ("DDIM", "DDIM"),
+    "ddpm": ("DDPM", "DDIM"),
+    "euler": ("Euler", "DDIM"),
+    "euler_a": ("Euler a", "DDIM"),
+    "heun": ("Heun", "DDIM"),
+    "dpmpp_2m": ("DPM++ 2M", "DDIM"),
+    "dpmpp_2s_a": ("DPM++ 2S a", "DDIM"),
+    "lms": ("LMS", "DDIM"),
+    "pndm": ("PLMS", "DDIM"),
+    "unipc": ("UniPC", "DDIM"),
+    "deis": ("DEIS", "DDIM"),
+    "lcm": ("LCM", "DDIM"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(A1111_NAMES))
+def test_each_swapped_scheduler_is_recorded_with_the_options_that_name_its_a1111_sampler(
+    tiny_generator: Generator, name: str
+) -> None:
+    from diffusers.utils import is_scipy_available
+
+    from farm.infotext import sampler_name, schedule_type
+
+    if name == "lms" and not is_scipy_available():
+        pytest.skip("lms needs scipy")
+    try:
+        tiny_generator.set_scheduler(name)
+        recipe = tiny_generator.recipe()
+    finally:
+        tiny_generator.set_scheduler("ddim")  # leave the shared generator as the other tests expect
+    cls, options = recipe["scheduler_class"], recipe["scheduler_options"]
+    assert options["timestep_spacing"] == "leading"
+    assert (sampler_name(cls, options), schedule_type(cls, options)) == A1111_NAMES[name]
+
+
+def test_karras_sigmas_in_a_schedulers_config_are_recorded_and_named(tiny_generator: Generator) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    from farm.infotext import sampler_name, schedule_type
+
+    original = tiny_generator.pipe.scheduler
+    tiny_generator.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        original.config, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"
+    )
+    try:
+        recipe = tiny_generator.recipe()
+    finally:
+        tiny_generator.pipe.scheduler = original
+    cls, options = recipe["scheduler_class"], recipe["scheduler_options"]
+    assert options["use_karras_sigmas"] is True
+    assert (sampler_name(cls, options), schedule_type(cls, options)) == ("DPM++ 2M SDE", "Karras")
+
+
 def test_recipe_records_the_last_slice_and_the_threads_it_ran_under(tiny_generator: Generator) -> None:
     import torch
 

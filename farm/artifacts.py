@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from farm.infotext import parameters_text
+
 
 class ArtifactPathError(ValueError):
     """A path asked for lies outside the artifact store."""
@@ -50,11 +52,13 @@ def candidate_of(name: str) -> str:
 
 
 def png_bytes(image: Image.Image, recipe: dict[str, Any]) -> bytes:
-    """The PNG with its recipe as text (``farm:recipe``, and ``parameters`` as other tools read it)."""
+    """The PNG with its recipe as text: the whole recipe as JSON in ``farm:recipe`` (what the farm reads back,
+    ``read_recipe``), and ``parameters`` in AUTOMATIC1111's layout (``farm.infotext``), the chunk PNG Info,
+    Civitai and sd-parsers read. Written as A1111 writes them: tEXt, or iTXt (UTF-8) for text that Latin-1
+    cannot hold (Pillow's ``add_text`` decides)."""
     info = PngImagePlugin.PngInfo()
-    text = json.dumps(recipe, sort_keys=True)
-    info.add_text("farm:recipe", text)
-    info.add_text("parameters", text)
+    info.add_text("farm:recipe", json.dumps(recipe, sort_keys=True))
+    info.add_text("parameters", parameters_text(recipe))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

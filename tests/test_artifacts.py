@@ -308,3 +308,71 @@ def test_files_uploaded_with_a_manifest_are_stored_read_back_through_the_store_a
         assert store.names("uploads") == [ref.removeprefix("store:")]
     else:
         assert [p.name for p in (tmp_path / "artifacts" / "uploads").iterdir()] == [kept.folder]
+
+
+#: A recipe as the generate stage writes one (farm/tasks/generate.py), with what other tools read from it.
+A1111_RECIPE = {
+    "model_ref": "tiny",
+    "model_hash": "9464630561",
+    "fingerprint": "0123456789abcdef",
+    "scheduler_class": "EulerAncestralDiscreteScheduler",
+    "scheduler_options": {"use_karras_sigmas": False, "timestep_spacing": "trailing"},
+    "scheduler": "euler_a",
+    "prompt": "a red fox in the snow, golden hour, 35mm",
+    "negative_prompt": "blurry, lowres",
+    "seed": 3141592653,
+    "steps": 30,
+    "guidance": 6.5,
+    "width": 640,
+    "height": 384,
+}
+
+
+def parsed_by_sd_parsers(data: bytes):
+    """What sd-parsers (the package PNG-reading tools build on) reads from a PNG's bytes."""
+    import io
+
+    from sd_parsers import ParserManager
+
+    info = ParserManager().parse(io.BytesIO(data))
+    assert info is not None, "sd-parsers found no generation parameters"
+    return info
+
+
+def assert_reads_back(info, recipe: dict) -> None:
+    """sd-parsers' view of the image says what the recipe says, in A1111's names."""
+    from farm.infotext import sampler_name, schedule_type
+
+    assert info.generator.value == "AUTOMATIC1111"
+    (sampler,) = info.samplers
+    assert [p.value for p in sampler.prompts] == [recipe["prompt"]]
+    negatives = [p.value for p in sampler.negative_prompts]
+    assert negatives == ([recipe["negative_prompt"]] if recipe.get("negative_prompt") else [])
+    options = recipe.get("scheduler_options")
+    assert sampler.name == sampler_name(recipe["scheduler_class"], options)
+    assert sampler.parameters["scheduler"] == schedule_type(recipe["scheduler_class"], options)
+    assert int(sampler.parameters["steps"]) == recipe["steps"]
+    assert float(sampler.parameters["cfg_scale"]) == recipe["guidance"]
+    assert int(sampler.parameters["seed"]) == recipe["seed"]
+    assert info.metadata["Size"] == f"{recipe['width']}x{recipe['height']}"
+    assert sampler.model.hash == recipe["model_hash"]
+    assert sampler.model.name == recipe["model_ref"]
+
+
+def test_sd_parsers_reads_prompt_negative_sampler_cfg_seed_size_and_model_hash_from_our_png(tmp_path):
+    store = LocalStore(tmp_path)
+    store.save_png("b1/c1.png", _image(), A1111_RECIPE)
+    data = store.read_bytes("b1/c1.png")
+    assert_reads_back(parsed_by_sd_parsers(data), A1111_RECIPE)
+    # The farm's own recipe is untouched beside it: the whole JSON in farm:recipe and in the sidecar.
+    with Image.open(tmp_path / "b1" / "c1.png") as im:
+        assert json.loads(im.text["farm:recipe"]) == A1111_RECIPE
+        assert im.text["parameters"].startswith("a red fox in the snow, golden hour, 35mm\nNegative prompt: ")
+    assert json.loads(store.read_bytes("b1/c1.json")) == A1111_RECIPE
+
+
+def test_a_prompt_latin1_cannot_hold_goes_into_utf8_text_and_reads_back(tmp_path):
+    recipe = {**A1111_RECIPE, "prompt": "un renard roux 🦊 dans la neige, 夕暮れ", "negative_prompt": ""}
+    data = png_bytes(_image(), recipe)
+    assert b"iTXtparameters" in data
+    assert_reads_back(parsed_by_sd_parsers(data), recipe)

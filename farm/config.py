@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farm.broker import CONTROL_QUEUE, SLICES_QUEUE
+from farm.filenames import DEFAULT_EXPORT_NAME, FIELDS, NameTemplate, TemplateError
 
 # A unix socket path must fit in sun_path (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
@@ -56,6 +57,8 @@ class Settings:
     handoff_dir: Path
     heartbeat_seconds: int
     lease_seconds: int
+    #: FARM_EXPORT_NAME, checked: the template of a winner's path in the export zip (farm.filenames).
+    export_name: str = DEFAULT_EXPORT_NAME
 
     @property
     def embedded_broker(self) -> bool:
@@ -170,6 +173,22 @@ def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _export_name(env: dict[str, str]) -> str:
+    """FARM_EXPORT_NAME, checked here so a bad template stops the farm at start instead of failing an export
+    later (the web app reads its settings once, when it is created)."""
+    text = env.get("FARM_EXPORT_NAME") or DEFAULT_EXPORT_NAME
+    try:
+        NameTemplate(text)
+    except TemplateError as exc:
+        fields = ", ".join("{" + f + "}" for f in FIELDS)
+        raise ConfigError(
+            f"FARM_EXPORT_NAME={text!r} cannot be used: {exc}. Fix: build the name from the fields "
+            f"{fields}, with '/' between folders, as the default {DEFAULT_EXPORT_NAME!r} does, or unset "
+            "FARM_EXPORT_NAME"
+        ) from None
+    return text
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Read the settings from the environment (``os.environ`` unless a mapping is given).
 
@@ -227,6 +246,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         handoff_dir=Path(env.get("FARM_HANDOFF_DIR") or _default_handoff(home)).expanduser().resolve(),
         heartbeat_seconds=heartbeat_seconds,
         lease_seconds=lease_seconds,
+        export_name=_export_name(env),
     )
 
 

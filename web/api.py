@@ -135,7 +135,7 @@ def export_batch(batch_id: str) -> Response:
     settings = _settings()
     with session_scope(settings.database_url) as s:
         batch = _get_batch(s, batch_id)
-        archive = winners_zip(s, batch, store_for(settings))
+        archive = winners_zip(s, batch, store_for(settings), names=settings.export_name)
         name = f"{batch.name}-{batch.id[:8]}-winners.zip"
     return send_file(archive, mimetype="application/zip", as_attachment=True, download_name=name)
 

@@ -165,7 +165,7 @@ def export(batch_id: str) -> Response:
     settings = _settings()
     with session_scope(settings.database_url) as s:
         b = _get_batch(s, batch_id)
-        archive = winners_zip(s, b, store_for(settings))
+        archive = winners_zip(s, b, store_for(settings), names=settings.export_name)
         name = f"{b.name}-{b.id[:8]}-winners.zip"
     return send_file(archive, mimetype="application/zip", as_attachment=True, download_name=name)
 

@@ -400,7 +400,7 @@ def status(batch_id: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def workers(as_json: bool) -> None:
     """Device workers: their device, the models they loaded and how many times, what they hold and consume
-    now, what they run now."""
+    now, what they run now (and the denoising step a slice in flight has reached)."""
     from sqlalchemy import select
 
     from farm.db import Worker, migrate, session_scope
@@ -418,6 +418,8 @@ def workers(as_json: bool) -> None:
                 "loaded": w.loaded or [],
                 "queues": w.queues or [],
                 "current": w.current,
+                "step": w.step,
+                "steps": w.steps,
                 "tasks_done": w.tasks_done,
                 "heartbeat_at": w.heartbeat_at.isoformat() + "Z",
             }
@@ -431,6 +433,9 @@ def workers(as_json: bool) -> None:
         click.echo(f"{w['name']:<30} {w['device']:<8} tasks={w['tasks_done']:<5} {models}")
         if w["queues"]:
             click.echo(f"{'':<30} consumes {', '.join(w['queues'])}")
+        if w["current"]:
+            at = f" (step {w['step']}/{w['steps']})" if w["step"] is not None else ""
+            click.echo(f"{'':<30} running {w['current']}{at}")
 
 
 def print_ranked(settings: Settings, batch_id: str) -> None:

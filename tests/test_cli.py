@@ -226,3 +226,23 @@ def test_cancel_status_and_workers_commands_against_real_workers(settings, stack
     assert {"cuda0", "cuda1"} <= set(serving)
     for queue in ("cuda0", "cuda1"):
         assert serving[queue]["device"] == "cpu" and serving[queue]["models"]
+
+
+def test_workers_shows_the_step_a_slice_in_flight_has_reached(tmp_path, monkeypatch):
+    from farm.config import load_settings
+    from farm.db import Worker, migrate, session_scope
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    url = load_settings().database_url
+    migrate(url)
+    common = {"device": "cpu", "pid": 1, "hostname": "h", "models": {}}
+    busy = {"current": "farm.generate c-1 (+1)", "step": 37, "steps": 150}
+    with session_scope(url) as s:
+        s.add(Worker(name="cuda0@h", queue="cuda0", **busy, **common))
+        s.add(Worker(name="cuda1@h", queue="cuda1", **common))
+    runner = CliRunner()
+    text = runner.invoke(cli, ["workers"]).output
+    assert "running farm.generate c-1 (+1) (step 37/150)" in text
+    rows = {w["name"]: w for w in json.loads(runner.invoke(cli, ["workers", "--json"]).output)}
+    assert (rows["cuda0@h"]["step"], rows["cuda0@h"]["steps"]) == (37, 150)
+    assert rows["cuda1@h"]["step"] is None and rows["cuda1@h"]["current"] is None

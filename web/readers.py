@@ -197,6 +197,9 @@ def worker_rows(s: Session, *, now: datetime | None = None) -> list[dict[str, An
                 "loaded": list(w.loaded or []),
                 "queues": list(w.queues or []),
                 "current": w.current,
+                # The denoising step the slice in flight has reached, of how many (None between slices).
+                "step": w.step,
+                "steps": w.steps,
                 "tasks_done": w.tasks_done,
                 "started_at": _iso(w.started_at),
                 "heartbeat_at": _iso(w.heartbeat_at),

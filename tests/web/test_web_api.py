@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH, queued_messages
 
 from farm.assets import FILE_REFUSED, FOLDER_REFUSED
-from farm.db import Batch, Candidate, Item, session_scope
+from farm.db import Batch, Candidate, Item, Worker, session_scope
 from farm.states import RoundKind
 
 
@@ -476,6 +476,15 @@ def test_workers_from_the_workers_table(client, make_worker):
     assert rows["w-cuda0"]["current"] == "farm.generate"
     assert rows["w-cuda0"]["heartbeat_age_seconds"] == pytest.approx(5, abs=3)
     assert rows["w-cuda1"]["heartbeat_age_seconds"] >= 400
+    assert rows["w-cuda0"]["step"] is None and rows["w-cuda0"]["steps"] is None
+
+
+def test_workers_carry_the_step_of_the_slice_in_flight(client, make_worker, settings):
+    make_worker("w-cuda0", current="farm.generate")
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Worker).where(Worker.name == "w-cuda0").values(step=40, steps=300))
+    row = client.get("/api/v1/workers").json["workers"][0]
+    assert (row["current"], row["step"], row["steps"]) == ("farm.generate", 40, 300)
 
 
 def test_schema_is_the_manifest_json_schema(client):

@@ -10,11 +10,11 @@ import zipfile
 import pytest
 from markupsafe import escape
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from web_helpers import EXAMPLE_MANIFEST, PDQ_HASH, csrf_from, queued_messages
 
 from farm.assets import FILE_REFUSED, FOLDER_REFUSED
-from farm.db import Batch, session_scope
+from farm.db import Batch, Worker, session_scope
 from farm.manifest import ScoringWeights
 from web import readers
 
@@ -211,6 +211,17 @@ def test_workers_page_lists_models_and_links_flower(make_app, make_worker, monke
     assert "farm.generate" in html and "idle" in html
     assert 'href="http://127.0.0.1:5999"' in html
     assert "8m" in html  # 500 s heartbeat age
+
+
+def test_workers_page_shows_the_denoising_step_of_a_slice_in_flight_and_polls(client, make_worker, settings):
+    make_worker("w-cuda0", current="farm.generate c-1 (+1)")
+    make_worker("w-cuda1", queue="cuda1")
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Worker).where(Worker.name == "w-cuda0").values(step=12, steps=150))
+    html = client.get("/workers").get_data(as_text=True)
+    assert '<progress data-field="step-bar" max="150" value="12">' in html and "step 12/150" in html
+    assert html.count('data-field="stepping" hidden') == 1  # the idle worker's progress is hidden
+    assert 'data-poll="/api/v1/workers"' in html and "progress.js" in html
 
 
 def test_workers_page_empty(client):

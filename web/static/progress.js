@@ -1,4 +1,5 @@
-// Live progress for the batches list and the batch page: polls the JSON API and updates the figures in place.
+// Live progress for the batches list, the batch page and the workers page (what each runs, the denoising step
+// of its slice in flight): polls the JSON API and updates the figures in place.
 // No build step, no framework. The pages work without it; this only keeps them fresh.
 (function () {
   "use strict";
@@ -108,10 +109,32 @@
     }, 2000);
   }
 
+  function workersPage(live) {
+    var shown = live.getAttribute("data-names");
+    poll(live.getAttribute("data-poll"), function (data) {
+      var names = data.workers.map(function (w) { return w.name; }).join(",");
+      if (names !== shown) { window.location.reload(); return false; }
+      data.workers.forEach(function (w) {
+        var row = live.querySelector('tr[data-worker="' + CSS.escape(w.name) + '"]');
+        if (!row) return;
+        setText(row, "current", w.current || "idle");
+        var stepping = !!(w.current && w.step !== null && w.step !== undefined && w.steps);
+        var box = row.querySelector('[data-field="stepping"]');
+        if (box) box.hidden = !stepping;
+        var bar = row.querySelector('[data-field="step-bar"]');
+        if (bar && stepping) { bar.max = w.steps; bar.value = w.step; }
+        if (stepping) setText(row, "step", "step " + w.step + "/" + w.steps);
+      });
+      return 2000;
+    }, 2000);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var list = document.getElementById("batches-live");
     if (list) batchesList(list);
     var page = document.getElementById("batch-live");
     if (page && ACTIVE[page.getAttribute("data-status")]) batchPage(page);
+    var workers = document.getElementById("workers-live");
+    if (workers) workersPage(workers);
   });
 })();

@@ -332,8 +332,9 @@ def release_results(app: Celery, sent: AsyncResult) -> None:
 
 
 def cancel(batch_id: str, *, settings: Settings) -> bool:
-    """Cancel a batch: pending work is skipped by every stage, running slices stop at their next stage, and
-    the batch reads "cancelling" until its last item closes, then "cancelled"."""
+    """Cancel a batch: pending work is skipped by every stage, a generating slice stops at its next denoising
+    step (farm.tasks.interrupt) and other running slices at their next stage, and the batch reads
+    "cancelling" until its last item closes, then "cancelled"."""
     with session_scope(settings.database_url) as s:
         changed = s.execute(
             update(Batch)

@@ -9,6 +9,20 @@ from celery import Celery
 from farm.broker import CONTROL_QUEUE, PRIORITY_SEP, PRIORITY_STEPS
 from farm.canvas import CONTROL_TASKS, REAP_TASK
 from farm.config import Settings, load_settings
+from farm.gpu_pinning.bootstep import DEVICE_OPTION, DeviceWorker
+
+#: A worker's life beyond its tasks (farm.lifecycle), one bootstep per concern, added to each blueprint by
+#: name: Celery loads them when a worker starts. Importing them imports farm.worker, which registers the
+#: workers' control commands, and a process that only sends (the web, the CLI) must not.
+LIFECYCLE_STEPS = {
+    "worker": ["farm.lifecycle:QcWorkerBeside"],
+    "consumer": [
+        "farm.lifecycle:ReapOnStart",
+        "farm.lifecycle:FollowModelQueues",
+        "farm.lifecycle:DrainOnSigterm",
+        "farm.lifecycle:SweepHandoff",
+    ],
+}
 
 TASK_MODULES = [
     "farm.tasks.dispatch_batch",
@@ -69,14 +83,15 @@ def celery_config(settings: Settings) -> dict:
 
 def make_app(settings: Settings | None = None) -> Celery:
     """The app, with the ``--device`` worker option and the bootstep that makes a plain
-    `celery -A farm.celery_app worker -Q cuda0` the device worker `farm worker --device cuda0` starts."""
-    from farm.gpu_pinning.bootstep import DEVICE_OPTION, DeviceWorker
-
+    `celery -A farm.celery_app worker -Q cuda0` the device worker `farm worker --device cuda0` starts, and
+    the bootsteps of a worker's life (``LIFECYCLE_STEPS``), which each worker started from it runs."""
     settings = settings or load_settings()
     app = Celery("farm", include=TASK_MODULES)
     app.conf.update(celery_config(settings))
     app.user_options["worker"].add(DEVICE_OPTION)
     app.steps["worker"].add(DeviceWorker)
+    for blueprint, steps in LIFECYCLE_STEPS.items():
+        app.steps[blueprint].update(steps)
     return app
 
 

@@ -174,10 +174,6 @@ def worker(queue: str | None, control: bool, qc: bool, loglevel: str) -> None:
     from farm.db import migrate
 
     migrate(settings.database_url)
-    if queue and not qc and settings.qc == "worker":
-        from farm.worker import QcCompanion
-
-        QcCompanion(queue, stop_timeout=float(settings.drain_timeout)).start()
     app.worker_main(
         [*argv, "-P", "prefork", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
     )

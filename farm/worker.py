@@ -12,7 +12,11 @@ each generator its pool child holds (the child announces them when it loads or e
 waiting model queue when it has nothing to do, and writes what it consumes to the ``workers`` table, which
 is what dispatch routes by. A drained worker consumes only its device queue and its own.
 
-With FARM_QC=worker it also keeps the device's QC worker running beside it (``QcCompanion``).
+With FARM_QC=worker it also keeps the device's QC worker running beside it (``QcCompanion``), and every
+device worker removes handed-off images nobody will read (``HandoffSweeper``).
+
+This module holds the parts; the Celery bootsteps in farm.lifecycle decide which of them a worker runs (a
+device worker all of them, the control worker only a reap at start, a QC worker none) and start them.
 """
 
 from __future__ import annotations
@@ -27,14 +31,13 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import beat_embedded_init, worker_init, worker_ready
+from celery.signals import beat_embedded_init, worker_init
 from celery.worker.control import control_command, ok
 from sqlalchemy import func, select, update
 
 from farm import logs
 from farm.artifacts import Handoff, candidate_of
 from farm.broker import (
-    CONTROL_QUEUE,
     MODELS_COMMAND,
     SLICES_QUEUE,
     TAKE_SLICES_COMMAND,
@@ -43,10 +46,8 @@ from farm.broker import (
     queue_lengths,
     take_slices,
 )
-from farm.canvas import reap_signature
 from farm.config import Settings, load_settings
 from farm.db import Candidate, Worker, get_engine, session_scope, utcnow
-from farm.dispatch import slices
 from farm.lifeline import die_with_parent
 from farm.placement import (
     BEAT_S,
@@ -144,6 +145,7 @@ class ModelQueues:
         self.held: set[str] = {q for q in self.consuming() if is_model_queue(q)}
         self.stolen: dict[str, float] = {}
         self._wake = threading.Event()
+        self._stopped = threading.Event()
         self._conn: Any = None
         self._written: list[str] | None = None
         self._written_at = 0.0
@@ -189,10 +191,18 @@ class ModelQueues:
     def start(self) -> None:
         threading.Thread(target=self._run, daemon=True, name="farm-model-queues").start()
 
+    def stop(self) -> None:
+        """At the worker's shutdown: the thread ends at its next wake (the consumer is gone)."""
+        self._stopped.set()
+        self._wake.set()
+
     def _run(self) -> None:
         while True:
             self._wake.wait(TICK_S)
             self._wake.clear()
+            if self._stopped.is_set():
+                self._close()
+                return
             try:
                 self.tick()
             except Exception as exc:  # the broker or the database is away; try again next tick
@@ -291,6 +301,15 @@ class ModelQueues:
 MODEL_QUEUES: ModelQueues | None = None
 
 
+def follow_model_queues(consumer: Any, device_queue: str, database_url: str) -> ModelQueues:
+    """Start keeping the device worker's model queues in step (farm.lifecycle, once its consumer exists),
+    as the one the control commands and the drain act on."""
+    global MODEL_QUEUES
+    MODEL_QUEUES = ModelQueues(consumer, device_queue, database_url)
+    MODEL_QUEUES.start()
+    return MODEL_QUEUES
+
+
 @control_command(name=MODELS_COMMAND, args=[("queues", list)], signature="<queue> [queue ...]")
 def farm_models(state: Any, queues: list[str] | None = None, **_kwargs: Any) -> dict:
     """Consume the model queues of these generators (sent by the worker's own pool child)."""
@@ -350,6 +369,43 @@ def drain_then_stop(app: Any, hostname: str, queue: str, *, timeout: float, poll
         log.warning("drain of %s timed out after %ss; stopping with work still queued", queue, timeout)
     log.info("%s drained; warm shutdown", hostname)
     state.should_stop = 0
+
+
+class SigtermDrain:
+    """A device worker's SIGTERM: the first drains (``drain_then_stop``, in a thread, which then sets Celery's
+    warm-shutdown flag); a second goes to the handler Celery installed, which stops at once.
+
+    Installed after Celery's own handler (farm.lifecycle starts it with the consumer; Celery installs its
+    handlers when the worker starts, before any step), since it hands the second signal on to that one.
+    """
+
+    def __init__(self, app: Any, hostname: str, queue: str, *, timeout: float) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.queue = queue
+        self.timeout = timeout
+        self.started = threading.Event()
+        self._celery_handler: Any = None
+
+    def install(self) -> None:
+        from celery import platforms
+
+        self._celery_handler = platforms.signals["SIGTERM"]
+        signal.signal(signal.SIGTERM, self.on_term)
+
+    def on_term(self, signum: int, frame: Any) -> None:
+        if self.started.is_set():
+            self._celery_handler(signum, frame)
+            return
+        self.started.set()
+        log.info("SIGTERM: %s stops taking slices and finishes the ones in flight", self.hostname)
+        threading.Thread(
+            target=drain_then_stop,
+            args=(self.app, self.hostname, self.queue),
+            kwargs={"timeout": self.timeout},
+            daemon=True,
+            name="farm-drain",
+        ).start()
 
 
 #: Set by a device worker for the QC worker it starts: its own pid (not configuration).
@@ -426,7 +482,8 @@ def sweep_handoff(settings: Settings) -> list[str]:
     handoff = Handoff(settings.handoff_dir)
     old = {name: candidate_of(name) for name in handoff.older_than(settings.stall_seconds)}
     waiting: set[str] = set()
-    for chunk in slices(sorted(set(old.values())), 500):
+    ids = sorted(set(old.values()))
+    for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500)):
         with session_scope(settings.database_url, read_only=True) as s:
             waiting.update(
                 s.scalars(
@@ -450,13 +507,31 @@ def sweep_handoff(settings: Settings) -> list[str]:
     return gone
 
 
-def _sweep_handoff_every(settings: Settings, seconds: float) -> None:
-    while True:
-        try:
-            sweep_handoff(settings)
-        except Exception as exc:  # the database is away: try again next time
-            log.warning("handoff sweep of %s: %s", settings.handoff_dir, exc)
-        time.sleep(seconds)
+class HandoffSweeper:
+    """``sweep_handoff`` every HANDOFF_SWEEP_S seconds, in a thread of a device worker's main process.
+
+    Every device worker runs it, whatever FARM_QC says now: images handed off under FARM_QC=worker outlive a
+    switch back to inline, and only a device worker of their host can remove them.
+    """
+
+    def __init__(self, settings: Settings, seconds: float = HANDOFF_SWEEP_S) -> None:
+        self.settings = settings
+        self.seconds = seconds
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True, name="farm-handoff-sweep").start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                sweep_handoff(self.settings)
+            except Exception as exc:  # the database is away: try again next time
+                log.warning("handoff sweep of %s: %s", self.settings.handoff_dir, exc)
+            self._stopped.wait(self.seconds)
 
 
 def term_with_parent() -> None:
@@ -488,47 +563,3 @@ def _beat_dies_with_worker(**_kwargs: Any) -> None:
     the reaper beside the next control worker's. (Celery ties its prefork pool children to the main process
     this way itself, but not the embedded beat.)"""
     die_with_parent(signal.SIGKILL, _MAIN_PID)
-
-
-@worker_ready.connect
-def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
-    """Control worker: reap once. Device worker: follow its model queues, and drain on SIGTERM."""
-    if sender is None:
-        return
-    queue = os.environ.get("FARM_PINNED_QUEUE")
-    if queue and os.environ.get("FARM_PINNED_ROLE") == "qc":
-        return  # a QC worker takes only its own queue; Celery's warm shutdown finishes its slice
-    if not queue:
-        if CONTROL_QUEUE in sender.app.amqp.queues.consume_from:
-            # Resume what a crash left half-done, rather than waiting for the first beat.
-            reap_signature(sender.app).apply_async()
-        return
-    from celery import platforms
-
-    global MODEL_QUEUES
-    app, hostname = sender.app, sender.hostname
-    settings = load_settings()
-    MODEL_QUEUES = ModelQueues(sender, queue, settings.database_url)
-    MODEL_QUEUES.start()
-    threading.Thread(
-        target=_sweep_handoff_every, args=(settings, HANDOFF_SWEEP_S), daemon=True, name="farm-handoff-sweep"
-    ).start()
-    timeout = float(settings.drain_timeout)
-    celery_handler = platforms.signals["SIGTERM"]
-    started = threading.Event()
-
-    def _on_term(signum: int, frame: Any) -> None:
-        if started.is_set():
-            celery_handler(signum, frame)
-            return
-        started.set()
-        log.info("SIGTERM: %s stops taking slices and finishes the ones in flight", hostname)
-        threading.Thread(
-            target=drain_then_stop,
-            args=(app, hostname, queue),
-            kwargs={"timeout": timeout},
-            daemon=True,
-            name="farm-drain",
-        ).start()
-
-    signal.signal(signal.SIGTERM, _on_term)

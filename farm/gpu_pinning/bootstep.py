@@ -5,10 +5,11 @@ child per core, called itself ``celery@host`` and generated unpinned on the CPU 
 registers a ``--device`` worker option (``app.user_options['worker']``) and the ``DeviceWorker`` bootstep,
 which makes the worker what `farm worker --device cuda0` starts: pinned (CUDA_VISIBLE_DEVICES and the thread
 variables), named ``cuda0@host``, one prefork child, consuming its own queue (named as it is), its device
-queue, the shared ``slices`` queue and its preloaded generator's model queue, without gossip and mingle,
-with its QC worker beside it under FARM_QC=worker. `-Q cuda0` alone names the device as well. A worker
-that would take slices without a device (``-Q slices``, two device queues, a QC queue) refuses to start and
-says what to run instead.
+queue, the shared ``slices`` queue and its preloaded generator's model queue, without gossip and mingle.
+The rest of a device worker's life (its QC worker under FARM_QC=worker, the SIGTERM drain, the model queues
+it follows) comes from the bootsteps in farm.lifecycle, which go by the pinning this step sets. `-Q cuda0`
+alone names the device as well. A worker that would take slices without a device (``-Q slices``, two device
+queues, a QC queue) refuses to start and says what to run instead.
 
 Why a bootstep is in time (read from Celery 5.7, celery/worker/worker.py and celery/bootsteps.py):
 ``WorkController.__init__`` resolves -Q and the concurrency, then ``Blueprint.apply`` constructs every step
@@ -204,7 +205,3 @@ class DeviceWorker(bootsteps.Step):
         except RuntimeError as exc:  # torch imported already: too late to hide the other devices
             raise click.UsageError(f"{exc}; start it with `farm worker --device {plan.queue}`") from None
         migrate(settings.database_url)
-        if settings.qc == "worker":
-            from farm.worker import QcCompanion
-
-            QcCompanion(plan.queue, stop_timeout=float(settings.drain_timeout)).start()

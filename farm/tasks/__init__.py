@@ -4,9 +4,10 @@ farm.score (chain.py), farm.rank (rank.py), farm.reap (reap.py). Stages, one mod
 stage task through farm.tasks.stage with a lease (lease.py): generate, moderate, validate, score. Each is a
 thin wrapper: decode ids, call farm.ml, record in SQL.
 
-Importing the package connects the worker signal handlers: model preload in each pool child
-(farm.tasks.runtime) and the graceful SIGTERM of device workers (farm.worker).
+Importing the package, which every worker does, connects the worker signal handlers, model preload in each
+pool child (farm.tasks.runtime) and the embedded beat's lifeline (farm.worker), and registers the device
+workers' control commands (farm.worker). The rest of a worker's life is in its bootsteps (farm.lifecycle).
 """
 
-from farm import worker as _lifecycle  # noqa: F401
+from farm import worker as _worker  # noqa: F401
 from farm.tasks import runtime as _runtime  # noqa: F401

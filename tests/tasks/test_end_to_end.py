@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from farm.artifacts import image_name, read_recipe
 from farm.db import Batch, Candidate, Item, Worker, session_scope
+from tests.test_manifest import BATCHES
 
 pytestmark = pytest.mark.slow
 
@@ -302,10 +303,24 @@ def test_a_blocklist_uploaded_with_the_manifest_through_the_api_rejects_at_moder
     client = create_app({"TESTING": True, "FARM_SETTINGS": settings}).test_client()
     r = client.post(
         "/api/v1/batches",
-        data={"manifest": (io.BytesIO(_blocklisted("blocked.txt").encode()), "m.yaml"),
-              "files": [(io.BytesIO(BLOCKLIST.encode()), "blocked.txt")]},
+        data={
+            "manifest": (io.BytesIO(_blocklisted("blocked.txt").encode()), "m.yaml"),
+            "files": [(io.BytesIO(BLOCKLIST.encode()), "blocked.txt")],
+        },
         content_type="multipart/form-data",
     )
     assert r.status_code == 202, r.json
     assert wait_batch(r.json["id"]) == "done"
     _rejected_by_the_blocklist(settings, r.json["id"])
+
+
+def test_the_quality_example_ends_with_winners_for_every_item_and_shows_rejections(settings, run_batch):
+    # batches/quality.yaml is the first look a new user has at quality control: on the tiny models it must
+    # end with winners, and still reject some candidates at validation.
+    batch_id = run_batch((BATCHES / "quality.yaml").read_text())
+    batch, items, cands = _rows(settings, batch_id)
+    assert batch.status == "done"
+    assert all(it.winners for it in items), [(it.prompt, it.winners) for it in items]
+    rejected = [c for c in cands if c.status == "rejected"]
+    reasons = [r for c in rejected for r in c.reasons]
+    assert any(r.startswith("validation:") for r in reasons), reasons

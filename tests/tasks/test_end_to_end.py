@@ -251,12 +251,15 @@ def test_a_slice_whose_images_are_in_no_store_is_generated_again_from_its_seeds(
     _, (item,), after = _rows(settings, batch_id)
     for c in after:
         assert c.status in ("passed", "rejected"), (c.status, c.error)
-        # A name of the new lease generation's own; the first generation's file, named by no row, went with
-        # the batch's close.
-        assert c.image_path == image_name(batch_id, c.id, c.lease_token) != paths[c.id]
+        # A name of the lease generation that generated it again (each later stage task takes a generation of
+        # its own after it); the first generation's file, named by no row, went with the batch's close.
+        generation = int(c.image_path.rsplit(".g", 1)[1].removesuffix(".png"))
+        assert 1 < generation < c.lease_token, (c.image_path, c.lease_token)
+        assert c.image_path == image_name(batch_id, c.id, generation) != paths[c.id]
         assert not (settings.artifacts_dir / paths[c.id]).exists()
-        assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (1, 1), (
-            "generated again within this delivery; moderate counted from the start with the new image"
+        assert (c.stage_attempts["generate"], c.stage_attempts["moderate"]) == (2, 1), (
+            "generated again by the farm.generate moderate replaced itself with (a delivery that counts); "
+            "moderate counted from the start with the new image"
         )
         again = np.asarray(Image.open(settings.artifacts_dir / c.image_path)).astype(int)
         diff = np.abs(again - pixels[c.id])

@@ -76,6 +76,7 @@ def plan(
         check_model=lambda ref: check_model_ref(ref, kind="generator"),
         assets=assets,
         check_ref=check_model_ref,
+        farm_home=settings.home,
     )
     return planned.manifest, planned.items
 
@@ -130,6 +131,7 @@ def create_batch(
                         "scheduler": it.scheduler,
                         "required_attributes": list(it.required_attributes),
                         "seed": it.explicit_seed,
+                        **({"styles": list(it.styles)} if it.styles else {}),
                     },
                     "status": ItemStatus.PENDING,
                     "candidates_total": it.candidates,

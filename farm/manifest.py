@@ -60,6 +60,26 @@ from pydantic_core import PydanticCustomError
 
 from farm.assets import FOLDER_REFUSED, AssetPolicy, is_hub_id, looks_like_path
 from farm.formats import CLIP_SCORE, FormatError, model_folder_problem, parse_pdq_blocklist
+from farm.prompts import (
+    MAX_FILE_BYTES as MAX_STYLES_FILE_BYTES,
+)
+from farm.prompts import (
+    SHIPPED_STYLES,
+    STYLE_PARAMS,
+    Style,
+    StyleError,
+    WildcardError,
+    WildcardSource,
+    apply_styles,
+    combinations,
+    contributions,
+    has_wildcards,
+    parse_styles_csv,
+    parse_styles_yaml,
+    pick,
+    read_text,
+    wildcard_seed,
+)
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -96,6 +116,8 @@ MAX_ITEMS = 20_000
 MAX_CANDIDATES = 100_000
 #: Most candidates one item may ask for (one item is ranked as a unit).
 MAX_CANDIDATES_PER_ITEM = 64
+#: Most items whose final prompts a dry run lists (its counts cover every item).
+MAX_PROMPTS_SHOWN = 500
 #: Longest prompt, negative prompt or template, in characters (also after template expansion).
 MAX_PROMPT_CHARS = 4_000
 #: Image side limits, in pixels; sides must be multiples of ``SIZE_MULTIPLE`` (the VAE downsamples by 8).
@@ -338,6 +360,34 @@ Weight = Annotated[float, Field(ge=0.0, le=100.0)]
 BlockedTerm = Annotated[str, Field(max_length=200), AfterValidator(_check_term)]
 BlockedPattern = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_check_pattern)]
 PlainModelRef = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_check_plain_ref)]
+StyleName = Annotated[str, Field(min_length=1, max_length=80), AfterValidator(_check_text)]
+
+
+def _one_or_many(value: Any) -> Any:
+    """Let ``style: cinematic`` mean the list ``[cinematic]`` (one style is the common case)."""
+    return [value] if isinstance(value, str) else value
+
+
+StyleList = Annotated[
+    list[StyleName],
+    BeforeValidator(_one_or_many),
+    Field(max_length=10),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": 80},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1, "maxLength": 80},
+                    "maxItems": 10,
+                },
+            ]
+        }
+    ),
+]
+#: How wildcards and {a|b} variants expand: one seeded pick per item, or one item per combination.
+WILDCARD_MODES: tuple[str, ...] = ("random", "combinatorial")
+WildcardMode = Literal["random", "combinatorial"]
 
 
 class _Strict(BaseModel):
@@ -407,6 +457,23 @@ class GenerationDefaults(_Strict):
             f"else one of {', '.join(SCHEDULERS)}."
         ),
     )
+    style: StyleList = Field(
+        default_factory=list,
+        description=(
+            "Style preset name, or a list applied in order: each adds its prompt (at its {prompt} "
+            "placeholder, else after a comma), its negative prompt and its parameters (between these "
+            "defaults and an item's own fields). From the manifest's styles, $FARM_HOME/styles.yaml or "
+            "styles.csv, or the shipped farm/styles.yaml, in that order of precedence."
+        ),
+    )
+    wildcards: WildcardMode = Field(
+        "random",
+        description=(
+            "How {a|b|c} variants and __name__ word files expand: 'random' picks one per item, seeded by "
+            "the item's seed (or defaults.seed and its index), the same on every run; 'combinatorial' makes "
+            "one item per combination (counted against the item and candidate limits)."
+        ),
+    )
 
 
 class _ItemOverrides(_Strict):
@@ -437,6 +504,30 @@ class _ItemOverrides(_Strict):
         max_length=20,
         description="Phrases the validator must find in every accepted image, e.g. 'lighthouse' (literal).",
     )
+    style: StyleList | None = Field(
+        None, description="Replaces defaults.style for this item (a name or a list; [] for none)."
+    )
+    wildcards: WildcardMode | None = Field(None, description="Overrides defaults.wildcards for this item.")
+
+
+class StyleDef(_Strict):
+    """A style preset written in the manifest's ``styles:`` section or a styles.yaml file."""
+
+    prompt: NegativeText = Field(
+        "", description="Style text; {prompt} marks where the item's prompt goes, else it is appended."
+    )
+    negative_prompt: NegativeText = Field(
+        "", description="Combined with the item's negative prompt like the prompt ({prompt} or appended)."
+    )
+    candidates: CandidateCount | None = Field(None, description="Default candidates for items in this style.")
+    steps: StepCount | None = Field(None, description="Default steps for items in this style.")
+    guidance: Guidance | None = Field(None, description="Default guidance for items in this style.")
+    size: Size | None = Field(None, description="Default size for items in this style.")
+    scheduler: SchedulerName | None = Field(None, description="Default scheduler for items in this style.")
+
+    def to_style(self, name: str, origin: str) -> Style:
+        params = {key: getattr(self, key) for key in STYLE_PARAMS if getattr(self, key) is not None}
+        return Style(name, self.prompt, self.negative_prompt, params, origin)
 
 
 class PromptItem(_ItemOverrides):
@@ -671,6 +762,20 @@ class Manifest(_Strict):
             f"At most {MAX_ITEMS} items and {MAX_CANDIDATES} candidates after expansion."
         ),
     )
+    styles: dict[StyleName, StyleDef] = Field(
+        default_factory=dict,
+        max_length=200,
+        description="Style presets of this manifest, by name; they win over every other registry's.",
+    )
+    styles_csv: str | None = Field(
+        None,
+        max_length=4096,
+        description=(
+            "An AUTOMATIC1111 styles.csv (columns name, prompt, negative_prompt) whose styles this manifest "
+            "may use, relative to the manifest's folder (an uploaded manifest: a file uploaded with it). "
+            "Its styles win over $FARM_HOME's and the shipped ones; the styles section wins over it."
+        ),
+    )
     moderation: Moderation = Field(default_factory=Moderation, description="Safety checks.")
     validation: Validation = Field(default_factory=Validation, description="Prompt alignment checks.")
     scoring: Scoring = Field(default_factory=Scoring, description="Ranking.")
@@ -688,6 +793,22 @@ class Manifest(_Strict):
         if policy.trusted or not is_hub_id(ref):
             _run_check(info, "check_model", ref)
         return ref
+
+    @field_validator("styles_csv")
+    @classmethod
+    def _read_styles_csv(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Read and parse the CSV now, through the asset policy; ``_plan`` takes its styles from context."""
+        if value is None or _stored(info):
+            return value
+        asset = _assets(info).read_file(value, base_dir=_base_dir(info), max_bytes=MAX_STYLES_FILE_BYTES)
+        try:
+            text = asset.data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ValueError(f"{_clip(value)} is not UTF-8 text; save it as UTF-8") from None
+        styles = parse_styles_csv(text, _clip(value))
+        if isinstance(info.context, dict):
+            info.context["csv_styles"] = styles
+        return asset.ref
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1277,6 +1398,7 @@ def plan_manifest(
     check_model: Callable[[str], str | None] | None = None,
     assets: AssetPolicy | None = None,
     check_ref: Callable[[str, str], str | None] | None = None,
+    farm_home: Path | None = None,
 ) -> Planned:
     """Parse, fully validate and expand a manifest; raise ``ManifestError`` listing every problem, and nothing
     else.
@@ -1289,6 +1411,8 @@ def plan_manifest(
     (item/candidate totals, template variables, winners vs candidates) are checked here too, so a manifest
     that parses will expand. ``assets`` decides which files and folders the manifest may name (farm.assets):
     the operator's policy when None (any path, as the CLI always allowed); the web passes an uploader's.
+    ``farm_home`` (the settings' FARM_HOME) adds the operator's styles (``styles.yaml``, ``styles.csv``) and
+    word files (``wildcards/``) to the shipped styles and the manifest's own.
 
     >>> planned = plan_manifest("name: demo\\nitems: [a fox]")
     >>> (planned.manifest.name, len(planned.items))
@@ -1321,7 +1445,16 @@ def plan_manifest(
                        "moderation.pdq_blocklist: " + name + ") or do not upload it")
             for name in unnamed
         )
-    plans, problems = _plan(manifest)
+    policy = assets if assets is not None else AssetPolicy.operator()
+    library, problems = _library(
+        manifest,
+        farm_home=farm_home,
+        wildcard_dirs=_wildcard_dirs(base_dir, policy, farm_home),
+        csv_styles=context.get("csv_styles") or {},
+    )
+    if problems:
+        raise ManifestError(problems)
+    plans, problems = _plan(manifest, library)
     if problems:
         raise ManifestError(problems)
     return Planned(manifest, plans)
@@ -1374,6 +1507,7 @@ class ItemPlan:
     required_attributes: tuple[str, ...]
     source: str
     explicit_seed: int | None = None
+    styles: tuple[str, ...] = ()
 
 
 def candidate_seeds(
@@ -1410,11 +1544,135 @@ def derive_seed(base: int, index: int, candidate: int, attempt: int = 0) -> int:
     return int.from_bytes(digest, "big") % (MAX_SEED + 1)
 
 
+@dataclass
+class _Library:
+    """What expansion looks names up in: every style by name (precedence applied) and the word files."""
+
+    styles: dict[str, Style]
+    wildcards: WildcardSource
+
+
+def _style_from_entry(name: str, entry: Any, origin: str) -> Style:
+    """One styles.yaml entry, checked by the same model as a manifest's ``styles:`` section."""
+    try:
+        return StyleDef.model_validate(entry if entry is not None else {}).to_style(name, origin)
+    except ValidationError as exc:
+        raise ValueError(
+            "; ".join(str(e) for e in _errors_from_validation(exc)).replace("(root): ", "")
+        ) from None
+
+
+def _wildcard_dirs(base_dir: Path | None, policy: AssetPolicy, farm_home: Path | None) -> tuple[Path, ...]:
+    """Where word files are read: ``wildcards/`` next to a manifest the operator runs, then FARM_HOME's.
+
+    An uploaded manifest gets FARM_HOME's folder only: the web has no manifest folder, and the operator
+    decides what is in FARM_HOME.
+    """
+    folders: list[Path] = []
+    if policy.trusted:
+        folders.append((base_dir or Path.cwd()) / "wildcards")
+    if farm_home is not None:
+        folders.append(Path(farm_home) / "wildcards")
+    return tuple(folders)
+
+
+def _library(
+    manifest: Manifest,
+    *,
+    farm_home: Path | None = None,
+    wildcard_dirs: tuple[Path, ...] = (),
+    csv_styles: Mapping[str, Style] | None = None,
+) -> tuple[_Library, list[FieldError]]:
+    """Every style the manifest may name, later registries winning: shipped, FARM_HOME's styles.csv then
+    styles.yaml, the manifest's styles_csv then its styles section. A registry file that cannot be read is a
+    problem reported at ``styles`` (naming the file), not skipped: a style silently missing changes images."""
+    problems: list[FieldError] = []
+    styles: dict[str, Style] = {}
+    files: list[tuple[Path, str, str]] = [(SHIPPED_STYLES, "yaml", "shipped")]
+    if farm_home is not None:
+        home = Path(farm_home)
+        files += [(home / "styles.csv", "csv", "FARM_HOME"), (home / "styles.yaml", "yaml", "FARM_HOME")]
+    for path, kind, origin in files:
+        try:
+            text = read_text(path)
+            if text is None:
+                continue
+            if kind == "csv":
+                found = parse_styles_csv(text, str(path))
+                found = {n: Style(n, st.prompt, st.negative_prompt, {}, origin) for n, st in found.items()}
+            else:
+                found = parse_styles_yaml(
+                    text, str(path), lambda n, e, _o, o=origin: _style_from_entry(n, e, o)
+                )
+        except StyleError as exc:
+            problems.append(FieldError("styles", str(exc)))
+            continue
+        styles.update(found)
+    for name, style in (csv_styles or {}).items():
+        styles[name] = Style(name, style.prompt, style.negative_prompt, {}, "styles_csv")
+    for name, definition in manifest.styles.items():
+        styles[name] = definition.to_style(name, "manifest")
+    return _Library(styles, WildcardSource(wildcard_dirs)), problems
+
+
+def _unknown_style(name: str, known: Iterable[str]) -> str:
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
+    return (
+        f"unknown style {_describe(name)}; {guess}known styles: {shown} (define it under 'styles:', in "
+        "$FARM_HOME/styles.yaml or $FARM_HOME/styles.csv)"
+    )
+
+
+_VARIANT_MARK = "\x00{}\x00"
+
+
+def _protect_variants(template: str) -> tuple[str, list[str]]:
+    """The template with each ``{a|b}`` variant (a brace group holding a ``|``) swapped for a marker, and the
+    variants in order: ``str.format`` then sees only ``{name}`` variables, and the variants come back intact
+    for the wildcard expansion. ``{{`` and ``}}`` stay literal braces as before."""
+    out: list[str] = []
+    stash: list[str] = []
+    i = 0
+    while i < len(template):
+        if template.startswith(("{{", "}}"), i):
+            out.append(template[i : i + 2])
+            i += 2
+            continue
+        if template[i] == "{":
+            depth, j = 0, i
+            while j < len(template):
+                depth += {"{": 1, "}": -1}.get(template[j], 0)
+                if depth == 0:
+                    break
+                j += 1
+            if j < len(template) and "|" in template[i + 1 : j]:
+                stash.append(template[i : j + 1])
+                out.append(_VARIANT_MARK.format(len(stash) - 1))
+                i = j + 1
+                continue
+        out.append(template[i])
+        i += 1
+    return "".join(out), stash
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    """The template with its variables replaced and its variants left for the wildcard expansion."""
+    protected, stash = _protect_variants(template)
+    text = protected.format(**values)
+    for k, variant in enumerate(stash):
+        text = text.replace(_VARIANT_MARK.format(k), variant)
+    return text
+
+
 def _template_fields(template: str) -> list[str]:
-    """The variable names a template uses, in order; ValueError for anything but plain ``{name}``."""
+    """The variable names a template uses, in order; ValueError for anything but plain ``{name}``
+    (``{a|b}`` variants are not variables: they are left for the wildcard expansion)."""
     names: list[str] = []
     try:
-        parsed = list(string.Formatter().parse(template))
+        parsed = list(string.Formatter().parse(_protect_variants(template)[0]))
     except ValueError as exc:
         raise ValueError(f"invalid template: {exc} (use {{{{ and }}}} for literal braces)") from None
     for _, field, spec, conversion in parsed:
@@ -1469,8 +1727,16 @@ def _duplicate_values(item: TemplateItem) -> tuple[str, int, str] | None:
     return None
 
 
-def _settled(manifest: Manifest, entry: Any) -> dict[str, Any]:
-    """Defaults with the entry's overrides applied (a plain string overrides nothing)."""
+def _styles_of(manifest: Manifest, entry: Any) -> list[str]:
+    """The style names an entry uses: its own ``style`` when set (``[]`` for none), else the defaults'."""
+    if isinstance(entry, _ItemOverrides) and entry.style is not None:
+        return list(entry.style)
+    return list(manifest.defaults.style)
+
+
+def _settled(manifest: Manifest, entry: Any, library: _Library | None = None) -> dict[str, Any]:
+    """Defaults, then the entry's styles' parameters, then the entry's overrides (a plain string overrides
+    nothing). Unknown style names are skipped here; ``_plan`` reports them."""
     d = manifest.defaults
     params: dict[str, Any] = {
         "candidates": d.candidates,
@@ -1481,8 +1747,17 @@ def _settled(manifest: Manifest, entry: Any) -> dict[str, Any]:
         "scheduler": d.scheduler,
         "seed": None,
         "required_attributes": (),
+        "wildcards": d.wildcards,
+        "styles": (),
     }
+    if library is not None:
+        styles = [library.styles[name] for name in _styles_of(manifest, entry) if name in library.styles]
+        for style in styles:
+            params.update(style.params)
+        params["styles"] = tuple(styles)
     if isinstance(entry, _ItemOverrides):
+        if entry.wildcards is not None:
+            params["wildcards"] = entry.wildcards
         for key in ("candidates", "steps", "guidance", "size", "negative_prompt", "seed", "scheduler"):
             value = getattr(entry, key)
             if value is not None:
@@ -1499,9 +1774,38 @@ def _combinations(item: TemplateItem) -> Iterator[dict[str, str]]:
         yield dict(zip(names, values, strict=True))
 
 
-def _plan(manifest: Manifest) -> tuple[list[ItemPlan], list[FieldError]]:
-    """Check what the models alone cannot (templates, totals, winners vs candidates), then expand."""
+def _style_problems(manifest: Manifest, library: _Library) -> list[FieldError]:
+    """Every style name no registry defines, at its field path, with the closest known name."""
     problems: list[FieldError] = []
+    named: list[tuple[str, list[str]]] = [("defaults.style", list(manifest.defaults.style))]
+    for i, entry in enumerate(manifest.items):
+        if isinstance(entry, _ItemOverrides) and entry.style is not None:
+            named.append((f"items[{i}].style", list(entry.style)))
+    for path, names in named:
+        for k, name in enumerate(names):
+            if name not in library.styles:
+                problems.append(FieldError(f"{path}[{k}]", _unknown_style(name, library.styles)))
+    return problems
+
+
+def _entry_prompts(entry: Any) -> Iterator[tuple[str, str]]:
+    """(prompt, label) for each prompt an entry gives before styles and wildcards: its template's
+    combinations, or its one prompt."""
+    if isinstance(entry, TemplateItem):
+        for combo in _combinations(entry):
+            yield _fill(entry.template, combo), ", ".join(f"{k}={v}" for k, v in combo.items())
+    else:
+        yield (entry if isinstance(entry, str) else entry.prompt), ""
+
+
+def _plan(manifest: Manifest, library: _Library | None = None) -> tuple[list[ItemPlan], list[FieldError]]:
+    """Check what the models alone cannot (templates, styles, totals, winners vs candidates), then expand:
+    template variables, then styles, then wildcards (so a style's text may hold wildcards too)."""
+    if library is None:
+        library, problems = _library(manifest)
+        if problems:
+            return [], problems
+    problems = _style_problems(manifest, library)
     total_items = total_candidates = 0
     fewest: tuple[int, int] | None = None  # (candidates, entry index) of the smallest item
     for i, entry in enumerate(manifest.items):
@@ -1518,7 +1822,7 @@ def _plan(manifest: Manifest) -> tuple[list[ItemPlan], list[FieldError]]:
                     FieldError(f"items[{i}].vars.{name}[{position}]", f"duplicate value {_describe(value)}")
                 )
             count = _template_count(entry)
-        candidates = _settled(manifest, entry)["candidates"]
+        candidates = _settled(manifest, entry, library)["candidates"]
         total_items += count
         total_candidates += count * candidates
         if fewest is None or candidates < fewest[0]:
@@ -1559,56 +1863,106 @@ def _plan(manifest: Manifest) -> tuple[list[ItemPlan], list[FieldError]]:
         return [], problems
 
     plans: list[ItemPlan] = []
+    candidates_so_far = 0
+    multiplied: list[str] = []  # how combinatorial wildcards multiplied each entry, for the limit message
     for i, entry in enumerate(manifest.items):
-        params = _settled(manifest, entry)
-        if isinstance(entry, TemplateItem):
-            for combo in _combinations(entry):
-                prompt = entry.template.format(**combo)
-                if len(prompt) > MAX_PROMPT_CHARS:
+        params = _settled(manifest, entry, library)
+        styles: tuple[Style, ...] = params["styles"]
+        field_name = "template" if isinstance(entry, TemplateItem) else "prompt"
+        where = f"items[{i}]" + (f".{field_name}" if not isinstance(entry, str) else "")
+        for written, label in _entry_prompts(entry):
+            styled, negative = apply_styles(written, params["negative_prompt"], styles)
+            source = f"items[{i}] {{{label}}}" if label else f"items[{i}]"
+            try:
+                if not has_wildcards(styled):
+                    expanded = [(styled, source)]
+                elif params["wildcards"] == "combinatorial":
+                    room = MAX_ITEMS - len(plans) + 1
+                    variants = combinations(styled, library.wildcards, room)
+                    parts = ", ".join(f"{w}: {n}" for w, n in contributions(styled, library.wildcards))
+                    note = f"{where} gives {len(variants)}{'+' if len(variants) >= room else ''} ({parts})"
+                    if note not in multiplied:
+                        multiplied.append(note)
+                    expanded = [(v, f"{source} #{k}") for k, v in enumerate(variants)]
+                else:
+                    index = len(plans)
+                    seed = params["seed"] if params["seed"] is not None else manifest.defaults.seed
+                    expanded = [(pick(styled, library.wildcards, wildcard_seed(seed, index)), source)]
+                if has_wildcards(negative):
+                    seed = params["seed"] if params["seed"] is not None else manifest.defaults.seed
+                    negative = pick(negative, library.wildcards, wildcard_seed(seed, len(plans)))
+            except WildcardError as exc:
+                problems.append(FieldError(where, str(exc)))
+                break
+            for prompt, origin in expanded:
+                if len(prompt) > MAX_PROMPT_CHARS or len(negative) > MAX_PROMPT_CHARS:
                     problems.append(
                         FieldError(
-                            f"items[{i}].template",
-                            f"expands to a prompt of {len(prompt)} characters; "
-                            f"the limit is {MAX_PROMPT_CHARS}",
+                            where,
+                            f"expands to a prompt of {max(len(prompt), len(negative))} characters (styles "
+                            f"and wildcards included); the limit is {MAX_PROMPT_CHARS}",
                         )
                     )
-                    break
-                label = ", ".join(f"{k}={v}" for k, v in combo.items())
-                plans.append(_item_plan(manifest, len(plans), prompt, params, f"items[{i}] {{{label}}}"))
-        else:
-            prompt = entry if isinstance(entry, str) else entry.prompt
-            plans.append(_item_plan(manifest, len(plans), prompt, params, f"items[{i}]"))
+                    return [], problems
+                if len(plans) >= MAX_ITEMS or candidates_so_far + params["candidates"] > MAX_CANDIDATES:
+                    what = (
+                        f"more than {MAX_ITEMS} items"
+                        if len(plans) >= MAX_ITEMS
+                        else f"more than {MAX_CANDIDATES} candidates"
+                    )
+                    problems.append(
+                        FieldError(
+                            "items",
+                            f"combinatorial wildcards expand the batch to {what}: "
+                            + "; ".join(multiplied)
+                            + ". Use fewer variants or words, 'wildcards: random', or split the batch",
+                        )
+                    )
+                    return [], problems
+                plans.append(_item_plan(manifest, len(plans), prompt, params, origin, negative))
+                candidates_so_far += params["candidates"]
     if problems:
         return [], problems
     return plans, []
 
 
-def _item_plan(manifest: Manifest, index: int, prompt: str, params: dict[str, Any], source: str) -> ItemPlan:
+def _item_plan(
+    manifest: Manifest,
+    index: int,
+    prompt: str,
+    params: dict[str, Any],
+    source: str,
+    negative: str | None = None,
+) -> ItemPlan:
     count: int = params["candidates"]
     seeds = tuple(candidate_seeds(manifest.defaults.seed, params["seed"], index, 0, count, []))
     width, height = parse_size(params["size"])
+    scheduler = params["scheduler"]
     return ItemPlan(
         explicit_seed=params["seed"],
         index=index,
         prompt=prompt,
-        negative_prompt=params["negative_prompt"],
+        negative_prompt=params["negative_prompt"] if negative is None else negative,
         candidates=count,
         seeds=seeds,
         steps=params["steps"],
         guidance=float(params["guidance"]),
         width=width,
         height=height,
-        scheduler=params["scheduler"],
+        scheduler=None if scheduler == PIPELINE_SCHEDULER else scheduler,
         required_attributes=params["required_attributes"],
         source=source,
+        styles=tuple(style.name for style in params["styles"]),
     )
 
 
 def expand(manifest: Manifest) -> list[ItemPlan]:
-    """Every item the manifest asks for, templates expanded, defaults applied, seeds chosen.
+    """Every item the manifest asks for, templates expanded, styles and defaults applied, seeds chosen.
 
     Deterministic: the same manifest always gives the same plans and seeds. Raises ``ManifestError`` for what
-    only expansion can see (already checked by ``parse_manifest``; this guards models built by hand).
+    only expansion can see (already checked by ``parse_manifest``; this guards models built by hand). Only the
+    shipped styles and the manifest's ``styles:`` are known here, and no word files: ``plan_manifest`` with
+    ``farm_home`` and ``base_dir`` is what sees the operator's.
     """
     plans, problems = _plan(manifest)
     if problems:
@@ -1647,6 +2001,18 @@ def summary(manifest: Manifest, plans: list[ItemPlan], *, slice_size: int = 4) -
         "slice_size": slice_size,
         "slices": sum(math.ceil(p.candidates / slice_size) for p in plans),
         "winners_per_item": manifest.selection.winners,
+        # The final prompts, styles and wildcards applied, so a dry run shows what will be generated.
+        "prompts": [
+            {
+                "index": plan.index,
+                "source": plan.source,
+                "prompt": plan.prompt,
+                "negative_prompt": plan.negative_prompt,
+                "styles": list(plan.styles),
+            }
+            for plan in plans[:MAX_PROMPTS_SHOWN]
+        ],
+        "prompts_shown": min(len(plans), MAX_PROMPTS_SHOWN),
     }
 
 

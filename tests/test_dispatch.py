@@ -97,7 +97,7 @@ def test_a_dry_run_and_a_plan_expand_the_manifest_once(monkeypatch, tmp_path):
     settings = load_settings()
     expansions = []
     real = manifest_module._plan
-    monkeypatch.setattr(manifest_module, "_plan", lambda m: expansions.append(m) or real(m))
+    monkeypatch.setattr(manifest_module, "_plan", lambda m, *more: expansions.append(m) or real(m, *more))
     text = (
         "name: sweep\ndefaults: {candidates: 2}\nitems:\n"
         "  - template: 'a {animal} in {style}'\n    vars: {animal: [cat, fox], style: [ink, oil, clay]}\n"

@@ -71,9 +71,10 @@ def test_minimal_manifest_parses_with_documented_defaults() -> None:
 
 @pytest.mark.parametrize("path", sorted(BATCHES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_batches_parse_and_expand(path: Path) -> None:
-    m = parse_manifest(path.read_bytes(), base_dir=path.parent)
+    planned = plan_manifest(path.read_bytes(), base_dir=path.parent)  # base_dir: its wildcards/ folder
+    m = planned.manifest
     assert m.model == "tiny"
-    plans = expand(m)
+    plans = planned.items
     assert plans and all(p.width <= 128 and p.height <= 128 for p in plans)
 
 

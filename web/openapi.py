@@ -241,7 +241,15 @@ def openapi_document() -> dict[str, Any]:
                     "summary": {"type": "object", "properties": {
                         "name": {"type": "string"}, "model": {"type": "string"}, "items": {"type": "integer"},
                         "candidates": {"type": "integer"}, "slices": {"type": "integer"},
-                        "denoising_steps": {"type": "integer"}, "sizes": {"type": "object"}}}}},
+                        "denoising_steps": {"type": "integer"}, "sizes": {"type": "object"},
+                        "prompts": {"type": "array", "description": "Each item's final prompt (styles and "
+                                    "wildcards applied), the first prompts_shown items.",
+                                    "items": {"type": "object", "properties": {
+                                        "index": {"type": "integer"}, "source": {"type": "string"},
+                                        "prompt": {"type": "string"},
+                                        "negative_prompt": {"type": ["string", "null"]},
+                                        "styles": {"type": "array", "items": {"type": "string"}}}}},
+                        "prompts_shown": {"type": "integer"}}}}},
                 "Progress": {"type": "object", "additionalProperties": {"type": "integer"},
                              "description": "Candidates by status, plus done (final) and total."},
                 "Candidate": {"type": "object", "properties": {

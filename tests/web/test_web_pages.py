@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 
 import pytest
@@ -287,6 +288,25 @@ def test_preview_shows_counts_and_queues_nothing(client, settings):
     assert 'data-field="items">4<' in html and 'data-field="candidates">12<' in html
     assert "64x96" in html
     assert "web-test" in html  # the text stays in the textarea for the submit that follows
+    assert _batches(settings) == 0
+
+
+def test_preview_lists_each_items_prompt_with_its_styles_and_wildcards_applied(client, settings):
+    text = (
+        "name: styled\nmodel: tiny\ndefaults: {candidates: 1, seed: 3}\n"
+        "styles:\n  ink: {prompt: 'ink drawing of {prompt}', negative_prompt: colour}\n"
+        "items:\n  - prompt: a <b>{red|blue}</b> kite\n    style: ink\n"
+    )
+    r = client.post("/upload", data={"csrf_token": _csrf(client), "manifest_text": text, "action": "preview"})
+    assert r.status_code == 200, r.get_data(as_text=True)[:2000]
+    html = r.get_data(as_text=True)
+    assert 'id="prompts"' in html
+    shown = re.search(r'data-field="prompt">([^<]*)<', html).group(1)
+    assert shown in (
+        "ink drawing of a &lt;b&gt;red&lt;/b&gt; kite",
+        "ink drawing of a &lt;b&gt;blue&lt;/b&gt; kite",
+    )
+    assert "<td>colour</td>" in html and "<td>ink</td>" in html, "the style's negative prompt and its name"
     assert _batches(settings) == 0
 
 
